@@ -1,0 +1,32 @@
+"""lora_jax: functional low-rank adaptation (LoRA) for JAX and Flax."""
+
+__version__ = "0.1.0"
+
+from . import nnx
+from .config import Axes, LoraConfig, Rule, path_str, scale_for
+from .optim import labels, optimizer
+from .report import delta_norms, summary, targets
+from .split import merge, split, unmerge
+from .transform import wrap
+from .weight import LoraWeight, is_lora
+
+__all__ = [
+    "__version__",
+    "Axes",
+    "LoraConfig",
+    "LoraWeight",
+    "Rule",
+    "delta_norms",
+    "is_lora",
+    "labels",
+    "merge",
+    "nnx",
+    "optimizer",
+    "path_str",
+    "scale_for",
+    "split",
+    "summary",
+    "targets",
+    "unmerge",
+    "wrap",
+]

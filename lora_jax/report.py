@@ -1,0 +1,83 @@
+"""Human-facing reports on adapters: ``summary`` and ``delta_norms``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+
+from .config import path_str
+from .weight import LoraWeight, is_lora
+
+__all__ = ["summary", "delta_norms", "targets"]
+
+
+def targets(lora: Any) -> list[tuple[str, LoraWeight]]:
+    """``(path, LoraWeight)`` for every adapter in a lora tree, in tree order.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> [p for p, _ in targets(lora)]
+    ['w']
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: x is None or is_lora(x))[0]
+    return [(path_str(p), w) for p, w in leaves if is_lora(w)]
+
+
+def _size(x) -> int:
+    return math.prod(getattr(x, "shape", ()))
+
+
+def summary(lora: Any, base: Any = None) -> str:
+    """A table of the adapters (path, weight shape, rank, alpha, scale, params) and totals.
+
+    With ``base`` the totals also give the trainable share of all parameters, like PEFT's
+    ``print_trainable_parameters``: ``trainable / (base + trainable)``.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> params = {"q": jnp.ones((64, 64)), "v": jnp.ones((64, 64))}
+    >>> base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("q|v", rank=4),)))
+    >>> print(lj.summary(lora, base))
+    path  shape     kind    rank  alpha  scale  params
+    q     (64, 64)  linear     4     16      4     512
+    v     (64, 64)  linear     4     16      4     512
+    trainable params: 1,024 || all params: 9,216 || trainable%: 11.1111
+    """
+    rows = [("path", "shape", "kind", "rank", "alpha", "scale", "params")]
+    total = 0
+    for path, w in targets(lora):
+        n = w.num_params
+        total += n
+        rows.append((path, str(tuple(w.shape)), w.kind, str(w.rank), f"{w.alpha:g}", f"{w.scale:.4g}", f"{n:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = {3, 4, 5, 6}
+    lines = [
+        "  ".join(c.rjust(wd) if i in right and k else c.ljust(wd) for i, (c, wd) in enumerate(zip(r, widths))).rstrip()
+        for k, r in enumerate(rows)
+    ]
+    if base is not None:
+        base_n = sum(_size(x) for x in jax.tree.leaves(base))
+        all_n = base_n + total
+        lines.append(
+            f"trainable params: {total:,} || all params: {all_n:,} || "
+            f"trainable%: {100.0 * total / max(all_n, 1):.4f}"
+        )
+    else:
+        lines.append(f"trainable params: {total:,} in {len(rows) - 1} adapters")
+    return "\n".join(lines)
+
+
+def delta_norms(lora: Any) -> dict[str, jax.Array]:
+    """Per-target ``||s·A⊗B||_F``, computed from r×r Gram matrices (never the d×k product).
+
+    Returns ``{path: scalar}``; works under ``jit`` (log it during training to catch a
+    runaway scale).
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((8, 8))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> {k: float(v) for k, v in lj.delta_norms(lora).items()}   # B starts at zero
+    {'w': 0.0}
+    """
+    return {path: w.delta_norm() for path, w in targets(lora)}

@@ -1,0 +1,399 @@
+"""``split`` a parameter tree into a frozen base and LoRA adapters; ``merge`` them back."""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from .config import HEAD_NAMES, Axes, LoraConfig, Rule, path_str, scaling_name
+from .usage import trace_usage
+from .weight import LoraWeight, is_lora
+
+__all__ = ["split", "merge", "unmerge", "check_fits"]
+
+
+def _is_node(x) -> bool:
+    return x is None or is_lora(x)
+
+
+def _is_abstract(x) -> bool:
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _looks_linear(path: str, leaf) -> bool:
+    """Untraced guess for ``linear_only`` rules: a >=2-D float ``kernel`` not in a head."""
+    parts = path.split("/")
+    return (
+        parts[-1] == "kernel"
+        and len(jnp.shape(leaf)) >= 2
+        and not any(p in HEAD_NAMES for p in parts)
+    )
+
+
+def _untraced_kind(path: str) -> str:
+    return "embed" if path.split("/")[-1] == "embedding" else "linear"
+
+
+def _fmt_paths(paths, limit=12):
+    paths = list(paths)
+    shown = ", ".join(paths[:limit])
+    return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def split(
+    key: jax.Array,
+    params: Any,
+    config: LoraConfig,
+    apply_fn: Callable | None = None,
+    args: Sequence[Any] = (),
+    kwargs: dict | None = None,
+) -> tuple[Any, Any]:
+    """Split ``params`` into ``(base, lora)``: a frozen base tree and adapter tree.
+
+    ``lora`` has the structure of ``params`` with an :class:`LoraWeight` at every targeted
+    leaf and ``None`` elsewhere. ``base`` equals ``params`` except under ``init="pissa"``,
+    where each target becomes the residual ``W - s·A⊗B``. ``merge(base, lora)``
+    reproduces ``params`` (exactly for the zero-initialized inits).
+
+    Args:
+      key: PRNG key; each target gets its own key, folded in from its path, so adding a
+        rule does not change the other adapters' initial values.
+      params: the parameter tree (linen variables dict, NNX state, any pytree). Leaves may
+        be ``jax.ShapeDtypeStruct``: then the whole split runs abstractly (no memory) and
+        returns abstract trees.
+      config: the :class:`LoraConfig`.
+      apply_fn, args, kwargs: when given, ``apply_fn(params, *args, **kwargs)`` is traced
+        once (abstractly) to learn how every target is consumed: which axes are contracted
+        (in), produced (out) or stacked (scan/batch), and whether it is an embedding. A
+        kernel stored (out, in) gets A over its axis 1. Without them, a rule's ``axes=`` or
+        Flax's convention (last axis out, the rest in) applies.
+
+    Returns:
+      ``(base, lora)``.
+
+    Raises:
+      ValueError: a rule or exclude pattern that matches nothing, a rank larger than
+        min(in, out) of a target, a traced target that no matmul consumes.
+      TypeError: a target that is not a floating-point array.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
+    >>> cfg = lj.LoraConfig(rules=(lj.Rule(r"dense/kernel", rank=4, alpha=8.0),))
+    >>> base, lora = lj.split(jax.random.key(0), params, cfg)
+    >>> lora["dense"]["kernel"].a.shape, lora["dense"]["kernel"].b.shape, lora["dense"]["bias"]
+    ((4, 16), (4, 32), None)
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be an lj.LoraConfig, got {type(config).__name__}")
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if any(_is_abstract(x) for _, x in leaves):
+        if any(not _is_abstract(x) for _, x in leaves):
+            raise TypeError(
+                "params mixes jax.ShapeDtypeStruct and concrete leaves; make all of them "
+                "abstract (jax.eval_shape) or all concrete"
+            )
+        return jax.eval_shape(lambda k, p: split(k, p, config, apply_fn, args, kwargs), key, params)
+    paths = [path_str(p) for p, _ in leaves]
+    arrays = [x for _, x in leaves]
+
+    # 1. Which leaves could be targets at all (a rule matches the path, not excluded).
+    candidates = [i for i, p in enumerate(paths) if any(r.matches(p) for r in config.rules)]
+    usages = None
+    if apply_fn is not None:
+        usages = trace_usage(apply_fn, params, args, kwargs, targets=candidates)
+
+    # 2. First matching rule wins; unmatched rules and excludes are errors.
+    hits: dict[int, Rule] = {}
+    for i in candidates:
+        path = paths[i]
+        if usages is not None:
+            linear = usages[i].is_linear and not usages[i].head and not _head_by_name(path)
+        else:
+            linear = _looks_linear(path, arrays[i])
+        rule = config.rule_for(path, linear=linear)
+        if rule is not None:
+            hits[i] = rule
+    _check_all_used(config, paths, hits)
+
+    # 3. Build one adapter per target.
+    lora_leaves: list = [None] * len(arrays)
+    base_leaves = list(arrays)
+    for i, rule in hits.items():
+        path, w = paths[i], arrays[i]
+        usage = usages[i] if usages is not None else None
+        spec, dtype = _make_weight(path, w, rule, config, usage)
+        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        lora_leaves[i], base_leaves[i] = _init(k, w, spec, dtype, config.init)
+    treedef = jax.tree.structure(params)
+    return jax.tree.unflatten(treedef, base_leaves), jax.tree.unflatten(treedef, lora_leaves)
+
+
+def _head_by_name(path: str) -> bool:
+    return any(p in HEAD_NAMES for p in path.split("/"))
+
+
+def _check_all_used(config: LoraConfig, paths, hits):
+    used = {id(r) for r in hits.values()}
+    problems = []
+    for rule in config.rules:
+        if id(rule) not in used:
+            what = "matrix-multiplication weight" if rule.linear_only else "parameter"
+            shadow = [p for p in paths if rule.matches(p)]
+            if shadow:
+                why = (
+                    f"its paths are all excluded, taken by an earlier rule, or not a {what}: "
+                    f"{_fmt_paths(shadow, 5)}"
+                )
+            else:
+                why = f"no {what} path fully matches it (re.fullmatch)"
+            problems.append(f"rule {rule.pattern!r} matches nothing: {why}")
+    for pat in config.exclude:
+        if not any(re.fullmatch(pat, p) for p in paths):
+            problems.append(f"exclude pattern {pat!r} matches no parameter path")
+    if problems:
+        raise ValueError(
+            "; ".join(problems)
+            + f". Parameter paths are: {_fmt_paths(paths)}. Patterns must match the whole "
+            "path, e.g. r'.*/attn/q/kernel'."
+        )
+
+
+def _make_weight(path, w, rule: Rule, config: LoraConfig, usage) -> LoraWeight:
+    shape, dtype = tuple(jnp.shape(w)), jnp.result_type(w)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{path}: target has dtype {dtype}, but LoRA adapts floating-point weights only; "
+            f"narrow rule {rule.pattern!r} or add the path to exclude="
+        )
+    kind = _untraced_kind(path)
+    if len(shape) < 2 and rule.axes is None:
+        raise ValueError(
+            f"{path}: target has shape {shape}; LoRA needs a weight with at least an input "
+            f"and an output axis. Narrow rule {rule.pattern!r} (e.g. to '.*/kernel')"
+        )
+    if rule.axes is not None:
+        axes = rule.axes.normalized(len(shape), f"{path}: rule {rule.pattern!r}: ")
+        if usage is not None and usage.kind is not None:
+            kind = usage.kind
+    elif usage is not None:
+        found = usage.axes()
+        if found is None:
+            others = usage.other_primitives()
+            used = f"it is only used by {others}" if others else "the traced function never uses it"
+            raise ValueError(
+                f"{path}: shape {shape} matched rule {rule.pattern!r}, but no dot_general, "
+                f"gather or conv consumes it ({used}). Narrow the rule, or give "
+                "Rule(axes=...) if it really is a matmul weight"
+            )
+        ins, outs, stack = found
+        if not ins or not outs:
+            raise ValueError(
+                f"{path}: shape {shape} is used by a matmul with input axes {ins} and output "
+                f"axes {outs}; one side is empty, so no low-rank update fits. Give "
+                "Rule(axes=...) or narrow the rule"
+            )
+        axes = Axes(ins, outs, stack).normalized(len(shape), f"{path}: ")
+        kind = usage.kind
+    else:
+        axes = Axes.default(len(shape))
+    in_size = math.prod(shape[i] for i in axes.in_axes)
+    out_size = math.prod(shape[i] for i in axes.out_axes)
+    if rule.rank > min(in_size, out_size):
+        raise ValueError(
+            f"{path}: rank {rule.rank} exceeds min(in, out) = min({in_size}, {out_size}) of the "
+            f"weight of shape {shape} (in axes {axes.in_axes}, out axes {axes.out_axes}); use "
+            f"rank <= {min(in_size, out_size)} in rule {rule.pattern!r}"
+        )
+    adapter_dtype = config.dtype if config.dtype is not None else jnp.promote_types(dtype, jnp.float32)
+    spec = LoraWeight(
+        a=None,
+        b=None,
+        shape=shape,
+        dtype=jnp.dtype(dtype).name,
+        in_axes=axes.in_axes,
+        out_axes=axes.out_axes,
+        stack_axes=axes.stack_axes,
+        rank=rule.rank,
+        alpha=rule.alpha,
+        scale=config.scale(rule),
+        scaling=scaling_name(config.scaling),
+        dropout=float(config.dropout if rule.dropout is None else rule.dropout),
+        kind=kind,
+        rule=rule.pattern,
+    )
+    return spec, jnp.dtype(adapter_dtype)
+
+
+def _init(key, w, spec: LoraWeight, dtype, init: str):
+    """Fill ``spec``'s a and b (in ``dtype``); return ``(lora_weight, base_leaf)``."""
+    ka, kb = jax.random.split(key)
+    fan_in = math.prod(spec.in_shape)
+    if init == "pissa":
+        return _pissa(w, spec, dtype)
+    if spec.kind == "embed":
+        # PEFT / loralib: the lookup side starts at zero, the other gaussian.
+        a = jnp.zeros(spec.a_shape, dtype)
+        b = jax.random.normal(kb, spec.b_shape, dtype)
+    elif init == "gaussian":
+        a = jax.random.normal(ka, spec.a_shape, dtype) / spec.rank
+        b = jnp.zeros(spec.b_shape, dtype)
+    else:
+        # kaiming-uniform with a=sqrt(5), as torch.nn.Linear / PEFT: bound = 1/sqrt(fan_in)
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(ka, spec.a_shape, dtype, -bound, bound)
+        b = jnp.zeros(spec.b_shape, dtype)
+    return spec.replace(a=a, b=b), w
+
+
+def _to_matrix(w, spec: LoraWeight):
+    """W as (*stack, in, out) float32."""
+    perm = (*spec.stack_axes, *spec.in_axes, *spec.out_axes)
+    m = jnp.transpose(jnp.asarray(w, jnp.float32), perm)
+    return m.reshape(*spec.stack_shape, math.prod(spec.in_shape), math.prod(spec.out_shape))
+
+
+def _pissa(w, spec: LoraWeight, dtype):
+    """A, B from the top-r SVD of W (sqrt of singular values on each side); base = residual."""
+    m = _to_matrix(w, spec)
+    u, s, vh = jnp.linalg.svd(m, full_matrices=False)
+    r = spec.rank
+    root = jnp.sqrt(s[..., :r] / spec.scale)[..., :, None]  # (..., r, 1)
+    a = root * jnp.swapaxes(u[..., :, :r], -1, -2)  # (..., r, in)
+    b = root * vh[..., :r, :]  # (..., r, out)
+    weight = spec.replace(
+        a=a.reshape(spec.a_shape).astype(dtype), b=b.reshape(spec.b_shape).astype(dtype)
+    )
+    residual = jnp.asarray(w, jnp.float32) - weight.delta(jnp.float32)
+    return weight, residual.astype(jnp.result_type(w))
+
+
+# ---------------------------------------------------------------------------------------
+# merge / unmerge
+
+
+def check_fits(base: Any, lora: Any) -> list[tuple[str, Any, LoraWeight | None]]:
+    """Check that ``lora`` fits ``base``; return ``(path, base_leaf, lora_leaf)`` triples.
+
+    Every mismatch (tree structure, a target's shape, a factor's shape) is collected and
+    reported in one ``ValueError`` naming the paths and shapes.
+
+    >>> import jax.numpy as jnp, lora_jax as lj
+    >>> w = lj.LoraWeight(a=jnp.zeros((2, 3)), b=jnp.zeros((2, 4)), shape=(3, 4),
+    ...                   in_axes=(0,), out_axes=(1,), rank=2)
+    >>> check_fits({"k": jnp.zeros((3, 5))}, {"k": w})
+    Traceback (most recent call last):
+    ...
+    ValueError: lora does not fit base: k: the adapter was made for shape (3, 4) but the base weight has shape (3, 5)
+    """
+    b_leaves, b_def = jax.tree_util.tree_flatten_with_path(base)
+    l_leaves, l_def = jax.tree_util.tree_flatten_with_path(lora, is_leaf=_is_node)
+    if b_def != l_def:
+        bp = {path_str(p) for p, _ in b_leaves}
+        lp = {path_str(p) for p, _ in l_leaves}
+        missing, extra = sorted(bp - lp), sorted(lp - bp)
+        detail = []
+        if missing:
+            detail.append(f"in base but not in lora: {_fmt_paths(missing, 8)}")
+        if extra:
+            detail.append(f"in lora but not in base: {_fmt_paths(extra, 8)}")
+        if not detail:
+            detail.append(f"same paths, different containers: base {b_def} vs lora {l_def}")
+        raise ValueError(
+            "lora does not have the structure of base (" + "; ".join(detail) + "). Use the "
+            "(base, lora) pair returned by the same lj.split, or lj.checkpoint.restore(..., like=)"
+        )
+    problems, out = [], []
+    for (p, x), (_, w) in zip(b_leaves, l_leaves):
+        path = path_str(p)
+        if w is not None:
+            shape = tuple(jnp.shape(x))
+            if shape != tuple(w.shape):
+                problems.append(
+                    f"{path}: the adapter was made for shape {tuple(w.shape)} but the base "
+                    f"weight has shape {shape}"
+                )
+            else:
+                for name, got, want in (
+                    ("a", jnp.shape(w.a), w.a_shape),
+                    ("b", jnp.shape(w.b), w.b_shape),
+                ):
+                    if tuple(got) != tuple(want):
+                        problems.append(
+                            f"{path}: factor {name} has shape {tuple(got)}, expected {tuple(want)} "
+                            f"for rank {w.rank} and weight shape {tuple(w.shape)}"
+                        )
+        out.append((path, x, w))
+    if problems:
+        raise ValueError("lora does not fit base: " + "; ".join(problems))
+    return out
+
+
+def merge(base: Any, lora: Any, safe: bool = False) -> Any:
+    """The plain parameter tree with every adapter folded in: ``W + s·A⊗B``.
+
+    Accumulates in float32 and casts back to each base leaf's dtype. Works under ``jit``
+    (pass ``donate_argnums=0`` to reuse the base's memory).
+
+    Args:
+      base, lora: the pair from :func:`split` (or restored from a checkpoint).
+      safe: check the merged targets for NaN/Inf and raise a ``ValueError`` naming every
+        bad path. Needs concrete arrays (call it outside ``jit``).
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> params = {"w": jnp.arange(12.0).reshape(3, 4)}
+    >>> base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> bool((lj.merge(base, lora)["w"] == params["w"]).all())   # B starts at zero
+    True
+    """
+    triples = check_fits(base, lora)
+    merged = [
+        x if w is None else (jnp.asarray(x, jnp.float32) + w.delta(jnp.float32)).astype(
+            jnp.result_type(x)
+        )
+        for _, x, w in triples
+    ]
+    if safe:
+        _check_finite([(p, m) for (p, _, w), m in zip(triples, merged) if w is not None])
+    return jax.tree.unflatten(jax.tree.structure(base), merged)
+
+
+def _check_finite(named):
+    if not named:
+        return
+    if any(isinstance(m, jax.core.Tracer) for _, m in named):
+        raise TypeError(
+            "merge(safe=True) inspects values and cannot run under jit/grad tracing; call it "
+            "on concrete arrays, or use safe=False inside jit"
+        )
+    flags = jax.device_get([jnp.isfinite(m).all() for _, m in named])
+    bad = [p for (p, _), ok in zip(named, flags) if not ok]
+    if bad:
+        raise ValueError(
+            f"merge(safe=True): non-finite values (NaN/Inf) after merging {_fmt_paths(bad)}; "
+            "check the adapter's training (learning rate, scale) or the base checkpoint"
+        )
+
+
+def unmerge(merged: Any, lora: Any) -> Any:
+    """Inverse of :func:`merge`: subtract ``s·A⊗B`` again (float32, cast back).
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> params = {"w": jnp.ones((3, 4))}
+    >>> cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2),), init="pissa")
+    >>> base, lora = lj.split(jax.random.key(0), params, cfg)
+    >>> bool(jnp.allclose(lj.unmerge(lj.merge(base, lora), lora)["w"], base["w"], atol=1e-6))
+    True
+    """
+    triples = check_fits(merged, lora)
+    out = [
+        x if w is None else (jnp.asarray(x, jnp.float32) - w.delta(jnp.float32)).astype(
+            jnp.result_type(x)
+        )
+        for _, x, w in triples
+    ]
+    return jax.tree.unflatten(jax.tree.structure(merged), out)

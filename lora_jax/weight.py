@@ -1,0 +1,130 @@
+"""The adapter pytree node: ``LoraWeight`` and the low-rank delta it stands for."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["LoraWeight", "is_lora", "delta"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeight:
+    """The adapter of one weight W: arrays ``a`` and ``b`` plus static metadata.
+
+    The adapted weight is ``W + scale * (a ⊗ b)``. The children (what ``jax.grad``,
+    optimizers, orbax and sharding see) are only ``a`` and ``b``; everything else is static
+    aux data, so a ``LoraWeight`` carries all it needs to merge, export or shard itself
+    without the model.
+
+    Layout (rank-major, fast on XLA:CPU): with W's axes split into ``stack_axes``,
+    ``in_axes`` and ``out_axes``::
+
+        a.shape == (*W.shape[stack_axes], rank, *W.shape[in_axes])
+        b.shape == (*W.shape[stack_axes], rank, *W.shape[out_axes])
+
+    Fields:
+      a, b: the factors.
+      shape: W's shape; dtype: W's dtype name.
+      in_axes, out_axes, stack_axes: W's axes (non-negative ints).
+      rank, alpha, scale: r, alpha and the scale s actually applied.
+      scaling: name of the scaling rule that gave ``scale``.
+      dropout: adapter-input dropout rate.
+      kind: "linear", "conv" or "embed" (how the weight is used; embeddings init swapped).
+      rule: the pattern of the rule that made this adapter.
+
+    >>> import jax.numpy as jnp
+    >>> w = LoraWeight(a=jnp.ones((2, 3)), b=jnp.ones((2, 4)), shape=(3, 4), dtype="float32",
+    ...                in_axes=(0,), out_axes=(1,), rank=2, alpha=4.0, scale=2.0)
+    >>> w.delta().shape, float(w.delta()[0, 0])
+    ((3, 4), 4.0)
+    """
+
+    a: Any
+    b: Any
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    dtype: str = dataclasses.field(metadata=dict(static=True), default="float32")
+    in_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    out_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    stack_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    rank: int = dataclasses.field(metadata=dict(static=True), default=1)
+    alpha: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+    scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+    scaling: str = dataclasses.field(metadata=dict(static=True), default="lora")
+    dropout: float = dataclasses.field(metadata=dict(static=True), default=0.0)
+    kind: str = dataclasses.field(metadata=dict(static=True), default="linear")
+    rule: str = dataclasses.field(metadata=dict(static=True), default="")
+
+    # -- shapes -------------------------------------------------------------------------
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.stack_axes)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.in_axes)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.out_axes)
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        return (*self.stack_shape, self.rank, *self.in_shape)
+
+    @property
+    def b_shape(self) -> tuple[int, ...]:
+        return (*self.stack_shape, self.rank, *self.out_shape)
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters of this adapter (a and b)."""
+        return math.prod(self.a_shape) + math.prod(self.b_shape)
+
+    def replace(self, **kw) -> "LoraWeight":
+        return dataclasses.replace(self, **kw)
+
+    # -- math -----------------------------------------------------------------------------
+    def matrices(self, dtype=jnp.float32):
+        """``a`` as (*stack, r, in) and ``b`` as (*stack, r, out), flattened, in ``dtype``."""
+        s = self.stack_shape
+        a = jnp.reshape(self.a, (*s, self.rank, math.prod(self.in_shape))).astype(dtype)
+        b = jnp.reshape(self.b, (*s, self.rank, math.prod(self.out_shape))).astype(dtype)
+        return a, b
+
+    def delta(self, dtype=jnp.float32) -> jax.Array:
+        """``scale * (a ⊗ b)`` in W's shape and axis order (float32 accumulation)."""
+        a, b = self.matrices(jnp.float32)
+        d = jnp.einsum("...ri,...ro->...io", a, b, precision=jax.lax.Precision.HIGHEST)
+        d = (self.scale * d).reshape(*self.stack_shape, *self.in_shape, *self.out_shape)
+        perm = (*self.stack_axes, *self.in_axes, *self.out_axes)
+        return jnp.transpose(d, np.argsort(perm)).astype(dtype)
+
+    def delta_norm(self) -> jax.Array:
+        """``||scale * a ⊗ b||_F`` from the r×r Gram matrices, never forming a ⊗ b.
+
+        For A (r, in) and B (r, out), ``||Aᵀ B||_F² = sum((A Aᵀ) ∘ (B Bᵀ))``; stacked
+        adapters sum over the stack.
+        """
+        a, b = self.matrices(jnp.float32)
+        hi = jax.lax.Precision.HIGHEST
+        ga = jnp.einsum("...ri,...si->...rs", a, a, precision=hi)
+        gb = jnp.einsum("...ri,...si->...rs", b, b, precision=hi)
+        sq = jnp.sum(ga * gb)
+        return abs(self.scale) * jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def is_lora(x) -> bool:
+    """True for a :class:`LoraWeight` (use as ``is_leaf`` when mapping over lora trees)."""
+    return isinstance(x, LoraWeight)
+
+
+def delta(w: LoraWeight, dtype=jnp.float32) -> jax.Array:
+    """Functional form of :meth:`LoraWeight.delta`."""
+    return w.delta(dtype)
