@@ -251,9 +251,9 @@ def _init(key, w, spec: LoraWeight, dtype, init: str):
 
 
 def _to_matrix(w, spec: LoraWeight):
-    """W as (*stack, in, out) float32."""
+    """W as (*stack, in, out), in float32 or wider."""
     perm = (*spec.stack_axes, *spec.in_axes, *spec.out_axes)
-    m = jnp.transpose(jnp.asarray(w, jnp.float32), perm)
+    m = jnp.transpose(jnp.asarray(w, jnp.promote_types(jnp.result_type(w), jnp.float32)), perm)
     return m.reshape(*spec.stack_shape, math.prod(spec.in_shape), math.prod(spec.out_shape))
 
 
@@ -268,8 +268,7 @@ def _pissa(w, spec: LoraWeight, dtype):
     weight = spec.replace(
         a=a.reshape(spec.a_shape).astype(dtype), b=b.reshape(spec.b_shape).astype(dtype)
     )
-    residual = jnp.asarray(w, jnp.float32) - weight.delta(jnp.float32)
-    return weight, residual.astype(jnp.result_type(w))
+    return weight, _apply(w, weight, -1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,15 +350,16 @@ def merge(base: Any, lora: Any, safe: bool = False) -> Any:
     True
     """
     triples = check_fits(base, lora)
-    merged = [
-        x if w is None else (jnp.asarray(x, jnp.float32) + w.delta(jnp.float32)).astype(
-            jnp.result_type(x)
-        )
-        for _, x, w in triples
-    ]
+    merged = [x if w is None else _apply(x, w, +1) for _, x, w in triples]
     if safe:
         _check_finite([(p, m) for (p, _, w), m in zip(triples, merged) if w is not None])
     return jax.tree.unflatten(jax.tree.structure(base), merged)
+
+
+def _apply(x, w: LoraWeight, sign: int):
+    """``x ± s·A⊗B`` accumulated in float32 (or wider), cast back to x's dtype."""
+    acc = w.accumulation_dtype(x)
+    return (jnp.asarray(x, acc) + sign * w.delta(acc)).astype(jnp.result_type(x))
 
 
 def _check_finite(named):
@@ -390,10 +390,5 @@ def unmerge(merged: Any, lora: Any) -> Any:
     True
     """
     triples = check_fits(merged, lora)
-    out = [
-        x if w is None else (jnp.asarray(x, jnp.float32) - w.delta(jnp.float32)).astype(
-            jnp.result_type(x)
-        )
-        for _, x, w in triples
-    ]
+    out = [x if w is None else _apply(x, w, -1) for _, x, w in triples]
     return jax.tree.unflatten(jax.tree.structure(merged), out)

@@ -98,9 +98,14 @@ class LoraWeight:
         b = jnp.reshape(self.b, (*s, self.rank, math.prod(self.out_shape))).astype(dtype)
         return a, b
 
+    def accumulation_dtype(self, *others):
+        """float32, or wider when the factors or ``others`` are wider (float64 under x64)."""
+        return jnp.promote_types(jnp.result_type(self.a, self.b, *others), jnp.float32)
+
     def delta(self, dtype=jnp.float32) -> jax.Array:
-        """``scale * (a ⊗ b)`` in W's shape and axis order (float32 accumulation)."""
-        a, b = self.matrices(jnp.float32)
+        """``scale * (a ⊗ b)`` in W's shape and axis order (float32 accumulation, or
+        float64 when the factors are float64), cast to ``dtype``."""
+        a, b = self.matrices(self.accumulation_dtype())
         d = jnp.einsum("...ri,...ro->...io", a, b, precision=jax.lax.Precision.HIGHEST)
         d = (self.scale * d).reshape(*self.stack_shape, *self.in_shape, *self.out_shape)
         perm = (*self.stack_axes, *self.in_axes, *self.out_axes)

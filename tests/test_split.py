@@ -1,0 +1,285 @@
+"""split / merge / unmerge, init schemes, abstract trees, delta math against numpy."""
+
+import time
+
+import chex
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import lora_jax as lj
+
+
+def _tree(key, dtype=jnp.float32):
+    ks = jax.random.split(key, 4)
+    return {
+        "params": {
+            "blk": {
+                "attn": {
+                    "q": {"kernel": jax.random.normal(ks[0], (16, 24), dtype), "bias": jnp.zeros(24, dtype)},
+                    "v": {"kernel": jax.random.normal(ks[1], (16, 24), dtype)},
+                },
+                "mlp": {"up": {"kernel": jax.random.normal(ks[2], (16, 40), dtype)}},
+            },
+            "embed": {"embedding": jax.random.normal(ks[3], (50, 16), dtype)},
+        }
+    }
+
+
+CFG = lj.LoraConfig(
+    rules=(
+        lj.Rule(r".*/attn/(q|v)/kernel", rank=4, alpha=8.0),
+        lj.Rule(r".*/mlp/.*/kernel", rank=2, alpha=2.0),
+        lj.Rule(r".*/embedding", rank=3, alpha=3.0),
+    )
+)
+
+
+def _np_delta(w: lj.LoraWeight) -> np.ndarray:
+    """Independent numpy reference for scale * (A ⊗ B) in W's axis order."""
+    a, b = np.asarray(w.a, np.float64), np.asarray(w.b, np.float64)
+    ns = len(w.stack_axes)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    stack = letters[:ns]
+    ins = letters[ns : ns + len(w.in_axes)]
+    outs = letters[ns + len(w.in_axes) : ns + len(w.in_axes) + len(w.out_axes)]
+    names = [None] * len(w.shape)
+    for ax, c in zip(w.stack_axes + w.in_axes + w.out_axes, stack + ins + outs):
+        names[ax] = c
+    return w.scale * np.einsum(f"{stack}R{ins},{stack}R{outs}->{''.join(names)}", a, b)
+
+
+def _randomize(lora, key):
+    def fill(w):
+        if w is None:
+            return None
+        ka, kb = jax.random.split(jax.random.fold_in(key, hash(w.rule) % 1000))
+        return w.replace(
+            a=jax.random.normal(ka, w.a.shape, w.a.dtype), b=jax.random.normal(kb, w.b.shape, w.b.dtype)
+        )
+
+    return jax.tree.map(fill, lora, is_leaf=lambda x: x is None or lj.is_lora(x))
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian"])
+def test_merge_of_split_is_identity_exactly(init):
+    params = _tree(jax.random.key(0))
+    cfg = lj.LoraConfig(rules=CFG.rules, init=init)
+    base, lora = lj.split(jax.random.key(1), params, cfg)
+    chex.assert_trees_all_equal(base, params)
+    chex.assert_trees_all_equal(lj.merge(base, lora), params)
+    for path, w in lj.targets(lora):
+        if w.kind == "embed":  # PEFT's embedding init: A = 0, B gaussian
+            assert not np.any(np.asarray(w.a)) and np.std(np.asarray(w.b)) > 0.5
+        else:
+            assert not np.any(np.asarray(w.b)) and np.any(np.asarray(w.a)), path
+
+
+def test_default_init_is_kaiming_uniform_and_keys_differ():
+    params = {"q": jnp.zeros((400, 64)), "v": jnp.zeros((400, 64))}
+    _, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("q|v", rank=8),)))
+    a_q, a_v = np.asarray(lora["q"].a), np.asarray(lora["v"].a)
+    bound = 1 / np.sqrt(400)
+    assert np.abs(a_q).max() <= bound and np.abs(a_q).max() > 0.95 * bound
+    assert abs(a_q.std() - bound / np.sqrt(3)) < 0.05 * bound  # uniform(-b, b) std = b/sqrt(3)
+    assert not np.allclose(a_q, a_v)  # one key per target
+    # adding a rule does not change the other adapters' init (keys folded in from paths)
+    params2 = {**params, "o": jnp.zeros((400, 64))}
+    _, lora2 = lj.split(jax.random.key(0), params2, lj.LoraConfig(rules=(lj.Rule("q|v|o", rank=8),)))
+    np.testing.assert_array_equal(np.asarray(lora2["q"].a), a_q)
+
+
+def test_gaussian_init_std():
+    _, lora = lj.split(
+        jax.random.key(0), {"w": jnp.zeros((512, 256))},
+        lj.LoraConfig(rules=(lj.Rule("w", rank=8),), init="gaussian"),
+    )
+    assert abs(float(jnp.std(lora["w"].a)) - 1 / 8) < 0.01
+
+
+def test_pissa_residual_and_top_singular_directions():
+    params = _tree(jax.random.key(0))
+    base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=CFG.rules, init="pissa"))
+    chex.assert_trees_all_close(lj.merge(base, lora), params, atol=2e-5, rtol=1e-5)
+    w = lora["params"]["blk"]["attn"]["q"]["kernel"]
+    W = np.asarray(params["params"]["blk"]["attn"]["q"]["kernel"], np.float64)
+    s = np.linalg.svd(W, compute_uv=False)
+    # the adapter holds the top-r part: its singular values are W's top r
+    np.testing.assert_allclose(np.linalg.svd(_np_delta(w), compute_uv=False)[: w.rank], s[: w.rank], rtol=1e-4)
+    # the residual's spectrum is W's tail
+    R = np.asarray(base["params"]["blk"]["attn"]["q"]["kernel"], np.float64)
+    np.testing.assert_allclose(np.linalg.svd(R, compute_uv=False)[: len(s) - w.rank], s[w.rank :], rtol=1e-4, atol=1e-4)
+
+
+def test_merge_matches_numpy_and_unmerge_inverts():
+    params = _tree(jax.random.key(0))
+    base, lora = lj.split(jax.random.key(1), params, CFG)
+    lora = _randomize(lora, jax.random.key(2))
+    merged = lj.merge(base, lora)
+    for path, w in lj.targets(lora):
+        got = np.asarray(merged["params"]["blk"]["attn"]["q"]["kernel"]) if path.endswith("q/kernel") else None
+        if got is not None:
+            ref = np.asarray(base["params"]["blk"]["attn"]["q"]["kernel"], np.float64) + _np_delta(w)
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    for (path, w), (_, m), (_, b) in zip(
+        lj.targets(lora),
+        [(p, x) for p, x in _flat(merged) if p in dict(lj.targets(lora))],
+        [(p, x) for p, x in _flat(base) if p in dict(lj.targets(lora))],
+    ):
+        np.testing.assert_allclose(np.asarray(m), np.asarray(b, np.float64) + _np_delta(w), rtol=1e-5, atol=1e-4)
+    chex.assert_trees_all_close(lj.unmerge(merged, lora), base, atol=1e-4)
+
+
+def _flat(tree):
+    return [(lj.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def test_half_precision_base():
+    params = _tree(jax.random.key(0), jnp.bfloat16)
+    base, lora = lj.split(jax.random.key(1), params, CFG)
+    assert lora["params"]["blk"]["attn"]["q"]["kernel"].a.dtype == jnp.float32  # adapters fp32
+    assert lora["params"]["blk"]["attn"]["q"]["kernel"].dtype == "bfloat16"
+    lora = _randomize(lora, jax.random.key(2))
+    merged = lj.merge(base, lora)
+    chex.assert_trees_all_equal_dtypes(merged, params)
+    # fp32 accumulation, one rounding to bf16 at the end
+    w = lora["params"]["blk"]["attn"]["q"]["kernel"]
+    ref = (np.asarray(base["params"]["blk"]["attn"]["q"]["kernel"], np.float32) + _np_delta(w)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(merged["params"]["blk"]["attn"]["q"]["kernel"]), ref)
+    cfg16 = lj.LoraConfig(rules=CFG.rules, dtype=jnp.bfloat16)
+    _, lora16 = lj.split(jax.random.key(1), params, cfg16)
+    assert lora16["params"]["blk"]["attn"]["q"]["kernel"].a.dtype == jnp.bfloat16
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    data=st.data(),
+    ndim=st.integers(2, 4),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_delta_and_norm_property(data, ndim, dtype):
+    shape = tuple(data.draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    perm = data.draw(st.permutations(range(ndim)))
+    n_stack = data.draw(st.integers(0, ndim - 2))
+    n_in = data.draw(st.integers(1, ndim - n_stack - 1))
+    stack, ins, outs = tuple(perm[:n_stack]), tuple(perm[n_stack : n_stack + n_in]), tuple(perm[n_stack + n_in :])
+    in_size = int(np.prod([shape[i] for i in ins]))
+    out_size = int(np.prod([shape[i] for i in outs]))
+    rank = data.draw(st.integers(1, min(in_size, out_size)))
+    spec = lj.LoraWeight(a=None, b=None, shape=shape, in_axes=ins, out_axes=outs, stack_axes=stack,
+                         rank=rank, scale=data.draw(st.floats(0.1, 4.0)))
+    rng = np.random.default_rng(0)
+    w = spec.replace(a=jnp.asarray(rng.normal(size=spec.a_shape).astype(np.float32)),
+                     b=jnp.asarray(rng.normal(size=spec.b_shape).astype(np.float32)))
+    ref = _np_delta(w)
+    assert w.delta().shape == shape
+    np.testing.assert_allclose(np.asarray(w.delta()), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(w.delta_norm()), np.linalg.norm(ref), rtol=1e-4, atol=1e-5)
+    # round trip through split with explicit axes
+    W = rng.normal(size=shape).astype(dtype)
+    with jax.enable_x64(dtype == np.float64) if hasattr(jax, "enable_x64") else _nullctx():
+        base, lora = lj.split(jax.random.key(0), {"w": jnp.asarray(W)},
+                              lj.LoraConfig(rules=(lj.Rule("w", rank=rank, axes=(ins, outs, stack)),)))
+        assert lora["w"].a.shape == spec.a_shape and lora["w"].b.shape == spec.b_shape
+        np.testing.assert_array_equal(np.asarray(lj.merge(base, lora)["w"]), np.asarray(base["w"]))
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_delta_norms_never_form_the_product():
+    w = lj.LoraWeight(a=jnp.ones((4, 3000)), b=jnp.ones((4, 2000)), shape=(3000, 2000),
+                      in_axes=(0,), out_axes=(1,), rank=4, scale=0.5)
+    jaxpr = jax.make_jaxpr(lambda l: lj.delta_norms(l))({"w": w})
+    shapes = [v.aval.shape for e in jaxpr.jaxpr.eqns for v in e.outvars]
+    assert all(np.prod(s) < 3000 * 2000 for s in shapes), shapes
+    # ||0.5 * ones(3000,4) @ ones(4,2000)||_F = 0.5 * 4 * sqrt(3000*2000)
+    np.testing.assert_allclose(float(lj.delta_norms({"w": w})["w"]), 2 * np.sqrt(3000 * 2000), rtol=1e-5)
+
+
+def _gpt3_175b():
+    d, layers = 12288, 96
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    layer = {
+        "attn": {n: {"kernel": sds(d, d), "bias": sds(d)} for n in ("q", "k", "v", "o")},
+        "mlp": {"up": {"kernel": sds(d, 4 * d)}, "down": {"kernel": sds(4 * d, d)}},
+        "ln": {"scale": sds(d)},
+    }
+    return {"embed": {"embedding": sds(50257, d)}, **{f"layer_{i}": layer for i in range(layers)}}
+
+
+@pytest.mark.parametrize("rank, expected", [(1, 4_718_592), (8, 37_748_736)])
+def test_gpt3_175b_splits_abstractly(rank, expected):
+    params = _gpt3_175b()
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert n_params > 174e9
+    cfg = lj.LoraConfig(rules=(lj.Rule(r".*/attn/(q|v)/kernel", rank=rank, alpha=float(rank)),))
+    t0 = time.perf_counter()
+    base, lora = lj.split(jax.random.key(0), params, cfg)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 60  # a sanity bound, far above the ~1 s it takes
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((base, lora)))
+    trainable = sum(w.num_params for _, w in lj.targets(lora))
+    assert trainable == expected  # LoRA paper, Table 4
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora)) == expected
+
+
+def test_roberta_base_count():
+    d = 768
+    params = {
+        f"layer_{i}": {n: {"kernel": jax.ShapeDtypeStruct((d, d), jnp.float32)} for n in ("query", "key", "value")}
+        for i in range(12)
+    }
+    _, lora = lj.split(jax.random.key(0), params,
+                       lj.LoraConfig(rules=(lj.Rule(r".*/(query|value)/kernel", rank=8, alpha=16.0),)))
+    assert sum(w.num_params for _, w in lj.targets(lora)) == 294_912
+
+
+def test_split_under_eval_shape_and_jit():
+    params = _tree(jax.random.key(0))
+    abstract = jax.eval_shape(lambda p: lj.split(jax.random.key(1), p, CFG), params)
+    concrete = lj.split(jax.random.key(1), params, CFG)
+    chex.assert_trees_all_equal_shapes_and_dtypes(abstract, concrete)
+    jitted = jax.jit(lambda k, p: lj.split(k, p, CFG))(jax.random.key(1), params)
+    chex.assert_trees_all_close(jitted, concrete)
+    assert jax.tree.structure(jitted) == jax.tree.structure(concrete)
+
+
+def test_merge_under_jit_with_donation():
+    params = _tree(jax.random.key(0))
+    base, lora = lj.split(jax.random.key(1), params, CFG)
+    lora = _randomize(lora, jax.random.key(2))
+    ref = lj.merge(base, lora)
+    base_copy = jax.tree.map(jnp.copy, base)
+    out = jax.jit(lj.merge, donate_argnums=0)(base_copy, lora)
+    chex.assert_trees_all_close(out, ref)
+
+
+def test_merged_forward_equals_wrap_merge():
+    import flax.linen as nn
+
+    model = nn.Sequential([nn.Dense(24), nn.tanh, nn.Dense(8)])
+    x = jax.random.normal(jax.random.key(0), (5, 12))
+    variables = model.init(jax.random.key(1), x)
+    cfg = lj.LoraConfig(rules=(lj.Rule(r"params/layers_\d/kernel", rank=3, alpha=6.0),))
+    base, lora = lj.split(jax.random.key(2), variables, cfg, apply_fn=model.apply, args=(x,))
+    lora = _randomize(lora, jax.random.key(3))
+    y_wrap = lj.wrap(model.apply, strategy="merge")(base, lora, x)
+    y_merged = model.apply(lj.merge(base, lora), x)
+    chex.assert_trees_all_close(y_wrap, y_merged)
+    # and the numpy reference of the merged network
+    p = variables["params"]
+    k0 = np.asarray(p["layers_0"]["kernel"], np.float64) + _np_delta(lora["params"]["layers_0"]["kernel"])
+    k2 = np.asarray(p["layers_2"]["kernel"], np.float64) + _np_delta(lora["params"]["layers_2"]["kernel"])
+    h = np.tanh(np.asarray(x, np.float64) @ k0 + np.asarray(p["layers_0"]["bias"]))
+    ref = h @ k2 + np.asarray(p["layers_2"]["bias"])
+    np.testing.assert_allclose(np.asarray(y_wrap), ref, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(np.asarray(y_wrap), np.asarray(model.apply(variables, x)))
