@@ -323,7 +323,9 @@ class LoraConfig:
         output without another matmul (the logits layer). Without tracing, linear weights
         are the float leaves named ``kernel`` with at least two dimensions, and the head is
         found by name (``lm_head``, ``head``, ``classifier``, ``score``, ``logits``,
-        ``output_head``). ``exclude`` adds path regexes to leave alone.
+        ``output_head``). ``exclude`` adds path regexes to leave alone. Trace the model's
+        forward (logits), not a loss: a loss mixes the labels into the head's product, and
+        the head is then recognised by name only.
 
         >>> cfg = LoraConfig.all_linear(rank=4, alpha=8.0, exclude=(r".*/embed/.*",))
         >>> cfg.rules[0].linear_only, cfg.exclude

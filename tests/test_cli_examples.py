@@ -1,0 +1,38 @@
+"""The console entry point and the examples (smoke-run on reduced settings)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_jax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_prints_help(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: lora-jax" in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert "lora-jax 0.1.0" in capsys.readouterr().out
+
+
+def test_cli_module_runs():
+    r = subprocess.run([sys.executable, "-m", "lora_jax.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "Low-rank adaptation" in r.stdout
+
+
+def test_linen_quickstart_learns_and_merges(capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import linen_quickstart
+    finally:
+        sys.path.pop(0)
+    result = linen_quickstart.main(steps=60)
+    assert result["after"] < 0.7 * result["before"]
+    assert abs(result["merged"] - result["after"]) < 0.1 * result["before"]
+    assert "trainable params" in capsys.readouterr().out
