@@ -165,21 +165,23 @@ class Axes(NamedTuple):
         return cls(tuple(range(ndim - 1)), (ndim - 1,), ())
 
 
+def _group(g) -> tuple:
+    return tuple(g) if isinstance(g, (tuple, list)) else (g,)
+
+
 def _as_axes(value) -> Axes | None:
-    if value is None or isinstance(value, Axes):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, Axes):
+        return Axes(*(_group(g) for g in value))
     if isinstance(value, dict):
-        unknown = set(value) - {"in", "out", "stack", "in_axes", "out_axes", "stack_axes"}
+        names = {"in": "in_axes", "out": "out_axes", "stack": "stack_axes"}
+        unknown = set(value) - set(names) - set(names.values())
         if unknown:
             raise ValueError(f"axes dict has unknown keys {sorted(unknown)}; use 'in', 'out', 'stack'")
-        return Axes(
-            tuple(value.get("in", value.get("in_axes", ()))),
-            tuple(value.get("out", value.get("out_axes", ()))),
-            tuple(value.get("stack", value.get("stack_axes", ()))),
-        )
+        return Axes(*(_group(value.get(k, value.get(v, ()))) for k, v in names.items()))
     if isinstance(value, (tuple, list)) and len(value) in (2, 3):
-        groups = [tuple(g) if isinstance(g, (tuple, list)) else (g,) for g in value]
-        return Axes(*groups)
+        return Axes(*(_group(g) for g in value))
     raise TypeError(
         f"axes must be lj.Axes(in_axes=..., out_axes=..., stack_axes=...), a dict with "
         f"'in'/'out'/'stack', or a tuple (in, out[, stack]); got {value!r}"
