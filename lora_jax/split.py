@@ -181,7 +181,7 @@ def _make_weight(path, w, rule: Rule, config: LoraConfig, usage) -> LoraWeight:
         if usage is not None and usage.kind is not None:
             kind = usage.kind
     elif usage is not None:
-        found = usage.axes()
+        found = usage.axes(len(shape))
         if found is None:
             others = usage.other_primitives()
             used = f"it is only used by {others}" if others else "the traced function never uses it"

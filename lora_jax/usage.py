@@ -77,8 +77,10 @@ class WeightUsage:
     def is_linear(self) -> bool:
         return self.kind == "linear"
 
-    def axes(self):
-        """(in, out, stack) from the defining use (gather > conv > first dot), or None."""
+    def axes(self, ndim: int | None = None):
+        """(in, out, stack) from the defining use (gather > conv > first dot), or None.
+
+        With ``ndim``, axes the use never saw (size-1 axes squeezed away) join ``out``."""
         kind = self.kind
         if kind is None:
             return None
@@ -87,6 +89,9 @@ class WeightUsage:
         stack = tuple(sorted(set(use.stack_axes) | self.scanned))
         ins = tuple(a for a in use.in_axes if a not in stack)
         outs = tuple(a for a in use.out_axes if a not in stack)
+        if ndim is not None:
+            # size-1 axes a reshape/squeeze dropped on the way carry nothing: count them as out
+            outs = tuple(sorted(set(outs) | (set(range(ndim)) - set(ins) - set(outs) - set(stack))))
         return ins, outs, stack
 
     def other_primitives(self) -> list[str]:

@@ -227,14 +227,28 @@ def test_dense_general_multi_in():
 # 3. Einsum
 
 
-def test_einsum():
-    x = f32(2, 3)
-    linen_case(
-        nn.Einsum((4, 3, 5), "bd,hde->bhe"),
+@pytest.mark.parametrize(
+    "spec,kshape,x_shape,ins,outs,stack",
+    [
+        ("bd,hde->bhe", (4, 3, 5), (2, 3), (1,), (0, 2), ()),
+        # axes order (in, out...) = (2, 0, 1) is not its own inverse: catches a delta that
+        # transposes by the permutation instead of its inverse
+        ("bd,hed->bhe", (4, 5, 3), (2, 3), (2,), (0, 1), ()),
+        # a head axis shared with the input is a dot batch dim -> stack axis
+        ("bhd,ehd->bhe", (5, 4, 3), (2, 4, 3), (2,), (0,), (1,)),
+    ],
+    ids=["bd,hde", "bd,hed", "bhd,ehd"],
+)
+def test_einsum(spec, kshape, x_shape, ins, outs, stack):
+    x = f32(*x_shape)
+    _, lora, _, _ = linen_case(
+        nn.Einsum(kshape, spec),
         x,
         "params/kernel",
-        {"params/kernel": dict(ins=(1,), outs=(0, 2))},
+        {"params/kernel": dict(ins=ins, outs=outs, stack=stack)},
     )
+    w = lora["params"]["kernel"]
+    assert w.a.shape == (*(kshape[i] for i in stack), 2, *(kshape[i] for i in ins))
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,7 +461,7 @@ def test_rule_axes_override_with_stack_on_scan_untraced():
     paths = sorted(p for p in param_leaves(params) if p.endswith("kernel"))
     base, _, lora_r, ref = check_split(
         params,
-        (lj.Rule(r".*/kernel", rank=2, alpha=3.0, axes={"in": (1,), "out": (2,), "stack": (0,)}),),
+        (lj.Rule(r".*/kernel", rank=2, alpha=3.0, axes={"in": 1, "out": 2, "stack": 0}),),
         {p: dict(ins=(1,), outs=(2,), stack=(0,)) for p in paths},
     )
     chex.assert_trees_all_close(
@@ -458,16 +472,10 @@ def test_rule_axes_override_with_stack_on_scan_untraced():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="config._as_axes: the dict form does tuple(value['in']) and so rejects a bare "
-    "int ({'in': 1, 'out': 0} -> TypeError: 'int' object is not iterable), while the "
-    "tuple form (1, 0) and lj.Axes(1, 0) (via Axes.normalized) accept bare ints",
-)
 def test_rule_axes_dict_with_bare_ints():
-    rule = lj.Rule("lin/w", rank=2, axes={"in": 1, "out": 0})
-    assert rule.axes == lj.Axes((1,), (0,), ())
+    """Regression: the dict form takes bare ints like the tuple and Axes forms."""
+    for axes in ({"in": 1, "out": 0}, {"in_axes": 1, "out_axes": 0}, (1, 0), lj.Axes(1, 0)):
+        assert lj.Rule("lin/w", rank=2, axes=axes).axes == lj.Axes((1,), (0,), ()), axes
 
 
 def test_rule_axes_override_conv_multi_in_unsorted():
@@ -603,21 +611,23 @@ def _hop_einsum(p, x):
     return jnp.einsum("bi,oi->bo", x, _w(p))
 
 
+_HOPS = [
+    _hop_jit,
+    _hop_jit_closure,
+    _hop_checkpoint,
+    _hop_cond,
+    _hop_while,
+    _hop_scan_const,
+    _hop_nested,
+    _hop_einsum,
+]
+
+
 @pytest.mark.parametrize(
-    "fn",
-    [
-        _hop_jit,
-        _hop_jit_closure,
-        _hop_checkpoint,
-        _hop_cond,
-        _hop_while,
-        _hop_scan_const,
-        _hop_nested,
-        _hop_einsum,
-    ],
-    ids=lambda f: f.__name__,
+    "fn,sign",
+    [(f, 1.0) for f in _HOPS] + [(_hop_cond, -1.0), (_hop_nested, -1.0)],  # both branches
+    ids=[f.__name__ for f in _HOPS] + ["_hop_cond-neg", "_hop_nested-neg"],
 )
-@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["pos", "neg"])
 def test_higher_order_primitives(fn, sign):
     params = {"w": f32(5, 3)}  # stored (out, in)
     x = sign * jnp.abs(f32(2, 3, seed=2))  # both cond branches get exercised
@@ -710,16 +720,12 @@ def test_property_a_spans_input(in_dim, out_dim, form, data):
     shape = (out_dim, in_dim) if transposed else (in_dim, out_dim)
     ins, outs = ((1,), (0,)) if transposed else ((0,), (1,))
     params = {"w": f32(*shape, seed=in_dim * 10 + out_dim)}
-    x = f32(2, in_dim, seed=7)
-    _, lora, _, _ = check_split(
-        params,
-        (lj.Rule("w", rank=rank, alpha=2.0),),
-        {"w": dict(ins=ins, outs=outs)},
-        apply_fn=fn,
-        args=(x,),
-    )
+    x = jax.ShapeDtypeStruct((2, in_dim), jnp.float32)  # abstract args suffice to trace
+    cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=rank, alpha=2.0),))
+    _, lora = lj.split(KEY, params, cfg, apply_fn=fn, args=(x,))
+    assert_weight(lora["w"], shape=shape, ins=ins, outs=outs, rank=rank, alpha=2.0)
     assert lora["w"].a.shape == (rank, in_dim)
     assert lora["w"].b.shape == (rank, out_dim)
     # untraced: the Flax default, right only for (in, out) storage
-    _, plain = lj.split(KEY, params, lj.LoraConfig(rules=(lj.Rule("w", rank=rank),)))
+    _, plain = lj.split(KEY, params, cfg)
     assert plain["w"].a.shape == (rank, shape[0])

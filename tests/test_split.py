@@ -283,3 +283,15 @@ def test_merged_forward_equals_wrap_merge():
     ref = h @ k2 + np.asarray(p["layers_2"]["bias"])
     np.testing.assert_allclose(np.asarray(y_wrap), ref, rtol=1e-4, atol=1e-4)
     assert not np.allclose(np.asarray(y_wrap), np.asarray(model.apply(variables, x)))
+
+
+def test_size_one_axis_dropped_by_the_model_joins_out_axes():
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 1, 5))}
+    f = lambda p, x: x @ p["w"].reshape(3, 5)
+    x = jnp.ones((2, 3))
+    base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)), apply_fn=f, args=(x,))
+    w = lora["w"]
+    assert (w.in_axes, w.out_axes, w.a.shape, w.b.shape) == ((0,), (1, 2), (2, 3), (2, 1, 5))
+    lora = _randomize(lora, jax.random.key(2))
+    np.testing.assert_allclose(np.asarray(lj.merge(base, lora)["w"]),
+                               np.asarray(params["w"], np.float64) + _np_delta(lora["w"]), rtol=1e-5, atol=1e-6)
