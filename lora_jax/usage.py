@@ -167,6 +167,19 @@ def _closed(j):
     return j if isinstance(j, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(j, ())
 
 
+def _scan_counts(p) -> tuple[int, int] | None:
+    """(number of consts, number of carries) of a scan, across JAX versions."""
+    if "num_consts" in p:  # jax <= 0.10
+        return p["num_consts"], p["num_carry"]
+    # jax 0.11: ``ft_in`` packs three groups (consts, carry, xs); each group's len() is its
+    # number of operands. Duck-typed: the group container is private to JAX.
+    groups = getattr(p.get("ft_in"), "elts", p.get("ft_in"))
+    try:
+        return len(groups[0]), len(groups[1])
+    except (TypeError, IndexError, KeyError):
+        return None
+
+
 def subcalls(eqn) -> list[tuple[Any, list, bool]]:
     """Sub-jaxprs of a higher-order equation and how operands feed them.
 
@@ -178,7 +191,10 @@ def subcalls(eqn) -> list[tuple[Any, list, bool]]:
     name, p = eqn.primitive.name, eqn.params
     n = len(eqn.invars)
     if name == "scan":
-        nc, ncarry = p["num_consts"], p["num_carry"]
+        counts = _scan_counts(p)
+        if counts is None:
+            return []
+        nc, ncarry = counts
         feeds = [(k, k >= nc + ncarry) for k in range(n)]
         return [(p["jaxpr"], feeds, False)]
     if name == "cond":
