@@ -21,6 +21,10 @@ def _is_node(x) -> bool:
     return x is None or is_lora(x)
 
 
+def _is_none(x) -> bool:
+    return x is None
+
+
 def _is_abstract(x) -> bool:
     return isinstance(x, jax.ShapeDtypeStruct)
 
@@ -289,7 +293,9 @@ def check_fits(base: Any, lora: Any) -> list[tuple[str, Any, LoraWeight | None]]
     ...
     ValueError: lora does not fit base: k: the adapter was made for shape (3, 4) but the base weight has shape (3, 5)
     """
-    b_leaves, b_def = jax.tree_util.tree_flatten_with_path(base)
+    # None counts as a leaf on both sides, so a base with None entries (a layer without
+    # bias) keeps its structure
+    b_leaves, b_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_none)
     l_leaves, l_def = jax.tree_util.tree_flatten_with_path(lora, is_leaf=_is_node)
     if b_def != l_def:
         bp = {path_str(p) for p, _ in b_leaves}
@@ -353,7 +359,7 @@ def merge(base: Any, lora: Any, safe: bool = False) -> Any:
     merged = [x if w is None else _apply(x, w, +1) for _, x, w in triples]
     if safe:
         _check_finite([(p, m) for (p, _, w), m in zip(triples, merged) if w is not None])
-    return jax.tree.unflatten(jax.tree.structure(base), merged)
+    return jax.tree.unflatten(jax.tree.structure(base, is_leaf=_is_none), merged)
 
 
 def _apply(x, w: LoraWeight, sign: int):
@@ -391,4 +397,4 @@ def unmerge(merged: Any, lora: Any) -> Any:
     """
     triples = check_fits(merged, lora)
     out = [x if w is None else _apply(x, w, -1) for _, x, w in triples]
-    return jax.tree.unflatten(jax.tree.structure(merged), out)
+    return jax.tree.unflatten(jax.tree.structure(merged, is_leaf=_is_none), out)

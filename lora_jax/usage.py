@@ -99,6 +99,9 @@ class WeightUsage:
         return sorted({u.primitive for u in self.uses if u.primitive not in known})
 
 
+# Primitives that cut a window out of a weight.
+SLICING = frozenset({"slice", "dynamic_slice"})
+
 # A "view" of a weight: for each dimension of the current value, the tuple of original axes
 # it holds (several after a reshape that merged axes). ``None`` marks a dimension that does
 # not map cleanly (a reshape that split an axis), which makes any use of it opaque.
@@ -236,6 +239,10 @@ class _Walker:
                             self.usage[tid].uses.append(Use(f"{name} (splits an axis)"))
                         else:
                             out_views.append((k, tid, nv))
+            elif name in SLICING:
+                for k, (tid, view) in tracked:
+                    if k == 0:
+                        out_views.append((k, tid, self._through_slice(eqn, tid, view)))
             elif subs:
                 self._recurse(eqn, subs, views, taints, derived)
             else:
@@ -247,17 +254,17 @@ class _Walker:
                 views.setdefault(ov, []).append((tid, nv))
             # head taint: a matmul starts a fresh taint; other ops pass it on when every
             # activation operand carries the same one
-            if not subs or eqn.primitive.name in ("scan", "cond", "while"):
-                if name in ("dot_general", "conv_general_dilated"):
-                    t = frozenset(tid for _, (tid, _) in tracked)
-                else:
-                    act = [taints.get(v, frozenset()) for _, v in ins if v in derived]
-                    t = act[0] if act and all(x == act[0] for x in act) else frozenset()
-                    if name in ("scan", "cond", "while"):
-                        t = frozenset()
-                for ov in eqn.outvars:
-                    if t:
-                        taints[ov] = t
+            # (call-like primitives got their outputs' taints from the recursion; loops and
+            # branches pass none on)
+            if name in ("dot_general", "conv_general_dilated"):
+                t = frozenset(tid for _, (tid, _) in tracked)
+            elif subs:
+                t = frozenset()
+            else:
+                act = [taints.get(v, frozenset()) for _, v in ins if v in derived]
+                t = act[0] if act and all(x == act[0] for x in act) else frozenset()
+            if t:
+                taints.update((ov, t) for ov in eqn.outvars)
             if is_derived:
                 derived.update(eqn.outvars)
 
@@ -298,6 +305,20 @@ class _Walker:
                         views.setdefault(ov_out, []).append((tid, view))
                     if ov_in in it:
                         taints[ov_out] = it[ov_in]
+
+    def _through_slice(self, eqn, tid, view: View) -> View:
+        """A slice keeps each axis's role; an axis cut down to one entry (``W[i]`` of a layer
+        stack, in a Python or ``fori_loop`` loop) becomes a stack axis."""
+        old = eqn.invars[0].aval.shape
+        new = eqn.outvars[0].aval.shape
+        out = []
+        for d, (o, n) in enumerate(zip(old, new)):
+            if n == 1 and o > 1 and view[d]:
+                self.usage[tid].scanned.update(view[d])
+                out.append(())
+            else:
+                out.append(view[d])
+        return tuple(out)
 
     def _record(self, eqn, k, tid, view):
         name, p = eqn.primitive.name, eqn.params

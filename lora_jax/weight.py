@@ -14,7 +14,7 @@ __all__ = ["LoraWeight", "is_lora", "delta"]
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LoraWeight:
     """The adapter of one weight W: arrays ``a`` and ``b`` plus static metadata.
 

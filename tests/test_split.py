@@ -295,3 +295,34 @@ def test_size_one_axis_dropped_by_the_model_joins_out_axes():
     lora = _randomize(lora, jax.random.key(2))
     np.testing.assert_allclose(np.asarray(lj.merge(base, lora)["w"]),
                                np.asarray(params["w"], np.float64) + _np_delta(lora["w"]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loop", ["python", "fori_loop"])
+def test_layer_stack_indexed_per_layer_gets_stack_axis(loop):
+    # W[i] of an (L, in, out) stack, then a fused-kernel slice W[i][:, :4]
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 4, 6))}
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+
+    def f(p, x):
+        if loop == "python":
+            for i in range(3):
+                x = jnp.tanh(x @ p["w"][i][:, :4])
+            return x
+        return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i][:, :4]), x)
+
+    base, lora = lj.split(jax.random.key(2), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)), apply_fn=f, args=(x,))
+    w = lora["w"]
+    assert (w.stack_axes, w.in_axes, w.out_axes, w.a.shape, w.b.shape) == ((0,), (1,), (2,), (3, 2, 4), (3, 2, 6))
+    lora = _randomize(lora, jax.random.key(3))
+    merged = {"w": params["w"] + _np_delta(lora["w"])}
+    chex.assert_trees_all_close(lj.wrap(f, strategy="merge")(base, lora, x), f(merged, x), rtol=1e-5, atol=1e-5)
+
+
+def test_none_leaves_and_empty_containers_survive():
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": None}, "extra": [], "t": (jnp.ones(2),)}
+    base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("dense/kernel", rank=2),)))
+    assert base["dense"]["bias"] is None and lora["dense"]["bias"] is None and lora["extra"] == []
+    lora = _randomize(lora, jax.random.key(1))
+    merged = lj.merge(base, lora)
+    assert merged["dense"]["bias"] is None and merged["extra"] == [] and merged["t"][0].shape == (2,)
+    chex.assert_trees_all_close(lj.unmerge(merged, lora), base, atol=1e-6)
