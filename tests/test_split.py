@@ -1,6 +1,7 @@
 """split / merge / unmerge, init schemes, abstract trees, delta math against numpy."""
 
 import time
+import zlib
 
 import chex
 import hypothesis.strategies as st
@@ -56,7 +57,7 @@ def _randomize(lora, key):
     def fill(w):
         if w is None:
             return None
-        ka, kb = jax.random.split(jax.random.fold_in(key, hash(w.rule) % 1000))
+        ka, kb = jax.random.split(jax.random.fold_in(key, zlib.crc32(w.rule.encode()) % 1000))
         return w.replace(
             a=jax.random.normal(ka, w.a.shape, w.a.dtype), b=jax.random.normal(kb, w.b.shape, w.b.dtype)
         )
@@ -145,10 +146,12 @@ def test_half_precision_base():
     lora = _randomize(lora, jax.random.key(2))
     merged = lj.merge(base, lora)
     chex.assert_trees_all_equal_dtypes(merged, params)
-    # fp32 accumulation, one rounding to bf16 at the end
+    # fp32 accumulation, one rounding to bf16 at the end: within half a bf16 ulp of the exact
+    # sum (plus float32 noise), where bf16 accumulation would be off by several ulps
     w = lora["params"]["blk"]["attn"]["q"]["kernel"]
-    ref = (np.asarray(base["params"]["blk"]["attn"]["q"]["kernel"], np.float32) + _np_delta(w)).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(merged["params"]["blk"]["attn"]["q"]["kernel"]), ref)
+    exact = np.asarray(base["params"]["blk"]["attn"]["q"]["kernel"], np.float64) + _np_delta(w)
+    got = np.asarray(merged["params"]["blk"]["attn"]["q"]["kernel"], np.float64)
+    np.testing.assert_array_less(np.abs(got - exact), np.abs(exact) * 2.0**-8 * 1.01 + 1e-6)
     cfg16 = lj.LoraConfig(rules=CFG.rules, dtype=jnp.bfloat16)
     _, lora16 = lj.split(jax.random.key(1), params, cfg16)
     assert lora16["params"]["blk"]["attn"]["q"]["kernel"].a.dtype == jnp.bfloat16
