@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from . import nnx
 from .config import Axes, LoraConfig, Rule, path_str, scale_for
-from .optim import labels, optimizer
+from .optim import apply_updates, labels, optimizer
 from .report import delta_norms, summary, targets
 from .split import merge, split, unmerge
 from .transform import wrap
@@ -16,6 +16,7 @@ __all__ = [
     "LoraConfig",
     "LoraWeight",
     "Rule",
+    "apply_updates",
     "delta_norms",
     "is_lora",
     "labels",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Any, Callable, NamedTuple, Sequence, Union
 
@@ -222,11 +223,12 @@ class Rule:
             re.compile(self.pattern)
         except re.error as e:
             raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regex: {e}") from None
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral):
             raise TypeError(f"Rule {self.pattern!r}: rank must be an int, got {self.rank!r}")
+        object.__setattr__(self, "rank", int(self.rank))
         if self.rank <= 0:
             raise ValueError(f"Rule {self.pattern!r}: rank must be > 0, got {self.rank}; try rank=8")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
             raise TypeError(f"Rule {self.pattern!r}: alpha must be a number, got {self.alpha!r}")
         if not self.alpha > 0 or not math.isfinite(self.alpha):
             raise ValueError(
@@ -250,7 +252,7 @@ class Rule:
 
 
 def _check_dropout(rate, where=""):
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
         raise ValueError(f"{where}dropout must be a number in [0, 1), got {rate!r}")
 
 
@@ -325,9 +327,12 @@ class LoraConfig:
         output without another matmul (the logits layer). Without tracing, linear weights
         are the float leaves named ``kernel`` with at least two dimensions, and the head is
         found by name (``lm_head``, ``head``, ``classifier``, ``score``, ``logits``,
-        ``output_head``). ``exclude`` adds path regexes to leave alone. Trace the model's
-        forward (logits), not a loss: a loss mixes the labels into the head's product, and
-        the head is then recognised by name only.
+        ``output_head``). ``exclude`` adds path regexes to leave alone.
+
+        The traced head is the last-applied weight whose product reaches the result through
+        operations other than a residual sum (softmax, masking and a loss on the logits
+        keep it visible); a model that ends in a residual stream (an encoder without a
+        head) has none.
 
         >>> cfg = LoraConfig.all_linear(rank=4, alpha=8.0, exclude=(r".*/embed/.*",))
         >>> cfg.rules[0].linear_only, cfg.exclude

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import optax
 
-__all__ = ["optimizer", "labels"]
+__all__ = ["optimizer", "labels", "apply_updates"]
 
 
 def labels(tree: Any) -> dict:
@@ -44,5 +44,33 @@ def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     >>> state = tx.init({"base": base, "lora": lora})
     >>> sum(x.size for x in jax.tree.leaves(state))   # step count + Adam moments of A and B
     65
+
+    Put gradient clipping, accumulation (``optax.MultiSteps``) and the like *inside*
+    (``lj.optimizer(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4)))``):
+    wrapped around it they would see, and keep state for, the base. Apply the updates
+    with :func:`apply_updates` (``optax.apply_updates`` also works when every base leaf is
+    a float array; NNX states hold RNG keys, which cannot take an update).
     """
     return optax.multi_transform({"lora": tx, "base": optax.set_to_zero()}, labels)
+
+
+def apply_updates(state: dict, updates: dict) -> dict:
+    """``optax.apply_updates`` for ``{"base": ..., "lora": ...}``: the base comes back as is.
+
+    The base's updates are zeros under :func:`optimizer`; skipping them keeps the base
+    bit-identical, costs no base-sized addition, and works for bases holding non-float
+    leaves (NNX RNG keys, integer counters).
+
+    >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
+    >>> base, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))},
+    ...                       lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> state = {"base": base, "lora": lora}
+    >>> tx = lj.optimizer(optax.sgd(0.1))
+    >>> grads = jax.tree.map(jnp.ones_like, state)
+    >>> updates, _ = tx.update(grads, tx.init(state), state)
+    >>> new = lj.apply_updates(state, updates)
+    >>> new["base"] is base, round(float(new["lora"]["w"].b[0, 0]), 6)
+    (True, -0.1)
+    """
+    labels(state)
+    return {"base": state["base"], "lora": optax.apply_updates(state["lora"], updates["lora"])}

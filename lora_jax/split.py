@@ -113,6 +113,7 @@ def split(
 
     # 2. First matching rule wins; unmatched rules and excludes are errors.
     hits: dict[int, Rule] = {}
+    heads = [paths[i] for i in candidates if usages is not None and usages[i].head]
     for i in candidates:
         path = paths[i]
         if usages is not None:
@@ -122,7 +123,7 @@ def split(
         rule = config.rule_for(path, linear=linear)
         if rule is not None:
             hits[i] = rule
-    _check_all_used(config, paths, hits)
+    _check_all_used(config, paths, hits, heads)
 
     # 3. Build one adapter per target.
     lora_leaves: list = [None] * len(arrays)
@@ -141,7 +142,7 @@ def _head_by_name(path: str) -> bool:
     return any(p in HEAD_NAMES for p in path.split("/"))
 
 
-def _check_all_used(config: LoraConfig, paths, hits):
+def _check_all_used(config: LoraConfig, paths, hits, heads=()):
     used = {id(r) for r in hits.values()}
     problems = []
     for rule in config.rules:
@@ -155,6 +156,8 @@ def _check_all_used(config: LoraConfig, paths, hits):
                 )
             else:
                 why = f"no {what} path fully matches it (re.fullmatch)"
+            if rule.linear_only and heads:
+                why += f" (tracing found the output head: {_fmt_paths(heads, 3)})"
             problems.append(f"rule {rule.pattern!r} matches nothing: {why}")
     for pat in config.exclude:
         if not any(re.fullmatch(pat, p) for p in paths):
@@ -317,7 +320,9 @@ def check_fits(base: Any, lora: Any) -> list[tuple[str, Any, LoraWeight | None]]
         path = path_str(p)
         if w is not None:
             shape = tuple(jnp.shape(x))
-            if shape != tuple(w.shape):
+            if x is None:
+                problems.append(f"{path}: the base has None where the adapter's weight {tuple(w.shape)} belongs")
+            elif shape != tuple(w.shape):
                 problems.append(
                     f"{path}: the adapter was made for shape {tuple(w.shape)} but the base "
                     f"weight has shape {shape}"

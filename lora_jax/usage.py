@@ -1,47 +1,58 @@
 """Axis inference: trace ``f(params, *args)`` once and record how each weight is consumed.
 
 A targeted weight enters the traced jaxpr as an input variable. We follow it through
-shape-only operations (transpose, reshape, dtype casts, copies, sharding constraints) and
-into higher-order primitives (jit, remat, scan, cond, while, custom_jvp/vjp), tracking for
-each dimension of the current value which axes of the original weight it holds. Where it
-meets a ``dot_general``, ``gather`` or ``conv_general_dilated`` we read off which original
-axes are contracted (in), produced (out) or batched (stack). A weight stacked along a
-``scan`` axis has that axis recorded as a stack axis.
+shape-only operations (transpose, reshape, casts, copies, broadcasts, sharding
+constraints), through windows cut out of it (slices, splits, ``W[i]``, gathers) and into
+higher-order primitives (jit, remat, scan, cond, while, custom_jvp/vjp). For each dimension
+of the current value we know which axes of the original weight it holds; axes indexed away
+on the way (a scan over a layer stack, ``W[i]``, an expert picked by a gather) are "cut".
+Where the value meets a ``dot_general``, ``gather`` or ``conv_general_dilated`` we read off
+which original axes are contracted (in), produced (out) or batched/cut (stack).
 
-The same walk finds the output head for :meth:`LoraConfig.all_linear`: the weight whose
-matmul output reaches the function's result through operations that mix in no other
-activation.
+The same walk finds the output head for :meth:`LoraConfig.all_linear`: the last weight
+whose matmul output reaches the function's result without being mixed into a residual sum.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-__all__ = ["Use", "WeightUsage", "trace_usage", "SHAPE_ONLY", "subcalls"]
+__all__ = ["Use", "WeightUsage", "trace_usage", "subcalls", "SHAPE_ONLY", "MATMULS"]
 
-# Primitives that only move a weight's elements around (or change their dtype).
+# Primitives that only move a weight's elements around, change their dtype, or broadcast.
 SHAPE_ONLY = frozenset(
     {
         "transpose",
         "reshape",
+        "squeeze",
+        "expand_dims",
+        "broadcast_in_dim",
         "convert_element_type",
         "copy",
         "copy_p",
+        "stop_gradient",
         "sharding_constraint",
         "reduce_precision",
-        "squeeze",
-        "expand_dims",
         "optimization_barrier",
         "mesh_cast",
         "reshard",
     }
 )
+
+# Primitives that cut windows out of a weight (their outputs keep the axis roles).
+SLICING = frozenset({"slice", "dynamic_slice", "split", "concatenate", "gather"})
+
+# Primitives whose weight operand defines an adapter.
+MATMULS = frozenset({"dot_general", "conv_general_dilated"})
+
+# Elementwise primitives where an operand that carries no head taint (a mask, one-hot
+# labels) is neutral; for add/sub it is not (a residual stream mixes layers).
+_MIXING = frozenset({"add", "sub", "add_any"})
 
 
 @dataclasses.dataclass
@@ -52,6 +63,9 @@ class Use:
     in_axes: tuple[int, ...] = ()
     out_axes: tuple[int, ...] = ()
     stack_axes: tuple[int, ...] = ()
+    cut: frozenset = frozenset()  # axes indexed away before this use (scan, W[i])
+    indexed: frozenset = frozenset()  # axes picked by index in a gather on the way
+    opaque: bool = False  # the weight reached this use in a shape we cannot map
 
 
 @dataclasses.dataclass
@@ -59,110 +73,122 @@ class WeightUsage:
     """Everything tracing learned about one weight."""
 
     uses: list[Use] = dataclasses.field(default_factory=list)
-    scanned: set = dataclasses.field(default_factory=set)  # axes sliced away by a scan
     head: bool = False
+
+    def _defining(self) -> tuple[str, Use] | None:
+        """The use that decides the axes, and the weight's kind."""
+        gathers = [u for u in self.uses if u.primitive == "gather" and not u.opaque]
+        looked_up = set().union(*(u.in_axes for u in gathers)) if gathers else set()
+        weight = [
+            u
+            for u in self.uses
+            if u.primitive in MATMULS and not u.opaque and u.in_axes and u.out_axes
+        ]
+        kind_of = lambda u: "conv" if u.primitive == "conv_general_dilated" else "linear"
+        for u in weight:  # a stack indexed by a gather (MoE experts picked per token)
+            if u.indexed:
+                return kind_of(u), u
+        if gathers:
+            return "embed", gathers[0]
+        for u in weight:
+            if u.primitive == "conv_general_dilated":
+                return "conv", u
+        if weight:
+            return "linear", weight[0]
+        # a single row/column picked out of a small kernel (W[:, 0]): the cut axis is the
+        # missing side
+        for u in self.uses:
+            if u.primitive in MATMULS and not u.opaque and u.cut - looked_up:
+                if bool(u.in_axes) != bool(u.out_axes):
+                    return kind_of(u), u
+        return None
 
     @property
     def kind(self) -> str | None:
-        names = {u.primitive for u in self.uses}
-        if "gather" in names:
-            return "embed"
-        if "conv_general_dilated" in names:
-            return "conv"
-        if "dot_general" in names:
-            return "linear"
-        return None
+        d = self._defining()
+        return None if d is None else d[0]
 
     @property
     def is_linear(self) -> bool:
         return self.kind == "linear"
 
     def axes(self, ndim: int | None = None):
-        """(in, out, stack) from the defining use (gather > conv > first dot), or None.
+        """(in, out, stack) from the defining use, or None.
 
         With ``ndim``, axes the use never saw (size-1 axes squeezed away) join ``out``."""
-        kind = self.kind
-        if kind is None:
+        d = self._defining()
+        if d is None:
             return None
-        prim = {"embed": "gather", "conv": "conv_general_dilated", "linear": "dot_general"}[kind]
-        use = next(u for u in self.uses if u.primitive == prim)
-        stack = tuple(sorted(set(use.stack_axes) | self.scanned))
-        ins = tuple(a for a in use.in_axes if a not in stack)
-        outs = tuple(a for a in use.out_axes if a not in stack)
+        _, use = d
+        ins, outs, stack = set(use.in_axes), set(use.out_axes), set(use.stack_axes) | set(use.cut)
+        if not outs:
+            outs, stack = stack, set()
+        elif not ins:
+            ins, stack = stack, set()
+        ins, outs = ins - stack, outs - stack
         if ndim is not None:
-            # size-1 axes a reshape/squeeze dropped on the way carry nothing: count them as out
-            outs = tuple(sorted(set(outs) | (set(range(ndim)) - set(ins) - set(outs) - set(stack))))
-        return ins, outs, stack
+            outs |= set(range(ndim)) - ins - outs - stack
+        return tuple(sorted(ins)), tuple(sorted(outs)), tuple(sorted(stack))
 
     def other_primitives(self) -> list[str]:
-        known = {"gather", "conv_general_dilated", "dot_general"}
-        return sorted({u.primitive for u in self.uses if u.primitive not in known})
+        return sorted(
+            {u.primitive + (" (opaque view)" if u.opaque else "") for u in self.uses}
+            - set(MATMULS)
+            - {"gather"}
+        )
 
 
-# Primitives that cut a window out of a weight.
-SLICING = frozenset({"slice", "dynamic_slice"})
-
-# A "view" of a weight: for each dimension of the current value, the tuple of original axes
-# it holds (several after a reshape that merged axes). ``None`` marks a dimension that does
-# not map cleanly (a reshape that split an axis), which makes any use of it opaque.
-View = tuple
+# A tracked value: ``(tid, view, cut, indexed)``. ``view[d]`` is the tuple of original axes
+# held by dimension d (several after a reshape merged axes; a dimension split off an axis by
+# a reshape holds that axis too; a broadcast dimension holds none).
+_Entry = tuple
 
 
-def _reshape_view(view: View, old_shape, new_shape) -> View | None:
-    """Map a view through a reshape that only merges or splits contiguous axis groups."""
+def _reshape_view(view, old_shape, new_shape):
+    """Map a view through a reshape by grouping dims whose sizes multiply to the same."""
     out: list = []
     i = j = 0
-    while i < len(old_shape) or j < len(new_shape):
-        # skip size-1 dims, which carry no axis content
-        if i < len(old_shape) and old_shape[i] == 1 and (j >= len(new_shape) or new_shape[j] != 1):
-            i += 1
+    n_old, n_new = len(old_shape), len(new_shape)
+    while i < n_old or j < n_new:
+        if i < n_old and old_shape[i] == 1 and (j >= n_new or new_shape[j] != 1):
+            i += 1  # a size-1 dim disappears
             continue
-        if j < len(new_shape) and new_shape[j] == 1 and (i >= len(old_shape) or old_shape[i] != 1):
+        if j < n_new and new_shape[j] == 1 and (i >= n_old or old_shape[i] != 1):
             out.append(())
             j += 1
             continue
-        if i >= len(old_shape) or j >= len(new_shape):
-            return None
         gi, gj = [i], [j]
         pi, pj = old_shape[i], new_shape[j]
         while pi != pj:
             if pi < pj:
                 i += 1
-                if i >= len(old_shape):
-                    return None
                 gi.append(i)
                 pi *= old_shape[i]
             else:
                 j += 1
-                if j >= len(new_shape):
-                    return None
                 gj.append(j)
                 pj *= new_shape[j]
-        merged = tuple(ax for k in gi for ax in (view[k] or ()))
-        if any(view[k] is None for k in gi):
-            return None
-        if len(gj) == 1:
-            out.append(merged)
-        else:
-            # an axis group split into several dims: clean only if one dim takes everything
-            for k in gj:
-                out.append(None if new_shape[k] != 1 else ())
+        axes = tuple(sorted({ax for k in gi for ax in view[k]}))
+        out.extend([axes] * len(gj))
         i += 1
         j += 1
     return tuple(out)
 
 
-def _through_shape_op(eqn, view: View) -> View | None:
-    name = eqn.primitive.name
+def _shape_view(eqn, view):
+    name, p = eqn.primitive.name, eqn.params
     if name == "transpose":
-        return tuple(view[p] for p in eqn.params["permutation"])
-    if name == "reshape":
+        return tuple(view[d] for d in p["permutation"])
+    if name in ("reshape", "expand_dims"):
         return _reshape_view(view, eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)
     if name == "squeeze":
-        dims = {d % len(view) for d in eqn.params["dimensions"]}
+        dims = {d % len(view) for d in p["dimensions"]}
         return tuple(v for k, v in enumerate(view) if k not in dims)
-    if name == "expand_dims":
-        return _reshape_view(view, eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)
+    if name == "broadcast_in_dim":
+        out = [()] * len(eqn.outvars[0].aval.shape)
+        for src, dst in enumerate(p["broadcast_dimensions"]):
+            out[dst] = view[src]
+        return tuple(out)
     return view
 
 
@@ -188,8 +214,7 @@ def subcalls(eqn) -> list[tuple[Any, list, bool]]:
 
     Returns ``(closed_jaxpr, feeds, returns)`` triples: ``feeds[k]`` is ``(operand_index,
     sliced)`` for inner input ``k`` (``sliced`` when a scan slices the operand's leading
-    axis), or ``None`` for an inner input fed by a loop carry; ``returns`` tells whether the
-    inner outputs are the equation's outputs one to one.
+    axis); ``returns`` tells whether the inner outputs are the equation's outputs one to one.
     """
     name, p = eqn.primitive.name, eqn.params
     n = len(eqn.invars)
@@ -217,137 +242,143 @@ def subcalls(eqn) -> list[tuple[Any, list, bool]]:
     return []
 
 
+def _roles(view, dims):
+    return {ax for d in dims for ax in view[d]}
+
+
 class _Walker:
     def __init__(self, n_targets: int):
         self.usage = [WeightUsage() for _ in range(n_targets)]
+        self.order: dict[int, int] = {}  # tid -> index of its last matmul (head choice)
+        self.counter = 0
 
     def walk(self, jaxpr, views: dict, taints: dict, derived: set):
-        """views: var -> list[(tid, view)]; taints: var -> frozenset(tid); derived: vars
-        depending on the function's non-parameter inputs."""
+        """views: var -> list of entries; taints: var -> frozenset(tid) of the weights whose
+        matmul output the var carries; derived: vars depending on non-parameter inputs."""
         for eqn in jaxpr.eqns:
             ins = [(k, v) for k, v in enumerate(eqn.invars) if not isinstance(v, jcore.Literal)]
-            tracked = [(k, tv) for k, v in ins for tv in views.get(v, ())]
-            is_derived = any(v in derived for _, v in ins)
+            tracked = [(k, e) for k, v in ins for e in views.get(v, ())]
             name = eqn.primitive.name
-            out_views: list = []
             subs = subcalls(eqn)
             if name in SHAPE_ONLY:
-                for k, (tid, view) in tracked:
+                for k, (tid, view, cut, idx) in tracked:
                     if k == 0 or name == "optimization_barrier":
-                        nv = _through_shape_op(eqn, view)
-                        if nv is None:
-                            self.usage[tid].uses.append(Use(f"{name} (splits an axis)"))
-                        else:
-                            out_views.append((k, tid, nv))
+                        ov = eqn.outvars[k] if name == "optimization_barrier" else eqn.outvars[0]
+                        views.setdefault(ov, []).append((tid, _shape_view(eqn, view), cut, idx))
             elif name in SLICING:
-                for k, (tid, view) in tracked:
-                    if k == 0:
-                        out_views.append((k, tid, self._through_slice(eqn, tid, view)))
+                for k, entry in tracked:
+                    self._through_window(eqn, k, entry, views)
             elif subs:
                 self._recurse(eqn, subs, views, taints, derived)
             else:
-                for k, (tid, view) in tracked:
-                    self._record(eqn, k, tid, view)
-            # propagate views to outputs (shape-only ops)
-            for k, tid, nv in out_views:
-                ov = eqn.outvars[k] if name == "optimization_barrier" else eqn.outvars[0]
-                views.setdefault(ov, []).append((tid, nv))
-            # head taint: a matmul starts a fresh taint; other ops pass it on when every
-            # activation operand carries the same one
-            # (call-like primitives got their outputs' taints from the recursion; loops and
-            # branches pass none on)
-            if name in ("dot_general", "conv_general_dilated"):
-                t = frozenset(tid for _, (tid, _) in tracked)
-            elif subs:
-                t = frozenset()
-            else:
-                act = [taints.get(v, frozenset()) for _, v in ins if v in derived]
-                t = act[0] if act and all(x == act[0] for x in act) else frozenset()
-            if t:
-                taints.update((ov, t) for ov in eqn.outvars)
-            if is_derived:
+                for k, entry in tracked:
+                    self._record(eqn, k, entry)
+            self._taint(eqn, name, ins, tracked, subs, taints, derived)
+            if any(v in derived for _, v in ins):
                 derived.update(eqn.outvars)
+
+    def _taint(self, eqn, name, ins, tracked, subs, taints, derived):
+        if name in MATMULS:
+            t = frozenset(e[0] for k, e in tracked)
+            self.counter += 1
+            for tid in t:
+                self.order[tid] = self.counter
+        elif subs:
+            return  # call-like: set by the recursion; loops and branches pass none on
+        else:
+            act = [taints.get(v, frozenset()) for _, v in ins if v in derived]
+            if name not in _MIXING:
+                act = [a for a in act if a]
+            t = act[0] if act and all(a == act[0] for a in act) else frozenset()
+        if t:
+            taints.update((ov, t) for ov in eqn.outvars)
+
+    def _through_window(self, eqn, k, entry, views):
+        tid, view, cut, idx = entry
+        name, p = eqn.primitive.name, eqn.params
+        in_shape = eqn.invars[k].aval.shape
+        if name == "gather":
+            if k != 0:
+                self.usage[tid].uses.append(Use("gather (as indices)", opaque=True))
+                return
+            dn = p["dimension_numbers"]
+            indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+            batch = set(getattr(dn, "operand_batching_dims", ()))
+            free = [d for d in range(len(view)) if d not in indexed and d not in batch]
+            looked = _roles(view, sorted(indexed))
+            self.usage[tid].uses.append(
+                Use("gather", tuple(sorted(looked)), tuple(sorted(_roles(view, free))),
+                    tuple(sorted(_roles(view, sorted(batch)))), frozenset(cut), frozenset(idx))
+            )
+            # the gathered value keeps the kept dims' roles (offset dims, in operand order)
+            kept = [d for d in range(len(view)) if d not in set(dn.collapsed_slice_dims) | batch]
+            out = [()] * len(eqn.outvars[0].aval.shape)
+            for dst, src in zip(dn.offset_dims, kept):
+                out[dst] = view[src]
+            new = (tid, tuple(out), cut | frozenset(looked), idx | frozenset(looked))
+            views.setdefault(eqn.outvars[0], []).append(new)
+            return
+        outs = eqn.outvars if name == "split" else eqn.outvars[:1]
+        for ov in outs:
+            new_view, new_cut = [], set(cut)
+            for d, (o, n) in enumerate(zip(in_shape, ov.aval.shape)):
+                if n == 1 and o > 1 and name != "concatenate":
+                    new_cut.update(view[d])  # W[i]: that axis is indexed away
+                    new_view.append(())
+                else:
+                    new_view.append(view[d])
+            views.setdefault(ov, []).append((tid, tuple(new_view), frozenset(new_cut), idx))
 
     def _recurse(self, eqn, subs, views, taints, derived):
         for closed, feeds, returns in subs:
             inner = closed.jaxpr
             iv, it, idv = {}, {}, set()
-            for k, feed in enumerate(feeds):
-                if feed is None:
-                    continue
-                opk, sliced = feed
+            for k, (opk, sliced) in enumerate(feeds):
                 outer = eqn.invars[opk]
                 if isinstance(outer, jcore.Literal):
                     continue
                 var = inner.invars[k]
-                for tid, view in views.get(outer, ()):
-                    if sliced:
-                        if view[0] is None:
-                            self.usage[tid].uses.append(Use("scan (splits an axis)"))
-                            continue
-                        self.usage[tid].scanned.update(view[0])
-                        view = view[1:]
-                    iv.setdefault(var, []).append((tid, view))
+                for tid, view, cut, idx in views.get(outer, ()):
+                    if sliced:  # a scan over the leading axis: one layer per step
+                        cut, view = cut | frozenset(view[0]), view[1:]
+                    iv.setdefault(var, []).append((tid, view, cut, idx))
                 if outer in taints and returns:
                     it[var] = taints[outer]
                 if outer in derived:
                     idv.add(var)
-            # loop carries: a value fed back in is derived if any input is
-            if any(f is None for f in feeds) or eqn.primitive.name in ("while", "scan"):
-                if any(v in derived for v in eqn.invars if not isinstance(v, jcore.Literal)):
-                    idv.update(inner.invars)
+            if eqn.primitive.name in ("while", "scan") and any(
+                v in derived for v in eqn.invars if not isinstance(v, jcore.Literal)
+            ):
+                idv.update(inner.invars)  # carries fed back in may become derived
             self.walk(inner, iv, it, idv)
             if returns:
                 for ov_in, ov_out in zip(inner.outvars, eqn.outvars):
                     if isinstance(ov_in, jcore.Literal):
                         continue
-                    for tid, view in iv.get(ov_in, ()):
-                        views.setdefault(ov_out, []).append((tid, view))
+                    views.setdefault(ov_out, []).extend(iv.get(ov_in, ()))
                     if ov_in in it:
                         taints[ov_out] = it[ov_in]
 
-    def _through_slice(self, eqn, tid, view: View) -> View:
-        """A slice keeps each axis's role; an axis cut down to one entry (``W[i]`` of a layer
-        stack, in a Python or ``fori_loop`` loop) becomes a stack axis."""
-        old = eqn.invars[0].aval.shape
-        new = eqn.outvars[0].aval.shape
-        out = []
-        for d, (o, n) in enumerate(zip(old, new)):
-            if n == 1 and o > 1 and view[d]:
-                self.usage[tid].scanned.update(view[d])
-                out.append(())
-            else:
-                out.append(view[d])
-        return tuple(out)
-
-    def _record(self, eqn, k, tid, view):
+    def _record(self, eqn, k, entry):
+        tid, view, cut, idx = entry
         name, p = eqn.primitive.name, eqn.params
-        usage = self.usage[tid]
-        if any(v is None for v in view):
-            usage.uses.append(Use(name))
-            return
         ndim = len(view)
-
-        def axes_of(dims):
-            return tuple(sorted(ax for d in dims for ax in view[d]))
-
         if name == "dot_general":
             (lc, rc), (lb, rb) = p["dimension_numbers"]
             contract, batch = (lc, lb) if k == 0 else (rc, rb)
             free = [d for d in range(ndim) if d not in contract and d not in batch]
-            usage.uses.append(Use(name, axes_of(contract), axes_of(free), axes_of(batch)))
-        elif name == "gather" and k == 0:
-            dn = p["dimension_numbers"]
-            indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
-            batch = tuple(getattr(dn, "operand_batching_dims", ()))
-            free = [d for d in range(ndim) if d not in indexed and d not in batch]
-            usage.uses.append(Use(name, axes_of(sorted(indexed)), axes_of(free), axes_of(batch)))
+            groups = (contract, free, batch)
         elif name == "conv_general_dilated" and k == 1:
             rhs = p["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
-            ins = (rhs[1], *rhs[2:])
-            usage.uses.append(Use(name, axes_of(ins), axes_of([rhs[0]])))
+            groups = ((rhs[1], *rhs[2:]), (rhs[0],), ())
         else:
-            usage.uses.append(Use(name))
+            self.usage[tid].uses.append(Use(name, cut=cut, opaque=True))
+            return
+        ins, outs, stack = (_roles(view, g) for g in groups)
+        opaque = bool(ins & outs or ins & stack or outs & stack)  # an axis split across roles
+        self.usage[tid].uses.append(
+            Use(name, tuple(sorted(ins)), tuple(sorted(outs)), tuple(sorted(stack)), cut, idx, opaque)
+        )
 
 
 def _abstract(x):
@@ -391,16 +422,15 @@ def trace_usage(
     jaxpr = closed.jaxpr
     n = len(p_leaves)
     walker = _Walker(n)
-    wanted = range(n) if targets is None else targets
-    views = {}
-    for tid in wanted:
+    views: dict = {}
+    for tid in range(n) if targets is None else targets:
         var = jaxpr.invars[tid]
-        views.setdefault(var, []).append((tid, tuple((d,) for d in range(var.aval.ndim))))
-    derived = set(jaxpr.invars[n:])
+        full = tuple((d,) for d in range(var.aval.ndim))
+        views.setdefault(var, []).append((tid, full, frozenset(), frozenset()))
     taints: dict = {}
-    walker.walk(jaxpr, views, taints, derived)
-    for ov in jaxpr.outvars:
-        if not isinstance(ov, jcore.Literal):
-            for tid in taints.get(ov, ()):
-                walker.usage[tid].head = True
+    walker.walk(jaxpr, views, taints, set(jaxpr.invars[n:]))
+    # the head: of the weights whose matmul output reaches a result, the last one applied
+    reaching = {tid for ov in jaxpr.outvars if not isinstance(ov, jcore.Literal) for tid in taints.get(ov, ())}
+    if reaching:
+        walker.usage[max(reaching, key=lambda t: walker.order.get(t, -1))].head = True
     return walker.usage

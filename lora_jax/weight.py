@@ -117,7 +117,7 @@ class LoraWeight:
         For A (r, in) and B (r, out), ``||Aᵀ B||_F² = sum((A Aᵀ) ∘ (B Bᵀ))``; stacked
         adapters sum over the stack.
         """
-        a, b = self.matrices(jnp.float32)
+        a, b = self.matrices(self.accumulation_dtype())
         hi = jax.lax.Precision.HIGHEST
         ga = jnp.einsum("...ri,...si->...rs", a, a, precision=hi)
         gb = jnp.einsum("...ri,...si->...rs", b, b, precision=hi)

@@ -61,9 +61,8 @@ def test_all_linear_exclude_and_errors():
         lj.split(jax.random.key(1), {"w": jnp.ones(3)}, lj.LoraConfig.all_linear(rank=2))
 
 
-def test_loss_output_keeps_last_layers_linear():
-    # when the function returns a loss mixing in labels, the head is found by name only:
-    # proj_out is then adapted (a documented limit), the residual writers always are
+def test_head_found_through_a_loss():
+    # tracing a loss (log_softmax, labels picked by index) still finds the logits layer
     model = TinyLM()
     tokens = jnp.zeros((2, 5), jnp.int32)
     variables = model.init(jax.random.key(0), tokens)
@@ -74,5 +73,46 @@ def test_loss_output_keeps_last_layers_linear():
 
     _, lora = lj.split(jax.random.key(1), variables, lj.LoraConfig.all_linear(rank=2),
                        apply_fn=loss, args=(tokens,))
+    assert "params/proj_out/kernel" not in _targets(lora)
     assert "params/down_1/kernel" in _targets(lora)
-    assert "params/proj_out/kernel" in _targets(lora)
+
+
+def test_head_found_through_masked_logits_and_beside_hidden_outputs():
+    class Clf(nn.Module):
+        @nn.compact
+        def __call__(self, x, mask):
+            h = nn.relu(nn.Dense(16, name="fc1")(x))
+            logits = jnp.where(mask, nn.Dense(5, name="proj")(h), -1e9)
+            return {"logits": logits, "hidden": h}
+
+    model = Clf()
+    x, mask = jnp.ones((3, 8)), jnp.ones((3, 5), bool)
+    variables = model.init(jax.random.key(0), x, mask)
+    _, lora = lj.split(jax.random.key(1), variables, lj.LoraConfig.all_linear(rank=2),
+                       apply_fn=model.apply, args=(x, mask))
+    assert _targets(lora) == ["params/fc1/kernel"]
+
+
+def test_encoder_without_head_keeps_its_last_layer():
+    # a residual stream ends the model: no weight is the head
+    class Enc(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(2):
+                x = x + nn.Dense(8, name=f"mlp_{i}")(nn.relu(x))
+            return x
+
+    model = Enc()
+    x = jnp.ones((3, 8))
+    variables = model.init(jax.random.key(0), x)
+    _, lora = lj.split(jax.random.key(1), variables, lj.LoraConfig.all_linear(rank=2),
+                       apply_fn=model.apply, args=(x,))
+    assert _targets(lora) == ["params/mlp_0/kernel", "params/mlp_1/kernel"]
+
+
+def test_everything_is_head_error_names_the_head():
+    model = nn.Dense(4)
+    x = jnp.ones((2, 3))
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"output head.*params/kernel"):
+        lj.split(jax.random.key(1), variables, lj.LoraConfig.all_linear(rank=2), apply_fn=model.apply, args=(x,))

@@ -65,3 +65,29 @@ def test_call_equals_merged_module_after_training():
     w = lora["q"]["kernel"].get_value()
     ref = np.asarray(base["q"]["kernel"].get_value(), np.float64) + w.scale * np.asarray(w.a, np.float64).T @ np.asarray(w.b, np.float64)
     np.testing.assert_allclose(np.asarray(merged_model.q.kernel[...]), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_combined_tree_training_with_rng_state_in_base():
+    # the base holds Dropout's RNG key and BatchNorm statistics: lj.apply_updates leaves it be
+    model, x, graphdef, base, lora = _split()
+    y = jax.random.normal(jax.random.key(3), (6, 3))
+    tx = lj.optimizer(optax.adam(3e-2))
+    state = {"base": base, "lora": lora}
+    opt = tx.init(state)
+
+    def loss(lora):
+        return jnp.mean((lj.nnx.call(graphdef, base, lora, x) - y) ** 2)
+
+    @jax.jit
+    def step(state, opt):
+        # any tree of the base's structure serves as its "gradient": it is discarded
+        g = {"base": state["base"], "lora": jax.grad(loss)(state["lora"])}
+        upd, opt = tx.update(g, opt, state)
+        return lj.apply_updates(state, upd), opt
+
+    l0 = float(loss(lora))
+    for _ in range(10):
+        state, opt = step(state, opt)
+    assert float(loss(state["lora"])) < l0
+    keyed = lambda t: jax.tree.map(lambda a: jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a, t)
+    chex.assert_trees_all_equal(keyed(state["base"]), keyed(base))
