@@ -134,7 +134,11 @@ class Axes(NamedTuple):
     stack_axes: tuple[int, ...] = ()
 
     def normalized(self, ndim: int, where: str = "") -> "Axes":
-        """Non-negative, validated axes for a weight of ``ndim`` dimensions."""
+        """Non-negative, validated axes for a weight of ``ndim`` dimensions.
+
+        >>> Axes(in_axes=(-2,), out_axes=(-1,), stack_axes=(0,)).normalized(3)
+        Axes(in_axes=(1,), out_axes=(2,), stack_axes=(0,))
+        """
 
         def norm(group):
             if isinstance(group, int):
@@ -162,7 +166,11 @@ class Axes(NamedTuple):
 
     @classmethod
     def default(cls, ndim: int) -> "Axes":
-        """Flax's convention: last axis out, the rest in (conv kernels: window and in)."""
+        """Flax's convention: last axis out, the rest in (conv kernels: window and in).
+
+        >>> Axes.default(4)   # a 2-D conv kernel (kh, kw, in, out)
+        Axes(in_axes=(0, 1, 2), out_axes=(3,), stack_axes=())
+        """
         return cls(tuple(range(ndim - 1)), (ndim - 1,), ())
 
 
@@ -342,10 +350,19 @@ class LoraConfig:
         return cls(rules=(rule,), exclude=tuple(exclude), **kwargs)
 
     def scale(self, rule: Rule) -> float:
-        """The scale ``s`` of adapters made by ``rule`` under this config's scaling rule."""
+        """The scale ``s`` of adapters made by ``rule`` under this config's scaling rule.
+
+        >>> LoraConfig(rules=(Rule("w", rank=64, alpha=16.0),), scaling="rslora").scale(Rule("w", rank=64, alpha=16.0))
+        2.0
+        """
         return scale_for(self.scaling, rule.alpha, rule.rank)
 
     def excluded(self, path: str) -> bool:
+        """Whether an ``exclude`` pattern fully matches ``path``.
+
+        >>> LoraConfig(rules=(Rule(".*"),), exclude=(r".*/head/.*",)).excluded("params/head/kernel")
+        True
+        """
         return any(re.fullmatch(p, path) for p in self.exclude)
 
     def rule_for(self, path: str, linear: bool = True) -> Rule | None:

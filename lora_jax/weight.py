@@ -88,23 +88,50 @@ class LoraWeight:
         return math.prod(self.a_shape) + math.prod(self.b_shape)
 
     def replace(self, **kw) -> "LoraWeight":
+        """A copy with some fields replaced (new factors after training, say).
+
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeight(a=jnp.zeros((1, 2)), b=jnp.zeros((1, 3)), shape=(2, 3), in_axes=(0,), out_axes=(1,))
+        >>> w.replace(b=jnp.ones((1, 3))).delta().sum().item()
+        0.0
+        """
         return dataclasses.replace(self, **kw)
 
     # -- math -----------------------------------------------------------------------------
     def matrices(self, dtype=jnp.float32):
-        """``a`` as (*stack, r, in) and ``b`` as (*stack, r, out), flattened, in ``dtype``."""
+        """``a`` as (*stack, r, in) and ``b`` as (*stack, r, out), flattened, in ``dtype``.
+
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeight(a=jnp.ones((2, 3, 4)), b=jnp.ones((2, 5)), shape=(3, 4, 5),
+        ...                in_axes=(0, 1), out_axes=(2,), rank=2)
+        >>> [m.shape for m in w.matrices()]
+        [(2, 12), (2, 5)]
+        """
         s = self.stack_shape
         a = jnp.reshape(self.a, (*s, self.rank, math.prod(self.in_shape))).astype(dtype)
         b = jnp.reshape(self.b, (*s, self.rank, math.prod(self.out_shape))).astype(dtype)
         return a, b
 
     def accumulation_dtype(self, *others):
-        """float32, or wider when the factors or ``others`` are wider (float64 under x64)."""
+        """float32, or wider when the factors or ``others`` are wider (float64 under x64).
+
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeight(a=jnp.ones((1, 2), jnp.bfloat16), b=jnp.ones((1, 2), jnp.bfloat16))
+        >>> w.accumulation_dtype()
+        dtype('float32')
+        """
         return jnp.promote_types(jnp.result_type(self.a, self.b, *others), jnp.float32)
 
     def delta(self, dtype=jnp.float32) -> jax.Array:
         """``scale * (a ⊗ b)`` in W's shape and axis order (float32 accumulation, or
-        float64 when the factors are float64), cast to ``dtype``."""
+        float64 when the factors are float64), cast to ``dtype``.
+
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeight(a=jnp.ones((1, 2)), b=jnp.arange(3.0)[None], shape=(3, 2),
+        ...                in_axes=(1,), out_axes=(0,), rank=1, scale=0.5)   # W stored (out, in)
+        >>> w.delta().tolist()
+        [[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]]
+        """
         a, b = self.matrices(self.accumulation_dtype())
         d = jnp.einsum("...ri,...ro->...io", a, b, precision=jax.lax.Precision.HIGHEST)
         d = (self.scale * d).reshape(*self.stack_shape, *self.in_shape, *self.out_shape)
@@ -116,6 +143,12 @@ class LoraWeight:
 
         For A (r, in) and B (r, out), ``||Aᵀ B||_F² = sum((A Aᵀ) ∘ (B Bᵀ))``; stacked
         adapters sum over the stack.
+
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeight(a=jnp.ones((1, 4)), b=jnp.ones((1, 9)), shape=(4, 9),
+        ...                in_axes=(0,), out_axes=(1,), rank=1, scale=2.0)
+        >>> float(w.delta_norm())   # 2 * sqrt(4 * 9)
+        12.0
         """
         a, b = self.matrices(self.accumulation_dtype())
         hi = jax.lax.Precision.HIGHEST
@@ -126,10 +159,23 @@ class LoraWeight:
 
 
 def is_lora(x) -> bool:
-    """True for a :class:`LoraWeight` (use as ``is_leaf`` when mapping over lora trees)."""
+    """True for a :class:`LoraWeight` (use as ``is_leaf`` when mapping over lora trees).
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+    >>> jax.tree.map(lambda w: w.rank if is_lora(w) else w, lora, is_leaf=is_lora)
+    {'b': None, 'w': 1}
+    """
     return isinstance(x, LoraWeight)
 
 
 def delta(w: LoraWeight, dtype=jnp.float32) -> jax.Array:
-    """Functional form of :meth:`LoraWeight.delta`."""
+    """Functional form of :meth:`LoraWeight.delta`.
+
+    >>> import jax.numpy as jnp
+    >>> delta(LoraWeight(a=jnp.ones((1, 2)), b=jnp.ones((1, 2)), shape=(2, 2),
+    ...                  in_axes=(0,), out_axes=(1,))).tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+    """
     return w.delta(dtype)
