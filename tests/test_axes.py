@@ -13,7 +13,6 @@ Every case checks three things:
 from __future__ import annotations
 
 import math
-import string
 
 import chex
 import flax.linen as nn
@@ -27,6 +26,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 import lora_jax as lj
+from reference import np_delta, randomize
 
 KEY = jax.random.key(0)
 RTOL, ATOL = 1e-5, 1e-5
@@ -36,30 +36,12 @@ RTOL, ATOL = 1e-5, 1e-5
 # helpers
 
 
-def randomize(lora, seed=0):
-    """Give every adapter random nonzero (gaussian) float32 factors of its own shapes."""
-    rng = np.random.default_rng(seed)
-
-    def fill(w):
-        if not lj.is_lora(w):
-            return w
-        a = rng.standard_normal(np.shape(w.a)).astype(np.float32)
-        b = rng.standard_normal(np.shape(w.b)).astype(np.float32)
-        return w.replace(a=jnp.asarray(a), b=jnp.asarray(b))
-
-    return jax.tree.map(fill, lora, is_leaf=lj.is_lora)
-
-
 def ref_merged(W, a, b, ins, outs, stack, scale):
     """Numpy float64 ``W + scale * a⊗b`` from the expected axes, one letter per W axis."""
     W = np.asarray(W, np.float64)
-    assert sorted(ins + outs + stack) == list(range(W.ndim))
-    letters = string.ascii_uppercase[: W.ndim]
-    pick = lambda axes: "".join(letters[i] for i in axes)  # noqa: E731
-    spec = f"{pick(stack)}z{pick(ins)},{pick(stack)}z{pick(outs)}->{letters}"
-    d = np.einsum(spec, np.asarray(a, np.float64), np.asarray(b, np.float64))
+    d = np_delta(a, b, ins, outs, stack, scale, W.ndim)
     assert d.shape == W.shape
-    return (W + scale * d).astype(np.float32)
+    return (W + d).astype(np.float32)
 
 
 def lora_leaves(lora):

@@ -1,7 +1,6 @@
 """split / merge / unmerge, init schemes, abstract trees, delta math against numpy."""
 
 import time
-import zlib
 
 import chex
 import hypothesis.strategies as st
@@ -12,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 import lora_jax as lj
+from reference import np_delta_of, randomize
 
 
 def _tree(key, dtype=jnp.float32):
@@ -39,30 +39,11 @@ CFG = lj.LoraConfig(
 )
 
 
-def _np_delta(w: lj.LoraWeight) -> np.ndarray:
-    """Independent numpy reference for scale * (A ⊗ B) in W's axis order."""
-    a, b = np.asarray(w.a, np.float64), np.asarray(w.b, np.float64)
-    ns = len(w.stack_axes)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    stack = letters[:ns]
-    ins = letters[ns : ns + len(w.in_axes)]
-    outs = letters[ns + len(w.in_axes) : ns + len(w.in_axes) + len(w.out_axes)]
-    names = [None] * len(w.shape)
-    for ax, c in zip(w.stack_axes + w.in_axes + w.out_axes, stack + ins + outs):
-        names[ax] = c
-    return w.scale * np.einsum(f"{stack}R{ins},{stack}R{outs}->{''.join(names)}", a, b)
+_np_delta = np_delta_of
 
 
 def _randomize(lora, key):
-    def fill(w):
-        if w is None:
-            return None
-        ka, kb = jax.random.split(jax.random.fold_in(key, zlib.crc32(w.rule.encode()) % 1000))
-        return w.replace(
-            a=jax.random.normal(ka, w.a.shape, w.a.dtype), b=jax.random.normal(kb, w.b.shape, w.b.dtype)
-        )
-
-    return jax.tree.map(fill, lora, is_leaf=lambda x: x is None or lj.is_lora(x))
+    return randomize(lora, seed=int(jax.random.randint(key, (), 0, 2**30)))
 
 
 @pytest.mark.parametrize("init", ["default", "gaussian"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
+from reference import np_delta_of, randomize
 
 KEY = jax.random.key(0)
 
@@ -16,32 +17,15 @@ def _split(w, f, *args, rank=2, axes=None):
     return lj.split(jax.random.key(1), {"w": w}, cfg, apply_fn=f, args=args)
 
 
-def _random_factors(lora):
-    w = lora["w"]
-    ka, kb = jax.random.split(jax.random.key(7))
-    return {"w": w.replace(a=jax.random.normal(ka, w.a.shape), b=jax.random.normal(kb, w.b.shape))}
-
-
 def _numpy_merged(base, w):
-    """W + s * A⊗B from the recorded axes, in numpy (independent of LoraWeight.delta)."""
-    letters = "abcdefgh"
-    names = [None] * len(w.shape)
-    groups = (w.stack_axes, w.in_axes, w.out_axes)
-    it = iter(letters)
-    sub = [[next(it) for _ in g] for g in groups]
-    for g, s in zip(groups, sub):
-        for ax, c in zip(g, s):
-            names[ax] = c
-    st, i, o = ("".join(s) for s in sub)
-    d = np.einsum(f"{st}R{i},{st}R{o}->{''.join(names)}", np.asarray(w.a, np.float64), np.asarray(w.b, np.float64))
-    return {"w": np.asarray(base["w"], np.float64) + w.scale * d}
+    return {"w": np.asarray(base["w"], np.float64) + np_delta_of(w)}
 
 
 def _check(w, f, *args, expect, kind="linear", **kw):
     base, lora = _split(w, f, *args, **kw)
     got = lora["w"]
     assert (got.in_axes, got.out_axes, got.stack_axes, got.kind) == (*expect, kind)
-    lora = _random_factors(lora)
+    lora = randomize(lora, seed=7)
     merged = _numpy_merged(base, lora["w"])
     chex.assert_trees_all_close(lj.wrap(f, strategy="merge")(base, lora, *args),
                                 f(jax.tree.map(jnp.asarray, merged), *args), rtol=1e-4, atol=1e-4)
