@@ -127,3 +127,34 @@ def test_optimizer_needs_base_lora_tree():
     tx = lj.optimizer(optax.sgd(0.1))
     with pytest.raises(ValueError, match=r"\{'base': base, 'lora': lora\}"):
         tx.init({"params": PARAMS})
+
+
+@pytest.mark.parametrize("name, bad", [("a", (8, 2)), ("a", (4, 4)), ("b", (6, 2)), ("b", (3, 4))])
+def test_factor_of_the_right_size_but_wrong_layout(name, bad):
+    base, lora = _split(PARAMS, lj.Rule(r".*/q/kernel", rank=2))
+    w = lora["params"]["q"]["kernel"]
+    lora["params"]["q"]["kernel"] = w.replace(**{name: jnp.ones(bad)})
+    want = {"a": (2, 8), "b": (2, 6)}[name]
+    pattern = rf"factor {name} has shape \({bad[0]}, {bad[1]}\), expected \({want[0]}, {want[1]}\)"
+    with pytest.raises(ValueError, match=pattern):
+        lj.merge(base, lora)
+    with pytest.raises(ValueError, match=pattern):
+        lj.unmerge(base, lora)
+
+
+def test_stacked_factor_with_stack_and_rank_swapped():
+    params = {"w": jnp.ones((3, 8, 5))}
+    base, lora = lj.split(jax.random.key(0), params,
+                          lj.LoraConfig(rules=(lj.Rule("w", rank=2, axes=((1,), (2,), (0,))),)))
+    assert lora["w"].a.shape == (3, 2, 8)
+    lora["w"] = lora["w"].replace(a=jnp.ones((2, 3, 8)))
+    with pytest.raises(ValueError, match=r"w: factor a has shape \(2, 3, 8\), expected \(3, 2, 8\)"):
+        lj.merge(base, lora)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ValueError) as e:
+        _split(PARAMS, lj.Rule(r"nothing", rank=2), exclude=("nope",))
+    msg = str(e.value)
+    assert "rule 'nothing' matches nothing" in msg
+    assert "exclude pattern 'nope' matches no parameter path" in msg
