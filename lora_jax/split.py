@@ -31,12 +31,7 @@ def _is_abstract(x) -> bool:
 
 def _looks_linear(path: str, leaf) -> bool:
     """Untraced guess for ``linear_only`` rules: a >=2-D float ``kernel`` not in a head."""
-    parts = path.split("/")
-    return (
-        parts[-1] == "kernel"
-        and len(jnp.shape(leaf)) >= 2
-        and not any(p in HEAD_NAMES for p in parts)
-    )
+    return path.split("/")[-1] == "kernel" and len(jnp.shape(leaf)) >= 2 and not _head_by_name(path)
 
 
 def _untraced_kind(path: str) -> str:
