@@ -314,13 +314,12 @@ def check_fits(base: Any, lora: Any) -> list[tuple[str, Any, LoraWeight | None]]
     for (p, x), (_, w) in zip(b_leaves, l_leaves):
         path = path_str(p)
         if w is not None:
-            shape = tuple(jnp.shape(x))
             if x is None:
                 problems.append(f"{path}: the base has None where the adapter's weight {tuple(w.shape)} belongs")
-            elif shape != tuple(w.shape):
+            elif tuple(jnp.shape(x)) != tuple(w.shape):
                 problems.append(
                     f"{path}: the adapter was made for shape {tuple(w.shape)} but the base "
-                    f"weight has shape {shape}"
+                    f"weight has shape {tuple(jnp.shape(x))}"
                 )
             else:
                 for name, got, want in (
