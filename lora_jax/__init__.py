@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import nnx
+from . import nnx, peft
 from .config import Axes, LoraConfig, Rule, path_str, scale_for
 from .optim import apply_updates, labels, optimizer
 from .report import delta_norms, summary, targets
@@ -23,6 +23,7 @@ __all__ = [
     "merge",
     "nnx",
     "optimizer",
+    "peft",
     "path_str",
     "scale_for",
     "split",

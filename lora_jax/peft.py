@@ -1,0 +1,712 @@
+"""PEFT adapter import/export: ``save`` and ``load`` in Hugging Face PEFT's LoRA format.
+
+A PEFT LoRA adapter is a directory with ``adapter_config.json`` (``r``, ``lora_alpha``,
+``use_rslora``, ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ...) and
+``adapter_model.safetensors`` whose keys name torch modules::
+
+    base_model.model.<torch module path>.lora_A.weight        (r, in)
+    base_model.model.<torch module path>.lora_B.weight        (out, r)
+    base_model.model.<torch module path>.lora_embedding_A     (r, num_embeddings)
+    base_model.model.<torch module path>.lora_embedding_B     (embedding_dim, r)
+
+whatever layout the Flax model stores the weight in. With an adapter's ``a`` laid out
+(*stack, r, *in) and ``b`` (*stack, r, *out), ``lora_A`` is ``a`` with its input axes
+flattened and ``lora_B`` is ``b`` flattened and transposed; the scale is ``lora_alpha / r``
+(``use_rslora``: ``lora_alpha / sqrt(r)``), so ``W + s·A⊗B`` means the same on both sides.
+Files are read and written with safetensors' numpy API: torch is not needed.
+
+A :class:`NameMap` turns Flax parameter paths (``lj.path_str`` form,
+``transformer/h/0/attn/c_attn/kernel``) into torch module paths
+(``transformer.h.0.attn.c_attn``). :data:`GPT2`, :data:`BERT` (also RoBERTa) and
+:data:`LLAMA` (also Mistral) fit Hugging Face's Flax and torch classes of those models,
+:data:`HF` any Hugging Face Flax model whose module paths equal the torch ones.
+
+Not covered: DoRA, LoRA biases, ``modules_to_save``, conv adapters, and tied embeddings'
+asymmetry (PEFT adapts a tied input embedding for the lookup only, while ``lj.wrap`` and
+``lj.merge`` adapt the weight wherever the Flax model uses it, output head included).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+import string
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from .config import Axes, LoraConfig, Rule, _as_axes, path_str, scale_for
+from .split import split
+from .weight import LoraWeight, is_lora
+
+__all__ = ["NameMap", "save", "load", "HF", "GPT2", "BERT", "LLAMA", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# `base_model.model.<module>.<factor>[.weight]`; PEFT writes no adapter name into saved keys.
+_KEY = re.compile(
+    r"base_model\.model\.(?P<module>.+)\."
+    r"(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<suffix>\.weight)?"
+)
+_FACTORS = {"linear": ("lora_A", "lora_B", ".weight"), "embed": ("lora_embedding_A", "lora_embedding_B", "")}
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+    """How Flax parameter paths map to torch module paths, for PEFT files.
+
+    Args:
+      rules: ``(flax_regex, torch_template)`` pairs tried in order: the first regex that
+        fully matches a parameter's '/'-joined path (``re.fullmatch``) gives its torch
+        module path ``match.expand(torch_template)``, with any '/' turned into '.'.
+        Or a callable ``flax_path -> torch_path | None``. A path no rule matches has no
+        torch name (it can be neither saved nor loaded).
+        For a weight with stack axes (a scanned layer stack), the torch path holds one
+        ``{}`` field per stack axis, filled with the index:
+        ``(r"layers/attn/q/kernel", "model.layers.{}.self_attn.q_proj")``.
+      axes: ``(flax_regex, axes)`` pairs (first full match wins) giving how the Flax model
+        uses a weight, for :func:`load` without ``apply_fn``: an :class:`lj.Axes` or a
+        ``(in, out[, stack])`` tuple. Unlisted weights get Flax's convention (last axis
+        out, the rest in); ``load(..., apply_fn=)`` traces the model instead.
+      config: extra ``adapter_config.json`` fields :func:`save` writes (GPT-2's
+        ``fan_in_fan_out``).
+
+    >>> m = NameMap(rules=((r"params/blocks_(\\d+)/(q|v)/kernel", r"layers.\\1.attn.\\2_proj"),))
+    >>> m.torch_name("params/blocks_3/q/kernel"), m.torch_name("params/blocks_3/q/bias")
+    ('layers.3.attn.q_proj', None)
+    """
+
+    rules: Any
+    axes: tuple = ()
+    config: Any = ()
+
+    def __post_init__(self):
+        if callable(self.rules):
+            pass
+        else:
+            rules = tuple(self.rules)
+            for item in rules:
+                if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
+                    raise TypeError(
+                        f"NameMap rules must be (flax_regex, torch_template) string pairs or a "
+                        f"callable, got {item!r}; e.g. (r'(.*)/kernel', r'\\1')"
+                    )
+                _compile(item[0], "NameMap rule")
+            object.__setattr__(self, "rules", tuple(tuple(r) for r in rules))
+        axes = []
+        for item in self.axes:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(
+                    f"NameMap axes must be (flax_regex, axes) pairs, got {item!r}; e.g. "
+                    "(r'.*/c_attn/kernel', lj.Axes(in_axes=(1,), out_axes=(0,)))"
+                )
+            _compile(item[0], "NameMap axes")
+            axes.append((item[0], _as_axes(item[1])))
+        object.__setattr__(self, "axes", tuple(axes))
+        config = dict(self.config)
+        reserved = set(config) & _WRITTEN
+        if reserved:
+            raise ValueError(f"NameMap config may not set {sorted(reserved)}: save() derives them from the adapters")
+        object.__setattr__(self, "config", tuple(sorted(config.items())))
+
+    def torch_name(self, path: str) -> str | None:
+        """The torch module path of a Flax parameter path, or None when it has none.
+
+        >>> from lora_jax import peft
+        >>> peft.GPT2.torch_name("transformer/h/0/attn/c_attn/kernel")
+        'transformer.h.0.attn.c_attn'
+        """
+        if callable(self.rules):
+            name = self.rules(path)
+            if name is not None and not isinstance(name, str):
+                raise TypeError(f"the name map callable returned {name!r} for {path!r}; return a str or None")
+            return name
+        for pattern, template in self.rules:
+            m = re.fullmatch(pattern, path)
+            if m is not None:
+                return m.expand(template).replace("/", ".")
+        return None
+
+    def axes_for(self, path: str) -> Axes | None:
+        """The axes a rule gives ``path`` (None: Flax's convention or tracing decides).
+
+        >>> from lora_jax import peft
+        >>> peft.GPT2.axes_for("transformer/h/0/mlp/c_fc/kernel")
+        Axes(in_axes=(1,), out_axes=(0,), stack_axes=())
+        """
+        for pattern, axes in self.axes:
+            if re.fullmatch(pattern, path):
+                return axes
+        return None
+
+
+NameMapLike = Union[NameMap, Sequence, Callable[[str], Union[str, None]]]
+
+# fields save() always derives itself (a NameMap may add others)
+_WRITTEN = frozenset(
+    {"peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "use_rslora",
+     "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout", "bias"}
+)
+
+
+def _compile(pattern, what):
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"{what} pattern {pattern!r} is not a valid regex: {e}") from None
+
+
+def _as_name_map(name_map) -> NameMap:
+    if isinstance(name_map, NameMap):
+        return name_map
+    if callable(name_map) or isinstance(name_map, (tuple, list)):
+        return NameMap(rules=name_map)
+    raise TypeError(
+        f"name_map must be an lj.peft.NameMap (e.g. lj.peft.GPT2), a sequence of "
+        f"(flax_regex, torch_template) pairs or a callable path -> torch name; got {type(name_map).__name__}"
+    )
+
+
+_OUT_IN = Axes(in_axes=(1,), out_axes=(0,))
+_LEAF = r"(?:kernel|embedding)"
+
+#: Any Hugging Face Flax model: the torch module path is the Flax path without its leaf name.
+HF = NameMap(rules=((rf"(?:params/)?(.+)/{_LEAF}", r"\1"),))
+
+#: Hugging Face GPT-2 (``FlaxGPT2Model``, ``FlaxGPT2LMHeadModel``): Conv1D kernels stored (out, in).
+GPT2 = NameMap(
+    rules=(
+        (
+            rf"(?:params/)?((?:transformer/)?(?:h/\d+/(?:attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)|wte|wpe))/{_LEAF}",
+            r"\1",
+        ),
+    ),
+    axes=((r".*/(?:c_attn|c_proj|c_fc)/kernel", _OUT_IN),),
+    config={"fan_in_fan_out": True},
+)
+
+#: Hugging Face BERT and RoBERTa (base models and their task heads).
+BERT = NameMap(
+    rules=(
+        (
+            r"(?:params/)?((?:bert/|roberta/)?(?:embeddings/(?:word|position|token_type)_embeddings"
+            r"|encoder/layer/\d+/(?:attention/self/(?:query|key|value)|attention/output/dense"
+            r"|intermediate/dense|output/dense)|pooler/dense))/" + _LEAF,
+            r"\1",
+        ),
+        (r"(?:params/)?(classifier(?:/dense|/out_proj)?|qa_outputs|cls/predictions/transform/dense)/kernel", r"\1"),
+    ),
+)
+
+#: Hugging Face Llama (and Mistral): ``FlaxLlamaModel``, ``FlaxLlamaForCausalLM``.
+LLAMA = NameMap(
+    rules=(
+        (
+            r"(?:params/)?((?:model/)?(?:embed_tokens|layers/\d+/(?:self_attn/(?:q|k|v|o)_proj"
+            r"|mlp/(?:gate|up|down)_proj))|lm_head)/" + _LEAF,
+            r"\1",
+        ),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------
+# PEFT's pattern semantics
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default):
+    """PEFT's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _stack_fields(template: str) -> int:
+    return sum(1 for _, field, _, _ in string.Formatter().parse(template) if field is not None)
+
+
+def _fill(template: str, index: tuple[int, ...]) -> str:
+    return template.format(*index) if index else template
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# ---------------------------------------------------------------------------------------
+# save
+
+
+def save(
+    directory: str | os.PathLike,
+    lora: Any,
+    name_map: NameMapLike,
+    base_model: str | None = None,
+    *,
+    task_type: str | None = None,
+    dropout: float | None = None,
+) -> list[str]:
+    """Write ``lora`` as a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    Every adapter becomes ``lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r)
+    (embeddings: ``lora_embedding_A`` (r, num_embeddings), ``lora_embedding_B``
+    (embedding_dim, r)) under ``base_model.model.<torch module path>``, in the adapters'
+    own dtype. ``r`` and ``lora_alpha`` are the most common rank and alpha; adapters that
+    differ are listed in ``rank_pattern`` / ``alpha_pattern`` by full module path, and
+    ``use_rslora`` records the scaling rule. A stacked adapter (scanned layers) writes one
+    module per index of its stack axes.
+
+    Args:
+      directory: created if missing; existing adapter files are overwritten.
+      lora: a lora tree (from :func:`lj.split`, training, :func:`load`, a checkpoint).
+      name_map: a :class:`NameMap` (e.g. :data:`GPT2`), ``(flax_regex, torch_template)``
+        pairs, or a callable ``flax_path -> torch module path``.
+      base_model: written as ``base_model_name_or_path`` (e.g. ``"gpt2"``).
+      task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``); None leaves it unset.
+      dropout: ``lora_dropout`` to write; None takes the adapters' common rate.
+
+    Returns:
+      The torch module paths written, in tree order.
+
+    Raises:
+      ValueError: an adapter with no torch name, a scaling rule PEFT cannot express (a
+        custom callable, or "lora" and "rslora" mixed), mixed dropout rates, conv adapters,
+        two adapters with one torch name.
+
+    >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+    >>> from lora_jax import peft
+    >>> params = {"q": {"kernel": jnp.ones((8, 8))}, "v": {"kernel": jnp.ones((8, 8))}}
+    >>> cfg = lj.LoraConfig(rules=(lj.Rule("q/kernel", rank=4), lj.Rule("v/kernel", rank=2)))
+    >>> _, lora = lj.split(jax.random.key(0), params, cfg)
+    >>> d = tempfile.mkdtemp()
+    >>> peft.save(d, lora, [(r"(\\w+)/kernel", r"attn.\\1_proj")])
+    ['attn.q_proj', 'attn.v_proj']
+    >>> import json, pathlib; c = json.loads(pathlib.Path(d, "adapter_config.json").read_text())
+    >>> c["r"], c["rank_pattern"], c["use_rslora"]
+    (4, {'attn.v_proj': 2}, False)
+    """
+    name_map = _as_name_map(name_map)
+    targets = _targets(lora)
+    if not targets:
+        raise ValueError("save: lora holds no LoraWeight; pass the lora tree from lj.split")
+    problems = []
+    modules: dict[str, tuple[str, LoraWeight, tuple]] = {}  # torch module -> (flax path, weight, index)
+    scalings = collections.defaultdict(list)
+    for path, w in targets:
+        if w.kind not in _FACTORS:
+            problems.append(
+                f"{path}: a {w.kind!r} adapter (shape {w.shape}) has no PEFT export in this "
+                "version; leave it out of the tree you save"
+            )
+            continue
+        scalings[w.scaling].append(path)
+        if w.scaling in ("lora", "rslora") and not math.isclose(
+            w.scale, scale_for(w.scaling, w.alpha, w.rank), rel_tol=1e-6
+        ):
+            problems.append(
+                f"{path}: scale {w.scale} does not follow scaling {w.scaling!r} for alpha="
+                f"{w.alpha}, rank={w.rank}; set alpha so that it does, e.g. "
+                f"w.replace(alpha={w.scale * w.rank}, scaling='lora')"
+            )
+        template = name_map.torch_name(path)
+        if template is None:
+            problems.append(f"{path}: the name map gives it no torch module path; add a rule for it")
+            continue
+        fields = _stack_fields(template)
+        if fields != len(w.stack_axes):
+            problems.append(
+                f"{path}: shape {w.shape} with stack axes {w.stack_axes} maps to torch name "
+                f"{template!r} with {fields} '{{}}' fields; a stacked weight needs one field per "
+                "stack axis, e.g. 'model.layers.{}.self_attn.q_proj'"
+            )
+            continue
+        for index in np.ndindex(*w.stack_shape):
+            module = _fill(template, index)
+            if module in modules:
+                problems.append(
+                    f"{path}: torch name {module!r} is already taken by {modules[module][0]}; "
+                    "fix the name map"
+                )
+            modules[module] = (path, w, index)
+    if len(scalings) > 1 or any(s not in ("lora", "rslora") for s in scalings):
+        custom = {s: p[:3] for s, p in scalings.items()}
+        problems.append(
+            f"PEFT writes one scaling rule for all adapters, alpha/r or alpha/sqrt(r) "
+            f"(use_rslora); these adapters use {custom}. Re-express each scale s as alpha "
+            "under 'lora': w.replace(alpha=w.scale * w.rank, scaling='lora')"
+        )
+    rates = sorted({w.dropout for _, w in targets})
+    if dropout is None and len(rates) > 1:
+        problems.append(f"PEFT has one lora_dropout, but the adapters use {rates}; pass dropout=")
+    if problems:
+        raise ValueError("save: " + "; ".join(problems))
+
+    scaling = next(iter(scalings))
+    ranks = {m: w.rank for m, (_, w, _) in modules.items()}
+    alphas = {m: _number(w.alpha) for m, (_, w, _) in modules.items()}
+    r, rank_pattern = _common(ranks)
+    alpha, alpha_pattern = _common(alphas)
+
+    tensors = {}
+    for module, (path, w, index) in modules.items():
+        a, b = _host(w, index)
+        fa, fb, suffix = _FACTORS[w.kind]
+        tensors[f"{PREFIX}{module}.{fa}{suffix}"] = a
+        tensors[f"{PREFIX}{module}.{fb}{suffix}"] = np.ascontiguousarray(b.T)
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": scaling == "rslora",
+        "target_modules": sorted(modules),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": float(rates[0] if dropout is None else dropout),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "lora_bias": False,
+        "inference_mode": True,
+        **dict(name_map.config),
+    }
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return list(modules)
+
+
+def _targets(lora) -> list[tuple[str, LoraWeight]]:
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: x is None or is_lora(x))[0]
+    return [(path_str(p), w) for p, w in leaves if is_lora(w)]
+
+
+def _host(w: LoraWeight, index: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` as (r, in) and ``b`` as (r, out) numpy arrays for one stack index."""
+    a, b = np.asarray(jax.device_get(w.a)), np.asarray(jax.device_get(w.b))
+    a, b = a[index], b[index]
+    return (
+        np.ascontiguousarray(a.reshape(w.rank, math.prod(w.in_shape))),
+        b.reshape(w.rank, math.prod(w.out_shape)),
+    )
+
+
+def _common(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common value (ties: the first met) and a PEFT pattern dict for the rest.
+
+    Keys are full module paths; one that PEFT's suffix-regex matching would confuse with
+    another module is written escaped.
+    """
+    default = collections.Counter(values.values()).most_common(1)[0][0]
+    pattern = {}
+    for module, value in values.items():
+        if value != default:
+            pattern[module] = value
+    for module in list(pattern):
+        clash = [m for m in values if m != module and re.match(rf"(.*\.)?({module})$", m)]
+        if clash:
+            value = pattern.pop(module)
+            pattern[re.escape(module)] = value
+    # PEFT takes the first key that matches; check every module resolves to its own value
+    for module, value in values.items():
+        got = _pattern_value(pattern, module, default)
+        if got != value:  # pragma: no cover - escaped full names cannot collide
+            raise AssertionError(f"pattern for {module} resolves to {got}, not {value}")
+    return default, pattern
+
+
+# ---------------------------------------------------------------------------------------
+# load
+
+
+def load(
+    directory: str | os.PathLike,
+    params: Any,
+    name_map: NameMapLike,
+    apply_fn: Callable | None = None,
+    args: Sequence[Any] = (),
+    kwargs: dict | None = None,
+) -> Any:
+    """Read a PEFT LoRA adapter into a lora tree for ``params``.
+
+    Returns only ``lora`` (the structure of ``params``, an :class:`LoraWeight` at each
+    adapted weight, ``None`` elsewhere): the base is ``params`` itself, so
+    ``lj.wrap(f)(params, lora, x)`` runs the adapted model. Ranks come from the tensors,
+    alphas from ``lora_alpha`` / ``alpha_pattern`` (PEFT's matching: the first key ``k``
+    with ``re.match(rf"(.*\\.)?({k})$", module)``), the scaling rule from ``use_rslora``,
+    the dropout rate from ``lora_dropout``.
+
+    How each weight is laid out (which axes ``lora_A`` and ``lora_B`` span) comes from
+    tracing ``apply_fn(params, *args, **kwargs)`` when given (as :func:`lj.split`), else
+    from the name map's ``axes``, else Flax's convention (last axis out, the rest in).
+    Embedding adapters need an ``embedding`` leaf (or tracing that finds a lookup).
+
+    Args:
+      directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the Flax parameters the adapter was trained for (arrays or
+        ``jax.ShapeDtypeStruct``; only shapes and dtypes are read, except to check an
+        embedding copy the file may carry).
+      name_map: a :class:`NameMap` (e.g. :data:`LLAMA`), ``(flax_regex, torch_template)``
+        pairs, or a callable ``flax_path -> torch module path``.
+      apply_fn, args, kwargs: optional model function and example inputs for axis
+        inference.
+
+    Raises:
+      ValueError: a file key whose module maps to no Flax parameter, factor shapes that do
+        not fit the Flax weight, a rank_pattern that disagrees with the tensors, a PEFT
+        feature without a LoRA-tree equivalent (DoRA, LoRA bias, modules_to_save,
+        non-LORA peft_type), stored embedding weights that differ from ``params``.
+
+    >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+    >>> from lora_jax import peft
+    >>> params = {"q": {"kernel": jnp.ones((8, 6))}}
+    >>> _, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("q/kernel", rank=2),)))
+    >>> d = tempfile.mkdtemp(); _ = peft.save(d, lora, [(r"(\\w+)/kernel", r"\\1_proj")])
+    >>> back = peft.load(d, params, [(r"(\\w+)/kernel", r"\\1_proj")])
+    >>> back["q"]["kernel"].a.shape, bool((back["q"]["kernel"].a == lora["q"]["kernel"].a).all())
+    ((2, 8), True)
+    """
+    name_map = _as_name_map(name_map)
+    config, tensors = _read(directory)
+    scaling = "rslora" if config.get("use_rslora", False) else "lora"
+    default_alpha = config.get("lora_alpha", 8)
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rank_pattern = config.get("rank_pattern") or {}
+    default_rank = config.get("r", 8)
+    dropout = float(config.get("lora_dropout") or 0.0)
+
+    # Group the file's tensors by module; set aside copies of base weights.
+    found: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    base_copies, unknown = {}, []
+    for key, value in tensors.items():
+        m = _KEY.fullmatch(key)
+        # linear factors end in '.weight' (nn.Linear), embedding factors do not (nn.Parameter)
+        if m is not None and (m["suffix"] is not None) == (m["factor"] in ("lora_A", "lora_B")):
+            found[m["module"]][m["factor"]] = value
+        elif key.startswith(PREFIX) and key.endswith(".base_layer.weight"):
+            base_copies[key[len(PREFIX) : -len(".base_layer.weight")]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"load: {directory}: keys that are not LoRA factors: {_fmt(unknown)}; expected "
+            "'base_model.model.<module>.lora_A.weight' / '.lora_B.weight' / '.lora_embedding_A' / "
+            "'.lora_embedding_B' (DoRA magnitudes, LoRA biases and modules_to_save weights have no "
+            "LoRA-tree equivalent)"
+        )
+
+    # Flax paths by torch module name (stacked weights: by a regex over their template).
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [path_str(p) for p, _ in leaves]
+    arrays = [x for _, x in leaves]
+    exact, stacked = {}, []
+    for i, path in enumerate(paths):
+        template = name_map.torch_name(path)
+        if template is None:
+            continue
+        if _stack_fields(template):
+            parts = [re.escape(lit) + ("" if f is None else r"(\d+)") for lit, f, _, _ in string.Formatter().parse(template)]
+            stacked.append((re.compile("".join(parts)), i, template))
+        elif template in exact:
+            raise ValueError(
+                f"load: the name map gives {paths[exact[template]]} and {path} the same torch name "
+                f"{template!r}; fix the name map"
+            )
+        else:
+            exact[template] = i
+
+    hits: dict[int, dict[tuple, str]] = collections.defaultdict(dict)  # leaf -> index -> module
+    problems = []
+    for module in found:
+        if module in exact:
+            hits[exact[module]][()] = module
+            continue
+        for regex, i, _ in stacked:
+            m = regex.fullmatch(module)
+            if m is not None:
+                hits[i][tuple(int(g) for g in m.groups())] = module
+                break
+        else:
+            problems.append(module)
+    if problems:
+        mapped = sorted(exact)[:6]
+        raise ValueError(
+            f"load: {directory}: torch modules {_fmt(problems)} map to no Flax parameter. The name "
+            f"map gives torch names to {len(exact) + len(stacked)} Flax parameters (e.g. {mapped}); "
+            f"Flax paths look "
+            f"like {_fmt(paths, 4)}. Use the name map for this model family (lj.peft.GPT2, BERT, "
+            "LLAMA, HF) or add a rule"
+        )
+
+    # One Rule per adapted leaf: rank from the tensors, alpha from the config's patterns.
+    rules, meta = [], {}
+    for i, by_index in hits.items():
+        path = paths[i]
+        specs = set()
+        for module in by_index.values():
+            kind, rank = _factor_kind_rank(directory, module, found[module])
+            want = _pattern_value(rank_pattern, module, default_rank)
+            if want != rank:
+                problems.append(
+                    f"{module}: the tensors have rank {rank} but r / rank_pattern give {want}"
+                )
+            specs.add((kind, rank, float(_pattern_value(alpha_pattern, module, default_alpha))))
+        if len(specs) > 1:
+            problems.append(
+                f"{path}: one stacked Flax weight, but its torch modules differ in (kind, rank, "
+                f"alpha): {sorted(specs)}; unstack the weight to load them"
+            )
+            continue
+        kind, rank, alpha = specs.pop()
+        axes = None if apply_fn is not None else name_map.axes_for(path)
+        rules.append(Rule(re.escape(path), rank=rank, alpha=alpha, axes=axes))
+        meta[i] = kind
+    if problems:
+        raise ValueError(f"load: {directory}: " + "; ".join(problems))
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
+    cfg = LoraConfig(rules=tuple(rules), scaling=scaling, dropout=dropout)
+    _, spec_tree = split(jax.random.key(0), abstract, cfg, apply_fn, args, kwargs)
+    spec_leaves = jax.tree.leaves(spec_tree, is_leaf=lambda x: x is None or is_lora(x))
+
+    out = [None] * len(paths)
+    for i, kind in meta.items():
+        spec = spec_leaves[i]
+        out[i] = _fill_weight(directory, paths[i], spec, kind, hits[i], found, problems)
+    for module, copy in base_copies.items():
+        _check_copy(module, copy, exact, paths, arrays, problems)
+    if problems:
+        raise ValueError(f"load: {directory}: " + "; ".join(problems))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _read(directory):
+    cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for p in (cpath, wpath):
+        if not os.path.isfile(p):
+            raise ValueError(
+                f"load: {p} does not exist; a PEFT adapter directory holds {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME} (older adapter_model.bin files need torch: convert them with "
+                "safetensors.torch first)"
+            )
+    with open(cpath) as f:
+        config = json.load(f)
+    unsupported = []
+    if config.get("peft_type", "LORA") != "LORA":
+        unsupported.append(f"peft_type={config['peft_type']!r} (only 'LORA' is LoRA)")
+    if config.get("use_dora"):
+        unsupported.append("use_dora=true (DoRA's magnitude vectors)")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        unsupported.append(f"bias={config.get('bias')!r} / lora_bias={config.get('lora_bias')!r} (trained biases)")
+    if config.get("modules_to_save"):
+        unsupported.append(f"modules_to_save={config['modules_to_save']!r} (fully trained modules)")
+    for field in ("layer_replication", "trainable_token_indices"):
+        if config.get(field):
+            unsupported.append(f"{field}={config[field]!r}")
+    if unsupported:
+        raise ValueError(
+            f"load: {cpath}: {'; '.join(unsupported)}; a lora tree holds low-rank factors only. "
+            "Merge those parts into the base weights with PEFT first"
+        )
+    return config, load_file(wpath)
+
+
+def _factor_kind_rank(directory, module, factors):
+    names = set(factors)
+    for kind, (fa, fb, _) in _FACTORS.items():
+        if names == {fa, fb}:
+            a, b = factors[fa], factors[fb]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ValueError(
+                    f"load: {directory}: {module}: {fa} {a.shape} and {fb} {b.shape} are not "
+                    "(r, in) and (out, r) with one r (conv adapters have no import in this version)"
+                )
+            return kind, int(a.shape[0])
+    raise ValueError(
+        f"load: {directory}: {module} has factors {sorted(names)}; a module needs lora_A and "
+        "lora_B (or lora_embedding_A and lora_embedding_B)"
+    )
+
+
+def _fill_weight(directory, path, spec: LoraWeight, kind, by_index, found, problems):
+    fa, fb, _ = _FACTORS[kind]
+    if (kind == "embed") != (spec.kind == "embed"):
+        problems.append(
+            f"{path}: the file holds {fa}/{fb} for it, but the Flax weight {spec.shape} is used "
+            f"as {spec.kind!r}; embedding adapters belong to 'embedding' leaves (or pass apply_fn "
+            "to trace the model)"
+        )
+        return None
+    outside = [m for i, m in by_index.items() if len(i) != len(spec.stack_shape)
+               or any(not 0 <= k < n for k, n in zip(i, spec.stack_shape))]
+    if outside:
+        problems.append(
+            f"{path}: torch modules {_fmt(outside)} index past the Flax weight's stack "
+            f"{spec.stack_shape} (shape {spec.shape}, stack axes {spec.stack_axes}); check the "
+            "name map's '{}' fields and the model's layer count"
+        )
+        return None
+    n_in, n_out = math.prod(spec.in_shape), math.prod(spec.out_shape)
+    a = np.zeros(spec.a_shape, spec.a.dtype)
+    b = np.zeros(spec.b_shape, spec.b.dtype)
+    for index in np.ndindex(*spec.stack_shape):
+        module = by_index.get(index)
+        if module is None:  # a layer PEFT left alone: a zero adapter changes nothing
+            continue
+        fa_arr, fb_arr = found[module][fa], found[module][fb]
+        if fa_arr.shape != (spec.rank, n_in) or fb_arr.shape != (n_out, spec.rank):
+            hint = ""
+            if fa_arr.shape[1] == n_out and fb_arr.shape[0] == n_in:
+                hint = (
+                    " The sizes fit with in and out swapped: the Flax weight is stored (out, in); "
+                    "give its axes in the name map (axes=) or pass apply_fn= to trace them"
+                )
+            problems.append(
+                f"{path}: Flax weight {spec.shape} with in axes {spec.in_axes} (size {n_in}) and "
+                f"out axes {spec.out_axes} (size {n_out}) needs {fa} ({spec.rank}, {n_in}) and "
+                f"{fb} ({n_out}, {spec.rank}), but {module} has {fa_arr.shape} and "
+                f"{fb_arr.shape}.{hint}"
+            )
+            return None
+        a[index] = fa_arr.reshape(spec.rank, *spec.in_shape)
+        b[index] = fb_arr.T.reshape(spec.rank, *spec.out_shape)
+    return spec.replace(a=jnp.asarray(a), b=jnp.asarray(b))
+
+
+def _check_copy(module, copy, exact, paths, arrays, problems):
+    """PEFT may store embedding weights next to their adapter; they must equal ``params``."""
+    i = exact.get(module)
+    if i is None:
+        problems.append(f"{module}.base_layer.weight: module maps to no Flax parameter")
+        return
+    w = arrays[i]
+    if isinstance(w, jax.ShapeDtypeStruct):
+        return
+    w = np.asarray(w, np.float32)
+    copy = np.asarray(copy, np.float32)
+    if w.shape != copy.shape or not np.allclose(w, copy, rtol=1e-3, atol=1e-5):
+        diff = "" if w.shape != copy.shape else f", max |diff| {np.abs(w - copy).max():.3g}"
+        problems.append(
+            f"{paths[i]}: the adapter stores its own base weight for {module} ({copy.shape}) that "
+            f"differs from params ({w.shape}{diff}) (a resized vocabulary?); put it into params "
+            "first"
+        )
+
+
+def _fmt(items, limit=8):
+    items = list(items)
+    return ", ".join(map(str, items[:limit])) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
