@@ -1,18 +1,597 @@
-"""``wrap``: run any ``f(params, *args)`` with LoRA adapters applied."""
+"""``wrap``: run any ``f(params, *args)`` with LoRA adapters applied, without forming A⊗B.
+
+The factored strategy traces ``f(base, *args)`` to a jaxpr (once per input signature) and
+evaluates it with an interpreter in which every targeted weight is a symbolic value
+:class:`Adapted`: ``W + s·A⊗B`` in W's current view. Each primitive that meets such a value
+has one rule here:
+
+* ``dot_general``: ``x·W + s·((x·A)·B)``, or ``(x·B)·A`` when the weight's output axes are
+  contracted (tied-embedding ``attend``, transposed use); batch and stack axes included.
+* ``gather`` along the input (or output) axes: ``W[idx] + s·A[idx]·B`` (embedding lookup).
+* ``conv_general_dilated``: a conv with A (same window, in -> r), then B over the features.
+* shape-only ops (transpose, reshape/squeeze that regroup axes of one role, casts, copies,
+  sharding constraints) and windows (slice, dynamic_slice, split) stay symbolic.
+* ``jit``, custom_jvp/custom_vjp calls are inlined; ``remat`` is re-applied with its policy;
+  ``scan`` slices A and B per step for a weight stacked along the scan axis; ``cond`` and
+  ``while`` recurse.
+* anything else materializes ``W + s·A⊗B`` for that use only and warns once naming the
+  primitive (:class:`MaterializeWarning`).
+
+Adapter-input dropout (``lora_rng``) is applied where the factored product reads its input.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
 
-from .split import merge
-from .weight import is_lora
+from .split import check_fits, merge
+from .usage import _scan_counts, subcalls
+from .weight import LoraWeight, is_lora
 
-__all__ = ["wrap", "STRATEGIES"]
+__all__ = ["wrap", "STRATEGIES", "MaterializeWarning", "Adapted"]
 
 STRATEGIES = ("factored", "merge")
+
+_S, _I, _O = "s", "i", "o"  # roles of a weight's axes: stack, input, output
+_LETTERS = "abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # "r" is the rank
+_R = "r"
+
+
+class MaterializeWarning(UserWarning):
+    """A targeted weight met a primitive without a factored rule: ``W + s·A⊗B`` was formed
+    for that use. Results are correct; speed and memory are those of merging."""
+
+
+@jax.tree_util.register_pytree_node_class
+class Adapted:
+    """The symbolic value ``W + scale·(a ⊗ b)`` of one target, in W's current view.
+
+    ``w`` is the base weight as the traced function currently sees it (after transposes,
+    reshapes, slices, casts). ``roles[d] = (kind, k)`` says that dimension ``d`` of ``w`` is
+    the ``k``-th stack (``"s"``), input (``"i"``) or output (``"o"``) axis of the factors:
+    ``a`` is ``(*stack, r, *in)`` and ``b`` is ``(*stack, r, *out)``. ``key`` is the dropout
+    key (or None).
+    """
+
+    def __init__(self, w, a, b, key, roles, scale, dropout, name):
+        self.w, self.a, self.b, self.key = w, a, b, key
+        self.roles, self.scale, self.dropout, self.name = tuple(roles), scale, dropout, name
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b, self.key), (self.roles, self.scale, self.dropout, self.name)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @classmethod
+    def of(cls, w, lw: LoraWeight, key):
+        roles = []
+        for d in range(jnp.ndim(w)):
+            for kind, axes in ((_S, lw.stack_axes), (_I, lw.in_axes), (_O, lw.out_axes)):
+                if d in axes:
+                    roles.append((kind, axes.index(d)))
+        return cls(w, lw.a, lw.b, key, roles, lw.scale, lw.dropout, lw.rule)
+
+    def replace(self, **kw) -> "Adapted":
+        fields = dict(w=self.w, a=self.a, b=self.b, key=self.key, roles=self.roles,
+                      scale=self.scale, dropout=self.dropout, name=self.name)
+        fields.update(kw)
+        return Adapted(**fields)
+
+    @property
+    def n_stack(self) -> int:
+        return sum(kind == _S for kind, _ in self.roles)
+
+    def dims(self, kind: str) -> list[int]:
+        """Dimensions of ``w`` with role ``kind``, in factor order."""
+        return sorted((d for d, r in enumerate(self.roles) if r[0] == kind), key=lambda d: self.roles[d][1])
+
+    def axis(self, d: int) -> int:
+        """The factor axis holding dimension ``d`` (in ``a`` for input, ``b`` for output,
+        both for stack)."""
+        kind, k = self.roles[d]
+        return k if kind == _S else self.n_stack + 1 + k
+
+    def letters(self, wl) -> tuple[str, str]:
+        """einsum subscripts of ``a`` and ``b`` given letters ``wl`` for w's dimensions."""
+        s = "".join(wl[d] for d in self.dims(_S))
+        return (s + _R + "".join(wl[d] for d in self.dims(_I)),
+                s + _R + "".join(wl[d] for d in self.dims(_O)))
+
+    def materialize(self):
+        """``w + scale·a⊗b`` in w's view: float32 (or wider) accumulation, w's dtype."""
+        acc = jnp.promote_types(jnp.result_type(self.a, self.b, self.w), jnp.float32)
+        wl = _LETTERS[: jnp.ndim(self.w)]
+        la, lb = self.letters(wl)
+        d = jnp.einsum(f"{la},{lb}->{wl}", self.a.astype(acc), self.b.astype(acc),
+                       precision=lax.Precision.HIGHEST)
+        return (self.w.astype(acc) + self.scale * d).astype(jnp.result_type(self.w))
+
+    def normalized(self) -> "Adapted":
+        """The same value with each role's factor axes in the order of w's dimensions."""
+        a, b, roles = self.a, self.b, list(self.roles)
+        for kind in (_S, _I, _O):
+            dims = [d for d, r in enumerate(self.roles) if r[0] == kind]
+            order = [self.roles[d][1] for d in dims]
+            if order == sorted(order):
+                continue
+            base = 0 if kind == _S else self.n_stack + 1
+            for factor in ("a", "b"):
+                if kind == _S or (kind == _I) == (factor == "a"):
+                    x = a if factor == "a" else b
+                    perm = list(range(x.ndim))
+                    perm[base: base + len(order)] = [base + k for k in order]
+                    x = jnp.transpose(x, perm)
+                    a, b = (x, b) if factor == "a" else (a, x)
+            for new_k, d in enumerate(dims):
+                roles[d] = (kind, new_k)
+        return self.replace(a=a, b=b, roles=roles)
+
+    def reshaped(self, w_new) -> "Adapted | None":
+        """Follow a reshape of ``w`` to ``w_new``; None when a new dimension would mix roles."""
+        old, new = jnp.shape(self.w), jnp.shape(w_new)
+        v = self.normalized()
+        od = [d for d, n in enumerate(old) if n != 1]
+        nd = [d for d, n in enumerate(new) if n != 1]
+        kinds: dict[int, str] = {d: _S for d, n in enumerate(new) if n == 1}
+        i = j = 0
+        while i < len(od):
+            gi, gj = [od[i]], [nd[j]]
+            pi, pj = old[od[i]], new[nd[j]]
+            while pi != pj:
+                if pi < pj:
+                    i += 1
+                    gi.append(od[i])
+                    pi *= old[od[i]]
+                else:
+                    j += 1
+                    gj.append(nd[j])
+                    pj *= new[nd[j]]
+            group = {v.roles[d][0] for d in gi}
+            if len(group) != 1:
+                return None
+            kinds.update((d, group.pop()) for d in gj)
+            i, j = i + 1, j + 1
+        roles, count = [], {_S: 0, _I: 0, _O: 0}
+        for d in range(len(new)):
+            roles.append((kinds[d], count[kinds[d]]))
+            count[kinds[d]] += 1
+        sizes = {kind: [new[d] for d in range(len(new)) if kinds[d] == kind] for kind in count}
+        r = v.a.shape[v.n_stack]
+        a = jnp.reshape(v.a, (*sizes[_S], r, *sizes[_I]))
+        b = jnp.reshape(v.b, (*sizes[_S], r, *sizes[_O]))
+        return v.replace(w=w_new, a=a, b=b, roles=roles)
+
+
+def _bind(eqn, invals) -> list:
+    """Evaluate one equation as JAX would."""
+    bound = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) before jax 0.10
+    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _is_adapted(x) -> bool:
+    return isinstance(x, Adapted)
+
+
+_RULES: dict[str, Callable] = {}
+
+
+def _rule(*names):
+    def register(fn):
+        for n in names:
+            _RULES[n] = fn
+        return fn
+
+    return register
+
+
+class _Interpreter:
+    """Evaluates a jaxpr whose inputs may be :class:`Adapted` values."""
+
+    def __init__(self, warned: set):
+        self.warned = warned
+        self.uses = 0  # counts adapter uses, so each gets its own dropout mask
+
+    def run(self, jaxpr, consts, args) -> list:
+        env: dict = {}
+
+        def read(v):
+            return v.val if isinstance(v, jcore.Literal) else env[v]
+
+        env.update(zip(jaxpr.constvars, consts))
+        env.update(zip(jaxpr.invars, args))
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            if any(map(_is_adapted, invals)):
+                outs = self.adapted(eqn, invals)
+            else:
+                outs = _bind(eqn, invals)
+            env.update(zip(eqn.outvars, outs))
+        return [read(v) for v in jaxpr.outvars]
+
+    def run_closed(self, closed, args) -> list:
+        return self.run(closed.jaxpr, closed.consts, args)
+
+    def adapted(self, eqn, invals) -> list:
+        rule = _RULES.get(eqn.primitive.name)
+        if rule is not None:
+            out = rule(self, eqn, invals)
+            if out is not None:
+                return out
+        elif subcalls(eqn) and eqn.primitive.name in _INLINED:
+            (closed, _, _), = subcalls(eqn)
+            return self.run_closed(closed, invals)
+        return _bind(eqn, [self.concrete(x, eqn.primitive.name) for x in invals])
+
+    def concrete(self, x, why: str):
+        """A plain array for ``x``: materializes an :class:`Adapted` (warning once per why)."""
+        if not _is_adapted(x):
+            return x
+        if why not in self.warned:
+            self.warned.add(why)
+            warnings.warn(
+                f"lora_jax.wrap: the adapted weight {x.name!r} reaches {why!r}, which has no "
+                "factored rule; W + s*A@B is materialized for this use (correct, but with "
+                "merge-like memory). Warned once per primitive.",
+                MaterializeWarning,
+                stacklevel=2,
+            )
+        return x.materialize()
+
+    def dropout(self, x, v: Adapted):
+        """The adapter's input: ``x`` with inverted dropout when ``v`` has a key."""
+        if v.key is None or v.dropout <= 0:
+            return x
+        self.uses += 1
+        keep = 1.0 - v.dropout
+        mask = jax.random.bernoulli(jax.random.fold_in(v.key, self.uses), keep, jnp.shape(x))
+        return jnp.where(mask, x / jnp.asarray(keep, jnp.result_type(x)), jnp.zeros((), jnp.result_type(x)))
+
+
+# Higher-order primitives whose single sub-jaxpr maps operands to outputs one to one and
+# whose semantics are those of the body (custom derivative rules are dropped for a call
+# that an adapted weight enters: its primal is differentiated instead).
+_INLINED = frozenset(
+    {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+     "custom_vjp_call_jaxpr"}
+)
+
+
+# -- shape-only ops and windows -------------------------------------------------------------
+@_rule("transpose")
+def _transpose(interp, eqn, invals):
+    (v,) = invals
+    (w,) = _bind(eqn, [v.w])
+    return [v.replace(w=w, roles=[v.roles[d] for d in eqn.params["permutation"]])]
+
+
+@_rule("reshape", "squeeze", "broadcast_in_dim")
+def _reshape(interp, eqn, invals):
+    v = invals[0]
+    if len(invals) > 1 or (eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None):
+        return None  # dynamic shapes / a reshape that transposes first
+    out_shape = eqn.outvars[0].aval.shape
+    if math.prod(out_shape) != math.prod(jnp.shape(v.w)):
+        return None  # a real broadcast
+    (w,) = _bind(eqn, [v.w])
+    new = v.reshaped(w)
+    return None if new is None else [new]
+
+
+@_rule("convert_element_type", "copy", "copy_p", "sharding_constraint", "mesh_cast",
+       "reshard", "reduce_precision", "name")
+def _elementwise_view(interp, eqn, invals):
+    (v,) = invals
+    (w,) = _bind(eqn, [v.w])
+    return [v.replace(w=w)]
+
+
+@_rule("stop_gradient")
+def _stop_gradient(interp, eqn, invals):
+    (v,) = invals
+    return [jax.tree.map(lax.stop_gradient, v)]
+
+
+def _factor_slicer(v: Adapted, d: int, fn):
+    """Apply ``fn(factor, axis)`` to the factor(s) holding dimension ``d``."""
+    kind = v.roles[d][0]
+    ax = v.axis(d)
+    a = fn(v.a, ax) if kind in (_S, _I) else v.a
+    b = fn(v.b, ax) if kind in (_S, _O) else v.b
+    return a, b
+
+
+@_rule("slice")
+def _slice(interp, eqn, invals):
+    (v,) = invals
+    (w,) = _bind(eqn, [v.w])
+    p = eqn.params
+    strides = p["strides"] or (1,) * w.ndim
+    for d, (lo, hi, st) in enumerate(zip(p["start_indices"], p["limit_indices"], strides)):
+        if (lo, hi, st) != (0, v.w.shape[d], 1):
+            a, b = _factor_slicer(v, d, lambda x, ax: lax.slice_in_dim(x, lo, hi, st, ax))
+            v = v.replace(a=a, b=b)
+    return [v.replace(w=w)]
+
+
+@_rule("dynamic_slice")
+def _dynamic_slice(interp, eqn, invals):
+    v, *starts = invals
+    if any(map(_is_adapted, starts)):
+        return None
+    (w,) = _bind(eqn, [v.w, *starts])
+    for d, size in enumerate(eqn.params["slice_sizes"]):
+        if size != v.w.shape[d]:
+            a, b = _factor_slicer(v, d, lambda x, ax: lax.dynamic_slice_in_dim(x, starts[d], size, ax))
+            v = v.replace(a=a, b=b)
+    return [v.replace(w=w)]
+
+
+@_rule("split")
+def _split(interp, eqn, invals):
+    (v,) = invals
+    ws = _bind(eqn, [v.w])
+    d, sizes = eqn.params["axis"], eqn.params["sizes"]
+    bounds = np.cumsum((0, *sizes))
+    outs = []
+    for w, lo, hi in zip(ws, bounds[:-1], bounds[1:]):
+        a, b = _factor_slicer(v, d, lambda x, ax: lax.slice_in_dim(x, int(lo), int(hi), 1, ax))
+        outs.append(v.replace(w=w, a=a, b=b))
+    return outs
+
+
+# -- the products -----------------------------------------------------------------------------
+def _cast_factors(v: Adapted, first: str):
+    """(first factor, second factor · scale) in the weight's current dtype."""
+    dt = jnp.result_type(v.w)
+    f1, f2 = (v.a, v.b) if first == _I else (v.b, v.a)
+    return f1.astype(dt), (f2 * jnp.asarray(v.scale, f2.dtype)).astype(dt)
+
+
+@_rule("dot_general")
+def _dot_general(interp, eqn, invals):
+    lhs, rhs = invals
+    if _is_adapted(lhs) and _is_adapted(rhs):
+        lhs = interp.concrete(lhs, "dot_general of two adapted weights")
+    v_lhs = _is_adapted(lhs)
+    v, x = (lhs, rhs) if v_lhs else (rhs, lhs)
+    p = eqn.params
+    (lc, rc), (lb, rb) = p["dimension_numbers"]
+    wc, xc, wb, xb = (lc, rc, lb, rb) if v_lhs else (rc, lc, rb, lb)
+    (base,) = _bind(eqn, [v.w, x] if v_lhs else [x, v.w])
+
+    wl = _LETTERS[: v.w.ndim]
+    n = _LETTERS[v.w.ndim]  # x's free dimensions, flattened into one
+    xl = [None] * x.ndim
+    for dw, dx in (*zip(wc, xc), *zip(wb, xb)):
+        xl[dx] = wl[dw]
+    free = [d for d in range(x.ndim) if xl[d] is None]
+    rest = [d for d in range(x.ndim) if xl[d] is not None]
+    xin = interp.dropout(x, v)
+    if free != list(range(len(free))):
+        xin = jnp.transpose(xin, free + rest)
+    if len(free) != 1:  # one token axis: XLA:CPU runs the thin products faster
+        xin = jnp.reshape(xin, (math.prod(x.shape[d] for d in free), *(x.shape[d] for d in rest)))
+    x_sub = n + "".join(xl[d] for d in rest)
+
+    kinds = {v.roles[d][0] for d in wc}
+    first = _I if _I in kinds or _O not in kinds else _O
+    la, lb_ = v.letters(wl)
+    l1, l2 = (la, lb_) if first == _I else (lb_, la)
+    f1, f2 = _cast_factors(v, first)
+    w_free = [wl[d] for d in range(v.w.ndim) if d not in wc and d not in wb]
+    out = "".join(wl[d] for d in wb) + ("".join(w_free) + n if v_lhs else n + "".join(w_free))
+    needed = set(out) | set(l2)
+    mid = "".join(dict.fromkeys(c for c in x_sub + l1 if c in needed))
+    kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
+    t = jnp.einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
+    y = jnp.einsum(f"{mid},{l2}->{out}", t.astype(f2.dtype), f2, **kw)
+    return [base + jnp.reshape(y, base.shape).astype(base.dtype)]
+
+
+@_rule("gather")
+def _gather(interp, eqn, invals):
+    v, idx = invals
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if _is_adapted(idx) or getattr(dn, "operand_batching_dims", ()):
+        return None
+    looked = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    kinds = {v.roles[d][0] for d in looked}
+    full = all(p["slice_sizes"][d] == v.w.shape[d] for d in range(v.w.ndim) if d not in looked)
+    if len(kinds) != 1 or _S in kinds or not full:
+        return None  # a stack picked per token (MoE), or a window across roles
+    (kind,) = kinds
+    (base,) = _bind(eqn, [v.w, idx])
+    f, h = _cast_factors(v, kind)
+    wl = _LETTERS[: v.w.ndim]
+    la, lb_ = v.letters(wl)
+    lf, lh = (la, lb_) if kind == _I else (lb_, la)
+    ax = v.axis
+    collapsed = tuple(sorted(ax(d) for d in dn.collapsed_slice_dims))
+    sizes = list(f.shape)
+    for d in looked | {d for d in range(v.w.ndim) if v.roles[d][0] == kind}:
+        sizes[ax(d)] = p["slice_sizes"][d]
+    n_batch = idx.ndim - 1
+    kept = [i for i in range(f.ndim) if i not in collapsed]
+    g = lax.gather(
+        f, idx,
+        lax.GatherDimensionNumbers(
+            offset_dims=tuple(range(n_batch, n_batch + len(kept))),
+            collapsed_slice_dims=collapsed,
+            start_index_map=tuple(ax(d) for d in dn.start_index_map),
+        ),
+        tuple(sizes), indices_are_sorted=p["indices_are_sorted"],
+        unique_indices=p["unique_indices"], mode=p["mode"], fill_value=p["fill_value"],
+    )
+    bl = _LETTERS[v.w.ndim: v.w.ndim + n_batch]
+    g_sub = bl + "".join(lf[i] for i in kept)
+    out, batch = [], iter(bl)
+    kept_w = iter(d for d in range(v.w.ndim) if d not in dn.collapsed_slice_dims)
+    for pos in range(base.ndim):
+        out.append(wl[next(kept_w)] if pos in dn.offset_dims else next(batch))
+    y = jnp.einsum(f"{g_sub},{lh}->{''.join(out)}", g, h)
+    return [base + y.astype(base.dtype)]
+
+
+@_rule("conv_general_dilated")
+def _conv(interp, eqn, invals):
+    x, v = invals
+    p = eqn.params
+    if _is_adapted(x) or p["batch_group_count"] != 1:
+        return None
+    rhs, out_spec = p["dimension_numbers"].rhs_spec, p["dimension_numbers"].out_spec
+    if v.roles[rhs[0]][0] != _O or any(v.roles[d][0] != _I for d in rhs[1:]):
+        return None
+    (base,) = _bind(eqn, [x, v.w])
+    groups = p["feature_group_count"]
+    a, b = _cast_factors(v, _I)
+    rank = a.shape[0]
+    # A as a kernel in W's layout, with the rank where the output features were
+    kernel = jnp.transpose(a, [0 if d == rhs[0] else 1 + v.roles[d][1] for d in range(v.w.ndim)])
+    if groups > 1:
+        kernel = jnp.concatenate([kernel] * groups, axis=rhs[0])
+    t = eqn.primitive.bind(interp.dropout(x, v), kernel, **p)
+    t = jnp.moveaxis(t, out_spec[1], -1)
+    t = jnp.reshape(t, (*t.shape[:-1], groups, rank))
+    bg = jnp.reshape(b, (rank, groups, b.shape[1] // groups))
+    y = jnp.einsum("...gr,rgc->...gc", t, bg, precision=p["precision"],
+                   preferred_element_type=p["preferred_element_type"])
+    y = jnp.moveaxis(jnp.reshape(y, (*y.shape[:-2], b.shape[1])), -1, out_spec[1])
+    return [base + y.astype(base.dtype)]
+
+
+# -- higher-order primitives ---------------------------------------------------------------------
+@_rule("remat2", "checkpoint", "remat")
+def _remat(interp, eqn, invals):
+    p = eqn.params
+    inner = p["jaxpr"]
+    consts = inner.consts if isinstance(inner, jcore.ClosedJaxpr) else ()
+    inner = inner.jaxpr if isinstance(inner, jcore.ClosedJaxpr) else inner
+
+    def body(*args):
+        return interp.run(inner, consts, list(args))
+
+    return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
+
+
+@_rule("scan")
+def _scan(interp, eqn, invals):
+    p = eqn.params
+    counts = _scan_counts(p)
+    if counts is None:
+        return None
+    nc, ncarry = counts
+    length = p["length"]
+    consts = list(invals[:nc])
+    carry = [interp.concrete(x, "scan carry") for x in invals[nc: nc + ncarry]]
+    xs_in = invals[nc + ncarry:]
+
+    # Per-step pieces: a weight stacked along the scan axis is sliced (w, and A and/or B);
+    # dropout keys become one key per step.
+    xs, plans = [], []
+    for x in consts:
+        if _is_adapted(x) and x.key is not None:
+            xs.append(jax.random.split(x.key, length))
+            plans.append(("const-key", x))
+        else:
+            plans.append(("const", x))
+    for x in xs_in:
+        if not _is_adapted(x):
+            xs.append(x)
+            plans.append(("x", None))
+            continue
+        kind = x.roles[0][0]
+        ax = x.axis(0)
+        piece = {"w": x.w}
+        if kind in (_S, _I):
+            piece["a"] = jnp.moveaxis(x.a, ax, 0)
+        if kind in (_S, _O):
+            piece["b"] = jnp.moveaxis(x.b, ax, 0)
+        if x.key is not None:
+            piece["key"] = jax.random.split(x.key, length)
+        xs.append(piece)
+        plans.append(("x-adapted", x))
+
+    def body(carry, step):
+        step = iter(step)
+        args = []
+        for what, x in plans[:nc]:
+            args.append(x.replace(key=next(step)) if what == "const-key" else x)
+        args += list(carry)
+        for what, x in plans[nc:]:
+            piece = next(step)
+            if what == "x":
+                args.append(piece)
+                continue
+            kind, k = x.roles[0]
+            roles = [(r, j - (r == kind and j > k)) for r, j in x.roles[1:]]
+            args.append(x.replace(w=piece["w"], a=piece.get("a", x.a), b=piece.get("b", x.b),
+                                  key=piece.get("key"), roles=roles))
+        outs = interp.run_closed(p["jaxpr"], args)
+        outs = [interp.concrete(o, "scan output") for o in outs]
+        return outs[:ncarry], outs[ncarry:]
+
+    carry, ys = lax.scan(body, carry, xs, length=length, reverse=p["reverse"], unroll=p["unroll"])
+    return [*carry, *ys]
+
+
+@_rule("while")
+def _while(interp, eqn, invals):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts = invals[:cn], invals[cn: cn + bn]
+    carry = [interp.concrete(x, "while carry") for x in invals[cn + bn:]]
+
+    def cond(c):
+        return interp.run_closed(p["cond_jaxpr"], [*cconsts, *c])[0]
+
+    def body(c):
+        outs = interp.run_closed(p["body_jaxpr"], [*bconsts, *c])
+        return [interp.concrete(o, "while carry") for o in outs]
+
+    return list(lax.while_loop(cond, body, carry))
+
+
+@_rule("cond")
+def _cond(interp, eqn, invals):
+    index, *ops = invals
+
+    def branch(closed):
+        def run(*args):
+            return [interp.concrete(o, "cond output") for o in interp.run_closed(closed, list(args))]
+
+        return run
+
+    return list(lax.switch(index, [branch(br) for br in eqn.params["branches"]], *ops))
+
+
+# -- wrap -------------------------------------------------------------------------------------
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _signature(base_def, base_leaves, arg_def, arg_leaves):
+    try:
+        key = (base_def, tuple(jax.typeof(x) for x in base_leaves), arg_def,
+               tuple(jax.typeof(x) if _is_array(x) else ("static", x) for x in arg_leaves))
+        hash(key)
+        return key
+    except TypeError:
+        return None  # an unhashable static argument: trace every call
 
 
 def wrap(f: Callable, strategy: str = "factored") -> Callable:
@@ -24,17 +603,23 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
     Hugging Face Flax model's ``__call__`` with ``params=``, or hand-written JAX.
 
     Strategies:
+      ``"factored"`` (default): ``f(base, *args)`` is traced to a jaxpr once per input
+        signature (array shapes and dtypes, static values) and re-evaluated with each
+        target as a symbolic ``W + s·A⊗B``: a matmul becomes ``x·W + s·((x·A)·B)``, an
+        embedding lookup ``W[i] + s·A[i]·B``, a conv a conv with A then a 1×1 product with
+        B. A⊗B is never formed and no gradient of W is computed. A use without a factored
+        rule (see the module docstring) materializes the weight for that use only and
+        warns once (:class:`MaterializeWarning`). Non-array arguments (flags, strings)
+        are static.
       ``"merge"``: materialize ``W + s·A⊗B`` (float32 accumulation, base dtype) for every
         target, then call ``f``. Simple and obviously correct: the reference the factored
         path is tested against.
-      ``"factored"`` (default): the adapter applied as ``x·W + s·((x·A)·B)`` without forming
-        A⊗B. In this release it is computed through the merge reference, with identical
-        results; only its speed and memory will change.
 
-    ``lora_rng``: a PRNG key enabling adapter-input dropout for adapters whose dropout
-    rate is > 0. Dropout acts on the adapter's input only, which no merged weight can
-    express, so it needs the factored transform; until that lands, passing a key while an
-    adapter has dropout > 0 raises instead of silently skipping the dropout.
+    ``lora_rng``: a PRNG key enabling inverted dropout on the adapter's input (the ``x``
+    of ``(x·A)·B``) for adapters whose rate is > 0; without it, no dropout. Each use of a
+    weight, and each step of a scan, gets its own mask; a ``while`` loop reuses one mask
+    per weight across iterations. The merged weight cannot express this dropout, so the
+    merge strategy raises when asked for it.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> f = lambda p, x: x @ p["w"]
@@ -44,24 +629,62 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
     >>> y = lj.wrap(f)(base, lora, jnp.ones((1, 4)))
     >>> bool(jnp.allclose(y, jnp.ones((1, 4)) @ lj.merge(base, lora)["w"]))
     True
+    >>> print(jax.make_jaxpr(lambda l: lj.wrap(f)(base, l, jnp.ones((1, 4))))(lora))  # doctest: +ELLIPSIS
+    { lambda ...dot_general...dot_general...dot_general...
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; use one of {STRATEGIES}")
     if not callable(f):
         raise TypeError(f"wrap expects a callable f(params, *args), got {type(f).__name__}")
+    cache: dict = {}
+    warned: set = set()
+
+    def trace(base_def, base_leaves, arg_def, arg_leaves):
+        key = _signature(base_def, base_leaves, arg_def, arg_leaves)
+        if key is not None and key in cache:
+            return cache[key]
+        is_arr = [_is_array(x) for x in arg_leaves]
+
+        def flat(b_leaves, a_leaves):
+            it = iter(a_leaves)
+            a, kw = jax.tree.unflatten(arg_def, [next(it) if arr else x for x, arr in zip(arg_leaves, is_arr)])
+            return f(jax.tree.unflatten(base_def, b_leaves), *a, **kw)
+
+        closed, shape = jax.make_jaxpr(flat, return_shape=True)(
+            list(base_leaves), [x for x, arr in zip(arg_leaves, is_arr) if arr]
+        )
+        out = (closed, jax.tree.structure(shape), is_arr)
+        if key is not None:
+            cache[key] = out
+        return out
 
     @functools.wraps(f)
     def wrapped(base: Any, lora: Any, *args, lora_rng: jax.Array | None = None, **kwargs):
-        if lora_rng is not None:
-            with_dropout = [
-                w.rule for w in jax.tree.leaves(lora, is_leaf=is_lora) if is_lora(w) and w.dropout > 0
-            ]
-            if with_dropout:
-                raise NotImplementedError(
-                    f"adapter-input dropout (rules {sorted(set(with_dropout))}) needs the "
-                    "factored transform, which this release does not have yet; set dropout=0.0 "
-                    "or pass lora_rng=None"
-                )
-        return f(merge(base, lora), *args, **kwargs)
+        if strategy == "merge":
+            if lora_rng is not None:
+                rules = sorted({w.rule for w in jax.tree.leaves(lora, is_leaf=is_lora) if is_lora(w) and w.dropout > 0})
+                if rules:
+                    raise ValueError(
+                        f"strategy='merge' cannot apply adapter-input dropout (rules {rules}): a "
+                        "merged weight has no separate adapter input; use the default "
+                        "strategy='factored', or pass lora_rng=None"
+                    )
+            return f(merge(base, lora), *args, **kwargs)
+        check_fits(base, lora)
+        base_leaves, base_def = jax.tree.flatten(base)
+        targets = base_def.flatten_up_to(lora)
+        arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
+        closed, out_tree, is_arr = trace(base_def, base_leaves, arg_def, arg_leaves)
+        inputs = []
+        for i, (w, lw) in enumerate(zip(base_leaves, targets)):
+            if is_lora(lw):
+                key = None if lora_rng is None or lw.dropout <= 0 else jax.random.fold_in(lora_rng, i)
+                w = Adapted.of(w, lw, key)
+            inputs.append(w)
+        inputs += [x for x, arr in zip(arg_leaves, is_arr) if arr]
+        interp = _Interpreter(warned)
+        outs = interp.run_closed(closed, inputs)
+        outs = [interp.concrete(o, "the function's output") for o in outs]
+        return jax.tree.unflatten(out_tree, outs)
 
     return wrapped

@@ -110,15 +110,15 @@ def test_wrong_config_type_and_mixed_abstract():
         _split(mixed, lj.Rule("a", rank=1))
 
 
-def test_wrap_rejects_bad_strategy_and_unsupported_dropout():
+def test_wrap_rejects_bad_strategy_and_dropout_under_merge():
     with pytest.raises(ValueError, match="strategy="):
         lj.wrap(lambda p, x: x, strategy="fast")
     base, lora = _split(PARAMS, lj.Rule(r".*/q/kernel", rank=2, dropout=0.1))
     f = lambda p, x: x @ p["params"]["q"]["kernel"]
     y = lj.wrap(f)(base, lora, jnp.ones((1, 8)))  # no key: no dropout, by definition
     assert y.shape == (1, 6)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        lj.wrap(f)(base, lora, jnp.ones((1, 8)), lora_rng=jax.random.key(1))
+    with pytest.raises(ValueError, match="strategy='merge' cannot apply adapter-input dropout"):
+        lj.wrap(f, strategy="merge")(base, lora, jnp.ones((1, 8)), lora_rng=jax.random.key(1))
 
 
 def test_optimizer_needs_base_lora_tree():
