@@ -1,0 +1,274 @@
+"""The factored transform's own properties: no d_in×d_out intermediate, no per-adapter copy of
+a stacked base, the materializing fallback, dropout, tracing once per signature, and a
+property test over weight layouts against numpy."""
+
+import math
+import warnings
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lora_jax as lj
+from lora_jax.transform import MaterializeWarning
+from tests.reference import np_delta_of
+
+
+def _randomize_b(lora, key=3, scale=1.0):
+    def f(w):
+        if not lj.is_lora(w):
+            return w
+        return w.replace(b=scale * jax.random.normal(jax.random.key(key), w.b.shape, w.b.dtype))
+
+    return jax.tree.map(f, lora, is_leaf=lj.is_lora)
+
+
+def _eqn_shapes(jaxpr):
+    """Shapes of every value any equation produces, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for p in eqn.params.values():
+            for j in p if isinstance(p, (tuple, list)) else (p,):
+                if isinstance(j, jax.extend.core.ClosedJaxpr):
+                    out += _eqn_shapes(j.jaxpr)
+                elif isinstance(j, jax.extend.core.Jaxpr):
+                    out += _eqn_shapes(j)
+    return out
+
+
+D_IN, D_OUT, BATCH = 48, 80, 6
+
+
+def _dense_setup():
+    model = nn.Sequential([nn.Dense(D_OUT), nn.relu, nn.Dense(D_OUT)])
+    x = jax.random.normal(jax.random.key(0), (BATCH, D_IN))
+    params = model.init(jax.random.key(1), x)
+    cfg = lj.LoraConfig(rules=(lj.Rule(r".*/layers_0/kernel", rank=4),))
+    base, lora = lj.split(jax.random.key(2), params, cfg, apply_fn=model.apply, args=(x,))
+    return model, x, base, _randomize_b(lora)
+
+
+@pytest.mark.parametrize("strategy", ["factored", "merge"])
+def test_dense_factored_jaxpr_has_no_din_by_dout_intermediate(strategy):
+    model, x, base, lora = _dense_setup()
+    fwd = lj.wrap(model.apply, strategy)
+
+    def loss(lora, x):
+        return jnp.sum(fwd(base, lora, x) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(lora, x).jaxpr
+    big = [s for s in _eqn_shapes(jaxpr) if math.prod(s) >= D_IN * D_OUT]
+    if strategy == "factored":
+        assert big == [], f"factored path formed weight-sized values {big}"
+    else:  # the reference does form W + s·A⊗B: the check above can fail
+        assert (D_IN, D_OUT) in big
+
+
+class _Layer(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(D_IN, name="fc")(h)), None
+
+
+class _Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(nn.remat(_Layer), variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return stack(name="stack")(x, None)[0]
+
+
+@pytest.mark.parametrize("strategy", ["factored", "merge"])
+def test_scan_holds_no_copy_of_the_stacked_base(strategy):
+    model = _Stack()
+    x = jax.random.normal(jax.random.key(0), (BATCH, D_IN))
+    params = model.init(jax.random.key(1), x)
+    cfg = lj.LoraConfig(rules=(lj.Rule(r".*/fc/kernel", rank=4),))
+    base, lora = lj.split(jax.random.key(2), params, cfg, apply_fn=model.apply, args=(x,))
+    assert lora["params"]["stack"]["fc"]["kernel"].stack_axes == (0,)
+    lora = _randomize_b(lora, scale=0.1)
+    fwd = lj.wrap(model.apply, strategy)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda l: jnp.sum(fwd(base, l, x) ** 2)))(lora).jaxpr
+    weight_sized = [s for s in _eqn_shapes(jaxpr) if math.prod(s) >= D_IN * D_IN]
+    if strategy == "factored":
+        assert weight_sized == [], f"copies of the stacked base: {weight_sized}"
+    else:
+        assert (3, D_IN, D_IN) in weight_sized
+    chex.assert_trees_all_close(
+        lj.wrap(model.apply)(base, lora, x), lj.wrap(model.apply, "merge")(base, lora, x), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_fallback_materializes_correctly_and_warns_exactly_once():
+    def f(p, x):  # a weight norm: no factored rule for integer_pow / reduce_sum on a weight
+        w = p["w"]
+        return (x @ w) / jnp.sqrt(jnp.sum(w**2))
+
+    params = {"w": jax.random.normal(jax.random.key(0), (8, 5))}
+    base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    lora = _randomize_b(lora)
+    x = jax.random.normal(jax.random.key(2), (3, 8))
+    g = lj.wrap(f)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y1 = g(base, lora, x)
+        y2 = jax.jit(g)(base, lora, x * 2)
+        gr = jax.grad(lambda l: jnp.sum(g(base, l, x)))(lora)
+    msgs = [str(r.message) for r in rec if issubclass(r.category, MaterializeWarning)]
+    assert len(msgs) == 1 and "integer_pow" in msgs[0] and "'w'" in msgs[0], msgs
+    w = np.asarray(params["w"], np.float64) + np_delta_of(lora["w"])
+    for xx, y in ((x, y1), (x * 2, y2)):
+        ref = np.asarray(xx, np.float64) @ w / np.sqrt((w**2).sum())
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+    gm = jax.grad(lambda l: jnp.sum(lj.wrap(f, "merge")(base, l, x)))(lora)
+    chex.assert_trees_all_close(gr, gm, rtol=1e-5, atol=1e-6)
+
+
+def test_reshape_that_mixes_input_and_output_axes_falls_back():
+    def f(p, x):  # the whole kernel flattened: one dimension holds both roles
+        return x @ p["w"].reshape(-1)[: x.shape[-1] * 2].reshape(x.shape[-1], 2)
+
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 6))}
+    base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    lora = _randomize_b(lora)
+    x = jnp.ones((2, 4))
+    with pytest.warns(MaterializeWarning, match="reshape"):
+        y = lj.wrap(f)(base, lora, x)
+    chex.assert_trees_all_close(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-6)
+
+
+def _identity_adapter(n, dropout, scale=1.0):
+    """W = 0, A = B = I (rank n): the adapter's output is s·dropout(x) exactly."""
+    params = {"w": jnp.zeros((n, n))}
+    cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=n, alpha=scale * n, dropout=dropout),))
+    base, lora = lj.split(jax.random.key(0), params, cfg)
+    lora = {"w": lora["w"].replace(a=jnp.eye(n), b=jnp.eye(n))}
+    return base, lora
+
+
+def test_dropout_acts_on_the_adapter_input_only():
+    n, rate = 16, 0.25
+    base, lora = _identity_adapter(n, rate)
+    base = {"w": jnp.full((n, n), 0.5)}
+    x = jax.random.uniform(jax.random.key(1), (256, n), minval=1.0, maxval=2.0)
+    g = lj.wrap(lambda p, x: x @ p["w"])
+    plain = g(base, lora, x)
+    np.testing.assert_allclose(plain, x @ base["w"] + x, rtol=1e-6)  # no key: no dropout
+    y = g(base, lora, x, lora_rng=jax.random.key(7))
+    adapter = np.asarray(y - x @ base["w"])  # base term untouched
+    keep = 1 - rate
+    dropped = np.isclose(adapter, 0.0, atol=1e-6)
+    kept = np.isclose(adapter, np.asarray(x) / keep, rtol=1e-5)
+    assert (dropped | kept).all(), "adapter input must be 0 or x/keep (inverted dropout)"
+    assert abs(dropped.mean() - rate) < 0.03  # 4096 Bernoulli draws
+    chex.assert_trees_all_close(y, g(base, lora, x, lora_rng=jax.random.key(7)))  # reproducible
+    assert not np.allclose(y, g(base, lora, x, lora_rng=jax.random.key(8)))
+    # gradients flow through the kept entries only: with B = I, dL/dA[r, i] = sum_n x_d[n, i]
+    ga = jax.grad(lambda l: jnp.sum(g(base, l, x, lora_rng=jax.random.key(7))))(lora)["w"].a
+    x_d = np.where(kept, np.asarray(x) / keep, 0.0)
+    np.testing.assert_allclose(ga, np.broadcast_to(x_d.sum(0), (n, n)), rtol=1e-5)
+
+
+def test_dropout_masks_differ_per_scan_step_and_per_use():
+    n, rate, layers = 8, 0.5, 4
+    params = {"w": jnp.zeros((layers, n, n))}
+    cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=n, alpha=float(n), dropout=rate,
+                                       axes=lj.Axes(in_axes=(1,), out_axes=(2,), stack_axes=(0,))),))
+    base, lora = lj.split(jax.random.key(0), params, cfg)
+    eye = jnp.broadcast_to(jnp.eye(n), (layers, n, n))
+    lora = {"w": lora["w"].replace(a=eye, b=eye)}
+
+    def f(p, x):  # each step sees the same x; returns every step's output
+        return jax.lax.scan(lambda c, w: (c, x @ w), 0.0, p["w"])[1]
+
+    x = jnp.ones((32, n))
+    ys = np.asarray(lj.wrap(f)(base, lora, x, lora_rng=jax.random.key(3)))
+    masks = [ys[i] != 0 for i in range(layers)]
+    assert all(set(np.unique(y)) <= {0.0, 2.0} for y in ys)
+    assert len({m.tobytes() for m in masks}) == layers, "every layer needs its own mask"
+
+    def twice(p, x):  # two uses of one weight: two masks
+        return x @ p["w"][0], x @ p["w"][0]
+
+    y1, y2 = lj.wrap(twice)(base, lora, x, lora_rng=jax.random.key(3))
+    assert not np.array_equal(np.asarray(y1) != 0, np.asarray(y2) != 0)
+
+
+def test_traces_once_per_signature():
+    calls = []
+
+    def f(p, x, flag=True):
+        calls.append(x.shape)
+        return x @ p["w"] if flag else -(x @ p["w"])
+
+    params = {"w": jnp.ones((4, 3))}
+    base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+    g = lj.wrap(f)
+    for _ in range(3):
+        g(base, lora, jnp.ones((2, 4)))
+    assert calls == [(2, 4)]
+    g(base, lora, jnp.ones((5, 4)))
+    g(base, lora, jnp.ones((2, 4)), flag=False)  # a static argument is part of the signature
+    assert calls == [(2, 4), (5, 4), (2, 4)]
+    step = jax.jit(lambda l, x: g(base, l, x))
+    for k in range(3):
+        step(lora, jnp.full((7, 4), float(k)))
+    assert calls[3:] == [(7, 4)]
+
+
+# -- property test: any layout of a weight's axes, used through einsum ---------------------
+@st.composite
+def _layouts(draw):
+    ndim = draw(st.integers(2, 4))
+    sizes = draw(st.lists(st.integers(2, 5), min_size=ndim, max_size=ndim))
+    roles = draw(st.permutations(["i", "o"] + draw(st.lists(st.sampled_from("ios"), min_size=ndim - 2,
+                                                                max_size=ndim - 2))))
+    transposed = draw(st.booleans())  # contract the output axes instead (tied-embedding style)
+    dtype = draw(st.sampled_from(["float32", "bfloat16"]))
+    rank = draw(st.integers(1, 3))
+    return sizes, roles, transposed, dtype, rank
+
+
+@pytest.mark.slow
+@settings(max_examples=15, deadline=None)
+@given(_layouts())
+def test_factored_matches_numpy_for_any_axis_layout(layout):
+    sizes, roles, transposed, dtype, rank = layout
+    letters = "abcdefgh"
+    ins = tuple(d for d, r in enumerate(roles) if r == "i")
+    outs = tuple(d for d, r in enumerate(roles) if r == "o")
+    stack = tuple(d for d, r in enumerate(roles) if r == "s")
+    rank = min(rank, math.prod(sizes[d] for d in ins), math.prod(sizes[d] for d in outs))
+    contracted = outs if transposed else ins
+    w_sub = letters[: len(sizes)]
+    x_sub = "z" + "".join(w_sub[d] for d in stack + contracted)
+    y_sub = "z" + "".join(w_sub[d] for d in range(len(sizes)) if d not in contracted)
+    spec = f"{x_sub},{w_sub}->{y_sub}"
+
+    def f(p, x):
+        return jnp.einsum(spec, x, p["w"], preferred_element_type=jnp.float32)
+
+    kw, kx = jax.random.split(jax.random.key(sum(sizes) * 7 + rank))
+    params = {"w": jax.random.normal(kw, sizes).astype(dtype)}
+    x = jax.random.normal(kx, (3, *(sizes[d] for d in stack + contracted))).astype(dtype)
+    axes = lj.Axes(in_axes=ins, out_axes=outs, stack_axes=stack)
+    base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=rank, axes=axes),)))
+    lora = _randomize_b(lora, scale=0.5)
+    y = jax.jit(lj.wrap(f))(base, lora, x)
+    w64 = np.asarray(params["w"], np.float64) + np_delta_of(lora["w"])
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    ref = np.einsum(spec, x64, w64)
+    # fp32: accumulation error only. bf16: the factors and the product x·A are rounded to
+    # bf16 (unit roundoff 2^-8) before the second product, so each term's error is bounded by
+    # a small multiple of 2^-8 times the sum of magnitudes along the factored path:
+    # |x|·|W| + s·(|x|·|A|)·|B|.
+    w = lora["w"]
+    abs_path = np_delta_of(w.replace(a=jnp.abs(w.a), b=jnp.abs(w.b), scale=abs(w.scale)))
+    mag = np.einsum(spec, np.abs(x64), np.abs(np.asarray(params["w"], np.float64)) + abs_path)
+    eps = 2.0**-8 if dtype == "bfloat16" else 2.0**-20
+    assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= 4 * eps * mag + 1e-6), spec
