@@ -1,0 +1,802 @@
+"""Orbax checkpoints: adapters with their metadata, merged models, and training state.
+
+An adapter checkpoint is an orbax composite checkpoint directory with two items::
+
+    path/
+      lora/        the factors A and B of every target (orbax PyTree, a list of {"a", "b"})
+      lora_jax/    JSON metadata: every target's path, shape, dtype, axes, rank, alpha,
+                   scale, scaling rule, dropout, kind and rule; the config; the container
+                   structure of the lora tree; the library version
+
+so :func:`restore` rebuilds the exact lora tree (every ``LoraWeight`` static field) from
+the directory alone. Orbax writes into a temporary directory and renames it into place
+when everything is on disk, so an interrupted save never leaves a checkpoint at ``path``
+that restores; :func:`restore` refuses orbax's unfinished temporary directories.
+
+:func:`merge` turns a base checkpoint plus an adapter into a plain orbax checkpoint of the
+merged parameters, and :class:`Manager` keeps training checkpoints (lora, optimizer
+state, step) with ``orbax.checkpoint.CheckpointManager``.
+
+This is the only module of the library that imports orbax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from flax.core import FrozenDict
+
+from . import __version__
+from .config import SCALINGS, LoraConfig, path_str
+from .split import check_fits
+from .split import merge as _merge_trees
+from .weight import LoraWeight, is_lora
+
+__all__ = ["save", "restore", "metadata", "merge", "Manager", "Restored", "FORMAT"]
+
+FORMAT = "lora_jax.checkpoint/1"
+
+_ARRAYS = "lora"  # orbax item holding the factors
+_META = "lora_jax"  # orbax item holding the JSON metadata
+_OPT = "opt_state"  # orbax item holding the optimizer state (training checkpoints)
+
+_STATIC = tuple(f.name for f in dataclasses.fields(LoraWeight) if f.metadata.get("static"))
+
+
+def _is_node(x) -> bool:
+    return x is None or is_lora(x)
+
+
+# ---------------------------------------------------------------------------------------
+# metadata <-> lora tree
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _targets(lora: Any, what: str = "lora") -> tuple[list[tuple[str, LoraWeight]], Any]:
+    """``[(path, LoraWeight)]`` and the treedef (LoraWeight/None as leaves) of a lora tree."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora, is_leaf=_is_node)
+    out, others = [], []
+    for p, x in leaves:
+        if is_lora(x):
+            out.append((path_str(p), x))
+        elif x is not None:
+            others.append(f"{path_str(p)} ({type(x).__name__})")
+    if others:
+        raise TypeError(
+            f"{what} must hold lj.LoraWeight at targets and None elsewhere, as lj.split returns; "
+            f"found other leaves at {', '.join(others[:8])}"
+        )
+    if not out:
+        raise ValueError(f"{what} holds no lj.LoraWeight; pass the lora tree returned by lj.split")
+    seen: dict[str, int] = {}
+    for p, _ in out:
+        seen[p] = seen.get(p, 0) + 1
+    dup = [p for p, n in seen.items() if n > 1]
+    if dup:
+        raise ValueError(
+            f"{what}: several targets share the path {dup}; key names containing '/' make "
+            "paths ambiguous, rename those keys"
+        )
+    return out, treedef
+
+
+def _json_value(v):
+    if isinstance(v, tuple):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def _from_json(v):
+    if isinstance(v, list):
+        return tuple(_from_json(x) for x in v)
+    return v
+
+
+def _encode(node, index: dict[int, int]):
+    """JSON form of the containers of a lora tree; LoraWeight -> {"target": i}."""
+    if node is None:
+        return None
+    if is_lora(node):
+        return {"target": index[id(node)]}
+    if isinstance(node, nnx.Variable):
+        cls = type(node)
+        if getattr(nnx, cls.__name__, None) is not cls:
+            raise _Unsupported(f"NNX variable type {cls.__qualname__} is not one of flax.nnx's")
+        meta = node.get_metadata()
+        try:
+            json.dumps(meta)
+        except TypeError:
+            raise _Unsupported(f"metadata of an nnx.{cls.__name__} is not JSON") from None
+        # the raw value is the variable's pytree child (get_value may apply hooks)
+        value = node.get_raw_value() if hasattr(node, "get_raw_value") else node.value
+        return {"nnx_variable": cls.__name__, "metadata": meta, "value": _encode(value, index)}
+    kinds = ((nnx.State, "nnx_state"), (FrozenDict, "frozen_dict"))
+    for cls, name in kinds:
+        if type(node) is cls:
+            items = node.raw_mapping.items() if cls is nnx.State else node.items()
+            return {name: _encode_items(items, index)}
+    if type(node) is dict:
+        return {"dict": _encode_items(node.items(), index)}
+    if type(node) in (list, tuple):
+        return {type(node).__name__: [_encode(x, index) for x in node]}
+    raise _Unsupported(f"container {type(node).__qualname__}")
+
+
+def _encode_items(items, index):
+    out = []
+    for k, v in items:
+        if not isinstance(k, (str, int)) or isinstance(k, bool):
+            raise _Unsupported(f"dict key {k!r}")
+        out.append([k, _encode(v, index)])
+    return out
+
+
+def _decode(node, weights: Sequence[LoraWeight]):
+    if node is None:
+        return None
+    (kind,) = (k for k in node if k not in ("metadata", "value"))
+    if kind == "target":
+        return weights[node["target"]]
+    if kind == "nnx_variable":
+        cls = getattr(nnx, node["nnx_variable"], None)
+        if not (isinstance(cls, type) and issubclass(cls, nnx.Variable)):
+            raise ValueError(f"unknown NNX variable type {node['nnx_variable']!r} in checkpoint metadata")
+        return cls(_decode(node["value"], weights), **node["metadata"])
+    if kind in ("dict", "frozen_dict", "nnx_state"):
+        d = {k: _decode(v, weights) for k, v in node[kind]}
+        return {"dict": d, "frozen_dict": FrozenDict(d), "nnx_state": nnx.State(d)}[kind]
+    if kind in ("list", "tuple"):
+        items = [_decode(x, weights) for x in node[kind]]
+        return items if kind == "list" else tuple(items)
+    raise ValueError(f"unknown container {kind!r} in checkpoint metadata")
+
+
+def _structure(lora, weights):
+    """The JSON structure of ``lora``, or ``(None, why)`` when it cannot be rebuilt exactly."""
+    try:
+        enc = _encode(lora, {id(w): i for i, w in enumerate(weights)})
+        rebuilt = _decode(json.loads(json.dumps(enc)), weights)
+    except _Unsupported as e:
+        return None, str(e)
+    if jax.tree.structure(rebuilt, is_leaf=_is_node) != jax.tree.structure(lora, is_leaf=_is_node):
+        return None, "the rebuilt containers differ from the original"
+    return enc, None
+
+
+def _config_json(config: LoraConfig | None):
+    if config is None:
+        return None
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be an lj.LoraConfig or None, got {type(config).__name__}")
+    rules = []
+    for r in config.rules:
+        axes = None if r.axes is None else [list(g) for g in r.axes]
+        rules.append(dict(pattern=r.pattern, rank=r.rank, alpha=r.alpha, axes=axes,
+                          dropout=r.dropout, linear_only=r.linear_only))
+    if isinstance(config.scaling, str):
+        scaling = config.scaling
+    else:  # a callable cannot be stored; its scales are stored per target
+        scaling = {"custom": getattr(config.scaling, "__qualname__", type(config.scaling).__name__)}
+    return dict(
+        rules=rules,
+        scaling=scaling,
+        init=config.init,
+        dropout=config.dropout,
+        exclude=list(config.exclude),
+        dtype=None if config.dtype is None else np.dtype(config.dtype).name,
+    )
+
+
+def _metadata_json(lora, config) -> tuple[dict, list]:
+    targets, _ = _targets(lora)
+    entries, arrays = [], []
+    for path, w in targets:
+        for name in ("a", "b"):
+            x = getattr(w, name)
+            if isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "dtype"):
+                raise TypeError(
+                    f"{path}: factor {name} is {type(x).__name__}, not an array; save concrete "
+                    "adapters (abstract trees are for restore(like=...))"
+                )
+        fields = {f: _json_value(getattr(w, f)) for f in _STATIC}
+        entries.append(dict(
+            path=path,
+            weight=fields,
+            # The scale is stored as applied; a custom scaling callable cannot be rebuilt
+            # from a file, so its adapters restore with this fixed scale.
+            scale_fixed=w.scaling not in SCALINGS,
+            a=dict(shape=list(np.shape(w.a)), dtype=np.dtype(w.a.dtype).name),
+            b=dict(shape=list(np.shape(w.b)), dtype=np.dtype(w.b.dtype).name),
+        ))
+        arrays.append({"a": w.a, "b": w.b})
+    structure, why = _structure(lora, [w for _, w in targets])
+    meta = dict(
+        format=FORMAT,
+        library_version=__version__,
+        targets=entries,
+        structure=structure,
+        structure_note=why,
+        config=_config_json(config),
+    )
+    return meta, arrays
+
+
+def _weight_from_json(entry, a, b) -> LoraWeight:
+    fields = {k: _from_json(v) for k, v in entry["weight"].items() if k in _STATIC}
+    return LoraWeight(a=a, b=b, **fields)
+
+
+# ---------------------------------------------------------------------------------------
+# paths
+
+
+def _check_new(path: epath.Path, what: str):
+    if path.exists():
+        raise FileExistsError(
+            f"{what} {path} already exists; write to a new directory (e.g. one per step) or "
+            "delete the old one first"
+        )
+
+
+def _check_complete(path: epath.Path, what: str):
+    if not path.exists():
+        partial = sorted(str(p) for p in path.parent.glob(path.name + ".orbax-checkpoint-tmp*"))
+        hint = f"; an interrupted save left {partial}, which is incomplete" if partial else ""
+        raise FileNotFoundError(f"{what} {path} does not exist{hint}")
+    if not ocp.step.is_path_finalized(path):
+        raise ValueError(
+            f"{what} {path} is an unfinished orbax checkpoint (a save was interrupted); use "
+            "the last complete checkpoint instead"
+        )
+
+
+def _checkpointer():
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def _read_meta(restore_fn, where) -> dict:
+    try:
+        meta = restore_fn(ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise ValueError(
+            f"{where} is not a lora_jax adapter checkpoint (no readable '{_META}' metadata: {e}); "
+            "adapters are written by lj.checkpoint.save or lj.checkpoint.Manager.save"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{where}: metadata format {meta.get('format') if isinstance(meta, dict) else meta!r} "
+            f"is not {FORMAT!r}; it was written by another program or library version"
+        )
+    return meta
+
+
+# ---------------------------------------------------------------------------------------
+# save / restore
+
+
+def save(path: str | os.PathLike, lora: Any, config: LoraConfig | None = None) -> None:
+    """Save an adapter tree (arrays and metadata) as an orbax checkpoint at ``path``.
+
+    Only A and B of each target are written (size on disk ~ the adapter's bytes); the
+    JSON metadata beside them records every target's path, weight shape and dtype, axes,
+    rank, alpha, the scale as applied, the scaling rule's name, dropout, kind and rule,
+    plus ``config`` when given and the library version. A custom scaling callable cannot
+    be stored: its targets are marked ``scale_fixed`` and restore with the stored scale.
+
+    The write is atomic: orbax writes into a temporary sibling directory and renames it to
+    ``path`` when complete, so an interrupted save leaves no checkpoint at ``path``.
+
+    Args:
+      path: a new directory (an existing one is an error: checkpoints are never
+        overwritten in place).
+      lora: the lora tree from :func:`lora_jax.split` (sharded arrays are fine).
+      config: the :class:`lora_jax.LoraConfig` that made it, stored for reference.
+
+    >>> import os, tempfile, jax, jax.numpy as jnp, lora_jax as lj
+    >>> from lora_jax import checkpoint
+    >>> cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2, alpha=4.0),))
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((8, 8)), "b": jnp.ones(8)}, cfg)
+    >>> path = os.path.join(tempfile.mkdtemp(), "adapter")
+    >>> checkpoint.save(path, lora, cfg)
+    >>> sorted(os.listdir(path))
+    ['_CHECKPOINT_METADATA', 'commit_success.txt', 'lora', 'lora_jax']
+    """
+    path = epath.Path(path)
+    meta, arrays = _metadata_json(lora, config)
+    _check_new(path, "checkpoint path")
+    _checkpointer().save(
+        path,
+        ocp.args.Composite(**{_ARRAYS: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}),
+    )
+
+
+def metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of an adapter checkpoint (no arrays are read).
+
+    Keys: ``format``, ``library_version``, ``targets`` (one dict per target: ``path``,
+    ``weight`` (the LoraWeight static fields), ``scale_fixed``, ``a``/``b`` shapes and
+    dtypes), ``structure``, ``config``.
+
+    >>> import os, tempfile, jax, jax.numpy as jnp, lora_jax as lj
+    >>> from lora_jax import checkpoint
+    >>> cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2, alpha=4.0),), scaling="rslora")
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((8, 8))}, cfg)
+    >>> path = os.path.join(tempfile.mkdtemp(), "adapter")
+    >>> checkpoint.save(path, lora, cfg)
+    >>> t = checkpoint.metadata(path)["targets"][0]
+    >>> t["path"], t["weight"]["rank"], t["weight"]["scaling"], t["a"]["shape"]
+    ('w', 2, 'rslora', [2, 8])
+    """
+    path = epath.Path(path)
+    _check_complete(path, "adapter checkpoint")
+    return _read_meta(lambda args: _checkpointer().restore(path, args), path)
+
+
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _abstract(x, shape, dtype, default):
+    """ShapeDtypeStruct for orbax: from a like leaf (its dtype and sharding) or the stored spec."""
+    if x is None:
+        return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=default)
+    sharding = getattr(x, "sharding", None) or default
+    return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=sharding)
+
+
+def _restore_lora(meta: dict, like: Any, restore_fn, where, extra: dict | None = None):
+    """Rebuild the lora tree from ``meta``; returns ``(lora, other restored items)``."""
+    entries = meta["targets"]
+    default = _default_sharding()
+    if like is not None:
+        like_targets, like_def = _targets(like, "like")
+        saved = [e["path"] for e in entries]
+        got = [p for p, _ in like_targets]
+        if saved != got:
+            missing = [p for p in saved if p not in got]
+            unexpected = [p for p in got if p not in saved]
+            raise ValueError(
+                f"like does not match the adapter checkpoint {where}: targets in the checkpoint "
+                f"but not in like: {missing or 'none'}; in like but not in the checkpoint: "
+                f"{unexpected or 'none'}. Build like from the same lj.split (jax.eval_shape "
+                "gives an abstract one)"
+            )
+        problems = []
+        for e, (p, w) in zip(entries, like_targets):
+            for name in ("a", "b"):
+                want, have = tuple(e[name]["shape"]), tuple(np.shape(getattr(w, name)))
+                if want != have:
+                    problems.append(f"{p}: factor {name} is {want} in the checkpoint but {have} in like")
+        if problems:
+            raise ValueError(
+                f"like does not fit the adapter checkpoint {where}: " + "; ".join(problems)
+                + ". like must come from a split with the same ranks and weight shapes"
+            )
+        likes = [w for _, w in like_targets]
+    else:
+        if meta.get("structure") is None:
+            raise ValueError(
+                f"the lora tree saved at {where} had containers that cannot be rebuilt from "
+                f"metadata ({meta.get('structure_note')}); pass like= (the lora tree, or "
+                "jax.eval_shape of the lj.split that made it)"
+            )
+        likes = [None] * len(entries)
+    abstract = [
+        {n: _abstract(None if w is None else getattr(w, n), e[n]["shape"], e[n]["dtype"], default)
+         for n in ("a", "b")}
+        for e, w in zip(entries, likes)
+    ]
+    args = {_ARRAYS: ocp.args.StandardRestore(abstract), **(extra or {})}
+    out = restore_fn(ocp.args.Composite(**args))
+    weights = [_weight_from_json(e, x["a"], x["b"]) for e, x in zip(entries, out[_ARRAYS])]
+    if like is not None:
+        leaves = jax.tree.leaves(like, is_leaf=_is_node)
+        it = iter(weights)
+        lora = jax.tree.unflatten(like_def, [next(it) if is_lora(x) else None for x in leaves])
+    else:
+        lora = _decode(meta["structure"], weights)
+    return lora, {k: out[k] for k in (extra or {})}
+
+
+def restore(path: str | os.PathLike, like: Any = None) -> Any:
+    """Restore an adapter tree saved by :func:`save` (or a :class:`Manager` step).
+
+    Without ``like`` the tree is rebuilt from the checkpoint alone (containers, every
+    ``LoraWeight`` static field, factor dtypes) with its arrays on the first local device.
+    With ``like`` (a lora tree of the same targets whose factors are arrays or
+    ``jax.ShapeDtypeStruct``), the factors are restored with like's shardings and dtypes
+    and the result takes like's containers; the static fields still come from the
+    checkpoint.
+
+    Raises:
+      FileNotFoundError: no checkpoint at ``path`` (the message names any interrupted save).
+      ValueError: an unfinished checkpoint, a directory that is not an adapter checkpoint,
+        or a ``like`` whose targets or factor shapes differ (each path and both shapes named).
+
+    >>> import os, tempfile, jax, jax.numpy as jnp, numpy as np, lora_jax as lj
+    >>> from lora_jax import checkpoint
+    >>> cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2, alpha=4.0),))
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((8, 8)), "b": jnp.ones(8)}, cfg)
+    >>> path = os.path.join(tempfile.mkdtemp(), "adapter")
+    >>> checkpoint.save(path, lora)
+    >>> back = checkpoint.restore(path)
+    >>> back["b"], back["w"].scale, np.array_equal(back["w"].a, lora["w"].a)
+    (None, 2.0, True)
+    >>> mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+    >>> rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    >>> like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), lora)
+    >>> checkpoint.restore(path, like)["w"].a.sharding == rep
+    True
+    """
+    path = epath.Path(path)
+    _check_complete(path, "adapter checkpoint")
+    ck = _checkpointer()
+    fn = lambda args: ck.restore(path, args)
+    meta = _read_meta(fn, path)
+    return _restore_lora(meta, like, fn, path)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# merge
+
+
+def _base_tree(base_dir: epath.Path):
+    """The base checkpoint's tree of array metadata (shape, dtype), without reading arrays."""
+    try:
+        tree = ocp.StandardCheckpointer().metadata(base_dir).item_metadata.tree
+    except (FileNotFoundError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(
+            f"base checkpoint {base_dir} is not a plain orbax PyTree checkpoint ({e}); write it "
+            "with orbax.checkpoint.StandardCheckpointer().save(dir, params), or pass the "
+            "item directory inside a CheckpointManager step"
+        ) from None
+    if tree is None:
+        raise ValueError(f"base checkpoint {base_dir} has no tree metadata; is it a PyTree checkpoint?")
+    return tree
+
+
+def _shardings_for(abstract_tree, shardings, default):
+    if shardings is None:
+        return jax.tree.map(lambda _: default, abstract_tree)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: shardings, abstract_tree)
+    have = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    want = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]]
+    missing = [p for p in want if p not in have]
+    if missing or len(have) != len(want):
+        extra = sorted(set(have) - set(want))
+        raise ValueError(
+            f"shardings must be one jax.sharding.Sharding or a tree with a Sharding for every "
+            f"leaf of the base checkpoint; missing: {missing[:8] or 'none'}, unknown: "
+            f"{extra[:8] or 'none'}"
+        )
+    bad = [p for p in want if not isinstance(have[p], jax.sharding.Sharding)]
+    if bad:
+        raise TypeError(f"shardings at {bad[:8]} are not jax.sharding.Sharding objects")
+    return jax.tree.unflatten(jax.tree.structure(abstract_tree), [have[p] for p in want])
+
+
+def merge(
+    base_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shardings: Any = None,
+) -> list[str]:
+    """Write a plain orbax checkpoint of the base parameters with the adapter merged in.
+
+    ``base_dir`` is a plain orbax PyTree checkpoint of the parameter tree the adapter was
+    made for (``orbax.checkpoint.StandardCheckpointer().save(base_dir, params)``);
+    ``adapter_dir`` comes from :func:`save`. The adapter is checked against the base's
+    stored shapes before any weight is read; then the base is restored (with
+    ``shardings``), merged under ``jit`` (float32 accumulation, the base donated, outputs
+    keeping the base's shardings) and saved to ``out_dir`` with
+    ``StandardCheckpointer``, so plain orbax restores it into the original model.
+
+    Args:
+      shardings: ``None`` (one local device), one ``jax.sharding.Sharding`` for every
+        leaf, or a tree of shardings with the base's paths.
+
+    Returns:
+      the merged targets' paths.
+
+    Raises:
+      ValueError: an adapter target missing from the base, or a base weight of another
+        shape (path and both shapes named).
+
+    >>> import os, tempfile, jax, jax.numpy as jnp, orbax.checkpoint as ocp, lora_jax as lj
+    >>> from lora_jax import checkpoint
+    >>> params = {"w": jnp.ones((8, 8)), "b": jnp.zeros(8)}
+    >>> tmp = tempfile.mkdtemp()
+    >>> with ocp.StandardCheckpointer() as ckptr:  # a plain orbax checkpoint of the params
+    ...     ckptr.save(os.path.join(tmp, "base"), params)
+    >>> base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> lora = {"w": lora["w"].replace(b=jnp.ones((2, 8))), "b": None}
+    >>> checkpoint.save(os.path.join(tmp, "adapter"), lora)
+    >>> checkpoint.merge(os.path.join(tmp, "base"), os.path.join(tmp, "adapter"), os.path.join(tmp, "out"))
+    ['w']
+    >>> merged = ocp.StandardCheckpointer().restore(os.path.join(tmp, "out"))
+    >>> bool(jnp.array_equal(merged["w"], lj.merge(base, lora)["w"]))
+    True
+    """
+    base_dir, adapter_dir, out_dir = map(epath.Path, (base_dir, adapter_dir, out_dir))
+    _check_complete(base_dir, "base checkpoint")
+    _check_complete(adapter_dir, "adapter checkpoint")
+    _check_new(out_dir, "output checkpoint")
+    ck = _checkpointer()
+    fn = lambda args: ck.restore(adapter_dir, args)
+    meta = _read_meta(fn, adapter_dir)
+
+    # 1. Fit check on shapes only: no base weight is read yet.
+    stored = _base_tree(base_dir)
+    shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    base_paths = [path_str(p) for p, _ in flat]
+    by_path = {e["path"]: e for e in meta["targets"]}
+    unknown = [p for p in by_path if p not in set(base_paths)]
+    if unknown:
+        raise ValueError(
+            f"the adapter {adapter_dir} has targets that are not in the base checkpoint "
+            f"{base_dir}: {unknown[:8]}; base paths are {base_paths[:12]}"
+            f"{' ...' if len(base_paths) > 12 else ''}. Save the base with the same tree the "
+            "adapter was split from (e.g. the whole linen variables dict, with 'params')"
+        )
+    spec = lambda e: jax.ShapeDtypeStruct(tuple(e["shape"]), np.dtype(e["dtype"]))
+    placeholders = [
+        _weight_from_json(by_path[p], spec(by_path[p]["a"]), spec(by_path[p]["b"])) if p in by_path else None
+        for p in base_paths
+    ]
+    lora_like = jax.tree.unflatten(treedef, placeholders)
+    check_fits(shapes, lora_like)
+
+    # 2. Restore base and adapter onto the same devices, merge under jit, save.
+    base_shardings = _shardings_for(shapes, shardings, _default_sharding())
+    devices = sorted(jax.tree.leaves(base_shardings)[0].device_set, key=lambda d: d.id)
+    mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, base_shardings
+    )
+    base = ocp.StandardCheckpointer().restore(base_dir, abstract)
+    like = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), lora_like
+    )
+    lora, _ = _restore_lora(meta, like, fn, adapter_dir)
+    merged = jax.jit(_merge_trees, donate_argnums=0, out_shardings=base_shardings)(base, lora)
+    del base
+    out = ocp.StandardCheckpointer()
+    out.save(out_dir, merged)
+    out.wait_until_finished()
+    out.close()
+    return [p for p in base_paths if p in by_path]
+
+
+# ---------------------------------------------------------------------------------------
+# training checkpoints
+
+
+class Restored(NamedTuple):
+    """What :meth:`Manager.restore` returns."""
+
+    step: int
+    lora: Any
+    opt_state: Any
+
+
+class Manager:
+    """Training checkpoints (lora, optimizer state, step) on ``orbax.checkpoint.CheckpointManager``.
+
+    Each step directory ``directory/<step>`` holds the adapter exactly as :func:`save`
+    writes it (so :func:`restore` and :func:`merge` read it directly) plus the optimizer
+    state's arrays. The newest ``max_to_keep`` steps are kept; saves are atomic, and an
+    interrupted save is invisible to :meth:`latest_step` and removed by the next manager.
+
+    Args:
+      directory: where the step directories go (created if missing).
+      max_to_keep: how many of the newest checkpoints to keep (``None``: all).
+      async_save: write in a background thread after copying the arrays to host memory
+        (call :meth:`wait_until_finished` or :meth:`close`, or use ``with``).
+
+    >>> import tempfile, jax, jax.numpy as jnp, optax, lora_jax as lj
+    >>> from lora_jax import checkpoint
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((8, 8))},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> tx = optax.adam(1e-3)
+    >>> directory = tempfile.mkdtemp()
+    >>> with checkpoint.Manager(directory, max_to_keep=2) as mgr:
+    ...     for step in range(1, 4):
+    ...         mgr.save(step, lora, tx.init(lora))
+    >>> with checkpoint.Manager(directory) as mgr:
+    ...     mgr.all_steps(), mgr.latest_step()
+    ...     step, lora2, opt = mgr.restore(opt_state=jax.eval_shape(tx.init, lora))
+    ([2, 3], 3)
+    >>> step, lora2["w"].rank, type(opt[0]).__name__
+    (3, 2, 'ScaleByAdamState')
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        async_save: bool = False,
+    ):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._mgr = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                _ARRAYS: ocp.StandardCheckpointHandler(),
+                _META: ocp.JsonCheckpointHandler(),
+                _OPT: ocp.StandardCheckpointHandler(),
+            },
+        )
+
+    def save(self, step: int, lora: Any, opt_state: Any = None, *, config: LoraConfig | None = None) -> None:
+        """Save ``lora`` (and ``opt_state``, and ``config`` for reference) as step ``step``.
+
+        The optimizer state is stored as its list of array leaves; :meth:`restore` puts
+        them back into the structure of the ``opt_state`` it is given. Saving a step that
+        is already on disk is an error; steps older than the newest ``max_to_keep`` are
+        deleted.
+
+        >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+        >>> from lora_jax import checkpoint
+        >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))},
+        ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+        >>> with checkpoint.Manager(tempfile.mkdtemp(), max_to_keep=1) as mgr:
+        ...     mgr.save(1, lora); mgr.save(2, lora)
+        ...     mgr.all_steps()
+        [2]
+        """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        meta, arrays = _metadata_json(lora, config)
+        items = {_ARRAYS: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items[_OPT] = ocp.args.StandardSave(list(jax.tree.leaves(opt_state)))
+        if int(step) in self._mgr.all_steps():
+            raise FileExistsError(
+                f"step {step} already exists in {self.directory}; save each step once (after a "
+                "restore, continue from restored.step + 1)"
+            )
+        self._mgr.save(int(step), args=ocp.args.Composite(**items))
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None when there is none.
+
+        >>> import tempfile
+        >>> from lora_jax import checkpoint
+        >>> checkpoint.Manager(tempfile.mkdtemp()).latest_step() is None
+        True
+        """
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every complete step kept on disk, ascending.
+
+        >>> import tempfile
+        >>> from lora_jax import checkpoint
+        >>> checkpoint.Manager(tempfile.mkdtemp()).all_steps()
+        []
+        """
+        return sorted(self._mgr.all_steps())
+
+    def step_dir(self, step: int) -> epath.Path:
+        """The directory of ``step`` (an adapter checkpoint for :func:`restore` / :func:`merge`).
+
+        >>> import tempfile
+        >>> from lora_jax import checkpoint
+        >>> checkpoint.Manager(tempfile.mkdtemp()).step_dir(7).name
+        '7'
+        """
+        return self.directory / str(step)
+
+    def restore(self, step: int | None = None, *, lora: Any = None, opt_state: Any = None) -> Restored:
+        """Restore a step (default: the latest) as ``Restored(step, lora, opt_state)``.
+
+        ``lora`` (optional) is a like tree as in :func:`restore`: its shardings and dtypes
+        are used. ``opt_state`` is an optimizer state of the right structure (concrete, or
+        abstract from ``jax.eval_shape(tx.init, lora)``): its leaves are replaced by the
+        stored arrays, restored with its shardings. Without it, ``opt_state`` comes back None.
+
+        Raises:
+          FileNotFoundError: no checkpoint (or no such step) in the directory.
+          ValueError: an ``opt_state`` whose leaves differ in number or shape from the
+            stored ones, or a ``lora`` like tree that does not fit.
+
+        >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+        >>> from lora_jax import checkpoint
+        >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))},
+        ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+        >>> with checkpoint.Manager(tempfile.mkdtemp()) as mgr:
+        ...     mgr.save(5, lora)
+        ...     mgr.restore().step, mgr.restore().opt_state
+        (5, None)
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        elif step not in self._mgr.all_steps():
+            raise FileNotFoundError(
+                f"step {step} is not in {self.directory}; steps there: {self.all_steps()}"
+            )
+        fn = lambda args: self._mgr.restore(step, args=args)
+        where = self.step_dir(step)
+        meta = _read_meta(fn, where)
+        extra = {}
+        if opt_state is not None:
+            extra[_OPT] = ocp.args.StandardRestore(self._abstract_opt(step, opt_state, where))
+        lora_out, rest = _restore_lora(meta, lora, fn, where, extra)
+        opt = None
+        if opt_state is not None:
+            opt = jax.tree.unflatten(jax.tree.structure(opt_state), rest[_OPT])
+        return Restored(int(step), lora_out, opt)
+
+    def _abstract_opt(self, step, opt_state, where):
+        leaves, _ = jax.tree_util.tree_flatten_with_path(opt_state)
+        item = self._mgr.item_metadata(step)
+        stored = item.get(_OPT) if item is not None else None
+        if stored is None:
+            raise ValueError(f"{where} holds no optimizer state; restore without opt_state=")
+        stored = list(stored)
+        problems = []
+        if len(stored) != len(leaves):
+            problems.append(f"{len(stored)} stored leaves but opt_state has {len(leaves)}")
+        else:
+            for (p, x), m in zip(leaves, stored):
+                if tuple(np.shape(x)) != tuple(m.shape):
+                    problems.append(f"{path_str(p)}: stored {tuple(m.shape)}, opt_state {tuple(np.shape(x))}")
+        if problems:
+            raise ValueError(
+                f"opt_state does not fit the optimizer state in {where}: " + "; ".join(problems[:8])
+                + ". Pass tx.init(lora) (or jax.eval_shape of it) for the optimizer and adapters "
+                "that were saved"
+            )
+        default = _default_sharding()
+        return [
+            jax.ShapeDtypeStruct(tuple(np.shape(x)), x.dtype,
+                                 sharding=getattr(x, "sharding", None) or default)
+            for _, x in leaves
+        ]
+
+    def wait_until_finished(self) -> None:
+        """Block until a background (``async_save=True``) save is on disk.
+
+        >>> import tempfile
+        >>> from lora_jax import checkpoint
+        >>> checkpoint.Manager(tempfile.mkdtemp()).wait_until_finished()
+        """
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager's resources.
+
+        >>> import tempfile
+        >>> from lora_jax import checkpoint
+        >>> checkpoint.Manager(tempfile.mkdtemp()).close()
+        """
+        self._mgr.close()
+
+    def __enter__(self) -> "Manager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
