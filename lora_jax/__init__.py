@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import nnx, peft
+from . import checkpoint, nnx, peft, sharding
 from .config import Axes, LoraConfig, Rule, path_str, scale_for
 from .optim import apply_updates, labels, optimizer
 from .report import delta_norms, summary, targets
@@ -17,6 +17,7 @@ __all__ = [
     "LoraWeight",
     "Rule",
     "apply_updates",
+    "checkpoint",
     "delta_norms",
     "is_lora",
     "labels",
@@ -26,6 +27,7 @@ __all__ = [
     "peft",
     "path_str",
     "scale_for",
+    "sharding",
     "split",
     "summary",
     "targets",
