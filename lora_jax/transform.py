@@ -160,7 +160,8 @@ class Adapted:
             group = {v.roles[d][0] for d in gi}
             if len(group) != 1:
                 return None
-            kinds.update((d, group.pop()) for d in gj)
+            kind = group.pop()
+            kinds.update((d, kind) for d in gj)
             i, j = i + 1, j + 1
         roles, count = [], {_S: 0, _I: 0, _O: 0}
         for d in range(len(new)):
