@@ -205,6 +205,8 @@ class _Interpreter:
     def __init__(self, warned: set):
         self.warned = warned
         self.uses = 0  # counts adapter uses, so each gets its own dropout mask
+        self.frame: tuple = ((), {}, 0)  # (equations, environment, position) being evaluated
+        self.shared: dict = {}  # id(eqn) -> its x·A, computed with a sibling's (same x)
 
     def run(self, jaxpr, consts, args) -> list:
         env: dict = {}
@@ -214,14 +216,34 @@ class _Interpreter:
 
         env.update(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
-        for eqn in jaxpr.eqns:
+        outer = self.frame
+        for pos, eqn in enumerate(jaxpr.eqns):
             invals = [read(v) for v in eqn.invars]
             if any(map(_is_adapted, invals)):
+                self.frame = (jaxpr.eqns, env, pos)
                 outs = self.adapted(eqn, invals)
+                self.frame = outer
             else:
                 outs = _bind(eqn, invals)
             env.update(zip(eqn.outvars, outs))
         return [read(v) for v in jaxpr.outvars]
+
+    def siblings(self, eqn, x_pos: int, accept) -> list:
+        """Later ``dot_general`` equations of this jaxpr with the same parameters that read
+        the same input variable at ``x_pos`` and whose weight, already evaluated, is an
+        :class:`Adapted` value that ``accept``s."""
+        eqns, env, pos = self.frame
+        x_var, found = eqn.invars[x_pos], []
+        for other in eqns[pos + 1:]:
+            if other.primitive is not eqn.primitive or other.params != eqn.params:
+                continue
+            if other.invars[x_pos] is not x_var:
+                continue
+            w_var = other.invars[1 - x_pos]
+            v = env.get(w_var) if not isinstance(w_var, jcore.Literal) else None
+            if _is_adapted(v) and accept(v):
+                found.append((other, v))
+        return found
 
     def run_closed(self, closed, args) -> list:
         return self.run(closed.jaxpr, closed.consts, args)
@@ -398,7 +420,23 @@ def _dot_general(interp, eqn, invals):
     needed = set(out) | set(l2)
     mid = "".join(dict.fromkeys(c for c in x_sub + l1 if c in needed))
     kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
-    t = jnp.einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
+    t = interp.shared.pop(id(eqn), None)
+    if t is None and mid == n + _R and v.key is None:
+        # q, k and v read one activation: one x·[A_q; A_k; A_v] reads it once, forward and
+        # backward (dA and dx), instead of three times
+        pairing = [v.roles[d] for d in wc]
+        group = interp.siblings(eqn, 1 if v_lhs else 0, lambda u: (
+            u.key is None and u.n_stack == 0 and len(u.dims(_I)) == len(wc)
+            and [u.roles[d] for d in wc] == pairing and u.a.shape[1:] == v.a.shape[1:]
+            and jnp.result_type(u.w) == jnp.result_type(v.w)))
+        if group:
+            factors = [f1] + [_cast_factors(u, _I)[0] for _, u in group]
+            t_all = jnp.einsum(f"{x_sub},{l1}->{mid}", xin, jnp.concatenate(factors, axis=0), **kw)
+            bounds = np.cumsum([f.shape[0] for f in factors])
+            t, *rest_t = jnp.split(t_all, bounds[:-1], axis=1)
+            interp.shared.update((id(e), tt) for (e, _), tt in zip(group, rest_t))
+    if t is None:
+        t = jnp.einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
     y = jnp.einsum(f"{mid},{l2}->{out}", t.astype(f2.dtype), f2, **kw)
     return [base + jnp.reshape(y, base.shape).astype(base.dtype)]
 
