@@ -8,6 +8,7 @@ module's state; ``call`` runs the module with adapters applied. The state is the
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -85,7 +86,13 @@ def call(
     >>> lj.nnx.call(graphdef, base, lora, jnp.ones((3, 8))).shape
     (3, 4)
     """
-    return wrap(apply_fn(graphdef), strategy)(base, lora, *args, lora_rng=lora_rng, **kwargs)
+    return _wrapped(graphdef, strategy)(base, lora, *args, lora_rng=lora_rng, **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _wrapped(graphdef: Any, strategy: str) -> Callable:
+    """One wrapped function per module structure, so its traces are reused across calls."""
+    return wrap(apply_fn(graphdef), strategy)
 
 
 def merge(graphdef: Any, base: Any, lora: Any) -> nnx.Module:

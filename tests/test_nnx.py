@@ -91,3 +91,23 @@ def test_combined_tree_training_with_rng_state_in_base():
     assert float(loss(state["lora"])) < l0
     keyed = lambda t: jax.tree.map(lambda a: jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a, t)
     chex.assert_trees_all_equal(keyed(state["base"]), keyed(base))
+
+
+def test_call_reuses_its_trace_across_calls():
+    from flax import nnx
+
+    traced = []
+
+    class Counting(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            traced.append(x.shape)
+            return self.lin(x)
+
+    cfg = lj.LoraConfig(rules=(lj.Rule(r"lin/kernel", rank=2),))
+    graphdef, base, lora = lj.nnx.split(Counting(), cfg, jax.random.key(1))
+    for _ in range(3):
+        lj.nnx.call(graphdef, base, lora, jnp.ones((2, 6)))
+    assert traced == [(2, 6)]
