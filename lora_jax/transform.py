@@ -693,8 +693,8 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
             list(base_leaves), [x for x, arr in zip(arg_leaves, is_arr) if arr]
         )
         out = (closed, jax.tree.structure(shape), is_arr)
-        if key is not None:
-            cache[key] = out
+        if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+            cache[key] = out  # (values f closes over from an enclosing trace are not reusable)
         return out
 
     @functools.wraps(f)

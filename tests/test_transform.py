@@ -294,3 +294,21 @@ def test_adapters_on_one_input_read_it_once():
     gf = jax.grad(lambda l: sum(jnp.sum(jnp.sin(y)) for y in lj.wrap(f)(base, l, x)))(lora)
     gm = jax.grad(lambda l: sum(jnp.sum(jnp.sin(y)) for y in lj.wrap(f, "merge")(base, l, x)))(lora)
     chex.assert_trees_all_close(gf, gm, rtol=1e-4, atol=1e-4)  # grads of size ~10, fp32
+
+
+def test_reused_wrapper_with_a_closure_over_an_enclosing_trace():
+    """f closes over a value traced by an enclosing jit: that trace must not be cached."""
+    base, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 3))}, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+    scale = {}
+    g = lj.wrap(lambda p, x: (x @ p["w"]) * scale["s"])
+
+    @jax.jit
+    def step(lora, x, s):
+        scale["s"] = s
+        return g(base, lora, x)
+
+    x = jnp.ones((2, 4))
+    np.testing.assert_allclose(step(lora, x, 2.0), 8.0)
+    np.testing.assert_allclose(step(lora, x[:1], 3.0), 12.0)  # a new trace, a new closure
+    # same shapes for g, but a new trace of step (another dtype of s): g must trace again
+    np.testing.assert_allclose(step(lora, x, jnp.asarray(5.0, jnp.bfloat16)), 20.0)
