@@ -315,9 +315,12 @@ def _reshape(interp, eqn, invals):
 
 
 @_rule("convert_element_type", "copy", "copy_p", "sharding_constraint", "mesh_cast",
-       "reshard", "reduce_precision", "name")
+       "reshard", "name")
 def _elementwise_view(interp, eqn, invals):
     (v,) = invals
+    new_dtype = eqn.params.get("new_dtype")
+    if new_dtype is not None and not jnp.issubdtype(new_dtype, jnp.inexact):
+        return None  # a cast to int/bool rounds W + s·A⊗B as a whole: materialize first
     (w,) = _bind(eqn, [v.w])
     return [v.replace(w=w)]
 
@@ -474,7 +477,8 @@ def _gather(interp, eqn, invals):
             start_index_map=tuple(ax(d) for d in dn.start_index_map),
         ),
         tuple(sizes), indices_are_sorted=p["indices_are_sorted"],
-        unique_indices=p["unique_indices"], mode=p["mode"], fill_value=p["fill_value"],
+        unique_indices=p["unique_indices"], mode=p["mode"],
+        fill_value=0,  # where the base takes its fill value, the adapter adds nothing
     )
     bl = _LETTERS[v.w.ndim: v.w.ndim + n_batch]
     g_sub = bl + "".join(lf[i] for i in kept)
@@ -625,8 +629,8 @@ def _is_array(x) -> bool:
 
 def _signature(base_def, base_leaves, arg_def, arg_leaves):
     try:
-        key = (base_def, tuple(jax.typeof(x) for x in base_leaves), arg_def,
-               tuple(jax.typeof(x) if _is_array(x) else ("static", x) for x in arg_leaves))
+        key = (base_def, arg_def) + tuple(
+            jax.typeof(x) if _is_array(x) else ("static", type(x), x) for x in (*base_leaves, *arg_leaves))
         hash(key)
         return key
     except TypeError:
@@ -682,15 +686,18 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
         key = _signature(base_def, base_leaves, arg_def, arg_leaves)
         if key is not None and key in cache:
             return cache[key]
-        is_arr = [_is_array(x) for x in arg_leaves]
+        # non-array leaves (flags, sizes kept in a params tree) are static
+        is_arr = [_is_array(x) for x in (*base_leaves, *arg_leaves)]
+        n_base = len(base_leaves)
 
-        def flat(b_leaves, a_leaves):
-            it = iter(a_leaves)
-            a, kw = jax.tree.unflatten(arg_def, [next(it) if arr else x for x, arr in zip(arg_leaves, is_arr)])
-            return f(jax.tree.unflatten(base_def, b_leaves), *a, **kw)
+        def flat(arrays):
+            it = iter(arrays)
+            leaves = [next(it) if arr else x for x, arr in zip((*base_leaves, *arg_leaves), is_arr)]
+            a, kw = jax.tree.unflatten(arg_def, leaves[n_base:])
+            return f(jax.tree.unflatten(base_def, leaves[:n_base]), *a, **kw)
 
         closed, shape = jax.make_jaxpr(flat, return_shape=True)(
-            list(base_leaves), [x for x, arr in zip(arg_leaves, is_arr) if arr]
+            [x for x, arr in zip((*base_leaves, *arg_leaves), is_arr) if arr]
         )
         out = (closed, jax.tree.structure(shape), is_arr)
         if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
@@ -715,12 +722,13 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
         arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
         closed, out_tree, is_arr = trace(base_def, base_leaves, arg_def, arg_leaves)
         inputs = []
-        for i, (w, lw) in enumerate(zip(base_leaves, targets)):
+        for i, (w, lw, arr) in enumerate(zip(base_leaves, targets, is_arr)):
             if is_lora(lw):
                 key = None if lora_rng is None or lw.dropout <= 0 else jax.random.fold_in(lora_rng, i)
                 w = Adapted.of(w, lw, key)
-            inputs.append(w)
-        inputs += [x for x, arr in zip(arg_leaves, is_arr) if arr]
+            if arr:
+                inputs.append(w)
+        inputs += [x for x, arr in zip(arg_leaves, is_arr[len(base_leaves):]) if arr]
         interp = _Interpreter(warned)
         outs = interp.run_closed(closed, inputs)
         outs = [interp.concrete(o, "the function's output") for o in outs]

@@ -312,3 +312,37 @@ def test_reused_wrapper_with_a_closure_over_an_enclosing_trace():
     np.testing.assert_allclose(step(lora, x[:1], 3.0), 12.0)  # a new trace, a new closure
     # same shapes for g, but a new trace of step (another dtype of s): g must trace again
     np.testing.assert_allclose(step(lora, x, jnp.asarray(5.0, jnp.bfloat16)), 20.0)
+
+
+W45 = jnp.arange(20.0).reshape(4, 5) / 10
+
+
+def _w45():
+    lw = lj.LoraWeight(a=jnp.ones((2, 4)), b=jnp.ones((2, 5)), shape=(4, 5), in_axes=(0,), out_axes=(1,),
+                       rank=2, scale=0.5)
+    return {"w": W45}, {"w": lw}
+
+
+@pytest.mark.parametrize(
+    "f, arg",
+    [
+        (lambda p, i: jnp.take(p["w"], i, axis=0, mode="fill", fill_value=1.0), jnp.array([9, 1])),
+        (lambda p, i: jnp.take(p["w"], i, axis=1, mode="fill", fill_value=-2.0), jnp.array([0, 7])),
+        (lambda p, x: x @ jax.lax.reduce_precision(p["w"], 2, 1), jnp.ones((1, 4))),
+        (lambda p, x: x @ p["w"].astype(jnp.int32), jnp.ones((1, 4), jnp.int32)),
+    ],
+    ids=["take-fill-rows", "take-fill-cols", "reduce-precision", "cast-to-int"],
+)
+def test_fill_values_roundings_and_integer_casts_act_on_the_adapted_weight(f, arg):
+    base, lora = _w45()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MaterializeWarning)  # the last two materialize by design
+        y = lj.wrap(f)(base, lora, arg)
+    chex.assert_trees_all_close(y, lj.wrap(f, "merge")(base, lora, arg))
+
+
+def test_non_array_leaves_in_params_are_static():
+    base, lora = _w45()
+    base, lora = {**base, "heads": 5}, {**lora, "heads": None}
+    f = lambda p, x: (x @ p["w"]).reshape(p["heads"], -1)
+    chex.assert_trees_all_close(lj.wrap(f)(base, lora, jnp.ones((1, 4))), lj.wrap(f, "merge")(base, lora, jnp.ones((1, 4))))
