@@ -250,13 +250,9 @@ class _Interpreter:
 
     def adapted(self, eqn, invals) -> list:
         rule = _RULES.get(eqn.primitive.name)
-        if rule is not None:
-            out = rule(self, eqn, invals)
-            if out is not None:
-                return out
-        elif subcalls(eqn) and eqn.primitive.name in _INLINED:
-            (closed, _, _), = subcalls(eqn)
-            return self.run_closed(closed, invals)
+        out = None if rule is None else rule(self, eqn, invals)
+        if out is not None:
+            return out
         return _bind(eqn, [self.concrete(x, eqn.primitive.name) for x in invals])
 
     def concrete(self, x, why: str):
@@ -284,13 +280,6 @@ class _Interpreter:
         return jnp.where(mask, x / jnp.asarray(keep, jnp.result_type(x)), jnp.zeros((), jnp.result_type(x)))
 
 
-# Higher-order primitives whose single sub-jaxpr maps operands to outputs one to one and
-# whose semantics are those of the body (custom derivative rules are dropped for a call
-# that an adapted weight enters: its primal is differentiated instead).
-_INLINED = frozenset(
-    {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-     "custom_vjp_call_jaxpr"}
-)
 
 
 # -- shape-only ops and windows -------------------------------------------------------------
@@ -518,6 +507,19 @@ def _conv(interp, eqn, invals):
 
 
 # -- higher-order primitives ---------------------------------------------------------------------
+@_rule("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+       "custom_vjp_call_jaxpr")
+def _inline(interp, eqn, invals):
+    """Calls whose one sub-jaxpr maps operands to outputs one to one: evaluate the body.
+    A custom derivative rule is dropped for a call an adapted weight enters: its primal is
+    differentiated instead."""
+    subs = subcalls(eqn)
+    if len(subs) != 1:
+        return None
+    (closed, _, _), = subs
+    return interp.run_closed(closed, invals)
+
+
 @_rule("remat2", "checkpoint", "remat")
 def _remat(interp, eqn, invals):
     p = eqn.params
