@@ -152,7 +152,10 @@ def _decode(node, weights: Sequence[LoraWeight]):
         cls = getattr(nnx, node["nnx_variable"], None)
         if not (isinstance(cls, type) and issubclass(cls, nnx.Variable)):
             raise ValueError(f"unknown NNX variable type {node['nnx_variable']!r} in checkpoint metadata")
-        return cls(_decode(node["value"], weights), **node["metadata"])
+        # JSON turns tuples (e.g. out_sharding's axis names) into lists: back to tuples, as
+        # for the LoraWeight fields; the trial rebuild at save time checks the result
+        metadata = {k: _from_json(v) for k, v in node["metadata"].items()}
+        return _variable(cls, _decode(node["value"], weights), metadata)
     if kind in ("dict", "frozen_dict", "nnx_state"):
         d = {k: _decode(v, weights) for k, v in node[kind]}
         return {"dict": d, "frozen_dict": FrozenDict(d), "nnx_state": nnx.State(d)}[kind]
@@ -162,13 +165,28 @@ def _decode(node, weights: Sequence[LoraWeight]):
     raise ValueError(f"unknown container {kind!r} in checkpoint metadata")
 
 
+def _variable(cls, value, metadata: dict):
+    """An ``nnx.Variable`` holding ``value`` with exactly ``metadata``, without side effects.
+
+    The constructor would run creation hooks and, for variables annotated with a sharding
+    (``nnx.with_partitioning``), shard the value eagerly, which fails on a ``LoraWeight``
+    or ``None`` value; ``from_metadata`` (what flax's own unflattening uses) does neither.
+    """
+    if hasattr(cls, "from_metadata") and "hijax" in metadata:
+        return cls.from_metadata(value, metadata)
+    return cls(value, **{**metadata, "eager_sharding": False})
+
+
 def _structure(lora, weights):
     """The JSON structure of ``lora``, or ``(None, why)`` when it cannot be rebuilt exactly."""
     try:
         enc = _encode(lora, {id(w): i for i, w in enumerate(weights)})
-        rebuilt = _decode(json.loads(json.dumps(enc)), weights)
     except _Unsupported as e:
         return None, str(e)
+    try:
+        rebuilt = _decode(json.loads(json.dumps(enc)), weights)
+    except Exception as e:  # noqa: BLE001 - any failure to rebuild means: restore needs like=
+        return None, f"rebuilding the containers failed ({type(e).__name__}: {e})"
     if jax.tree.structure(rebuilt, is_leaf=_is_node) != jax.tree.structure(lora, is_leaf=_is_node):
         return None, "the rebuilt containers differ from the original"
     return enc, None
@@ -487,6 +505,15 @@ def _shardings_for(abstract_tree, shardings, default):
     return jax.tree.unflatten(jax.tree.structure(abstract_tree), [have[p] for p in want])
 
 
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """A fully replicated sharding over the devices of ``sharding``."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    devices = sorted(sharding.device_set, key=lambda d: d.id)
+    mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def merge(
     base_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike,
@@ -561,16 +588,17 @@ def merge(
 
     # 2. Restore base and adapter onto the same devices, merge under jit, save.
     base_shardings = _shardings_for(shapes, shardings, _default_sharding())
-    devices = sorted(jax.tree.leaves(base_shardings)[0].device_set, key=lambda d: d.id)
-    mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, base_shardings
     )
     base = ocp.StandardCheckpointer().restore(base_dir, abstract)
-    like = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), lora_like
-    )
+    # each target's factors are replicated over its base weight's devices (on the same
+    # mesh, axis types and device order included, when the base sharding is named)
+    like = jax.tree.unflatten(treedef, [
+        None if w is None else jax.tree.map(
+            lambda x, r=_replicated(s): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=r), w)
+        for w, s in zip(placeholders, jax.tree.leaves(base_shardings))
+    ])
     lora, _ = _restore_lora(meta, like, fn, adapter_dir)
     merged = jax.jit(_merge_trees, donate_argnums=0, out_shardings=base_shardings)(base, lora)
     del base
@@ -652,9 +680,10 @@ class Manager:
         """Save ``lora`` (and ``opt_state``, and ``config`` for reference) as step ``step``.
 
         The optimizer state is stored as its list of array leaves; :meth:`restore` puts
-        them back into the structure of the ``opt_state`` it is given. Saving a step that
-        is already on disk is an error; steps older than the newest ``max_to_keep`` are
-        deleted.
+        them back into the structure of the ``opt_state`` it is given (a state without
+        array leaves is not stored). Steps must increase: saving a step that is already on
+        disk (``FileExistsError``) or one below the latest step (``ValueError``) is an
+        error. Steps older than the newest ``max_to_keep`` are deleted.
 
         >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
         >>> from lora_jax import checkpoint
@@ -669,14 +698,27 @@ class Manager:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         meta, arrays = _metadata_json(lora, config)
         items = {_ARRAYS: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}
-        if opt_state is not None:
-            items[_OPT] = ocp.args.StandardSave(list(jax.tree.leaves(opt_state)))
-        if int(step) in self._mgr.all_steps():
+        opt_leaves = list(jax.tree.leaves(opt_state))
+        if opt_leaves:  # a state without arrays (e.g. optax.sgd's) has nothing to store
+            items[_OPT] = ocp.args.StandardSave(opt_leaves)
+        step = int(step)
+        if step in self._mgr.all_steps():
             raise FileExistsError(
                 f"step {step} already exists in {self.directory}; save each step once (after a "
                 "restore, continue from restored.step + 1)"
             )
-        self._mgr.save(int(step), args=ocp.args.Composite(**items))
+        latest = self._mgr.latest_step()
+        if latest is not None and step <= latest:
+            raise ValueError(self._old_step(step, latest))
+        if not self._mgr.save(step, args=ocp.args.Composite(**items)):
+            raise ValueError(self._old_step(step, self._mgr.latest_step()))
+
+    def _old_step(self, step: int, latest: int | None) -> str:
+        return (
+            f"step {step} was not saved: steps must increase, and the latest step in "
+            f"{self.directory} is {latest}; save a step after {latest}, or start a new "
+            "directory to train from an earlier step"
+        )
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None when there is none.
@@ -714,7 +756,8 @@ class Manager:
         ``lora`` (optional) is a like tree as in :func:`restore`: its shardings and dtypes
         are used. ``opt_state`` is an optimizer state of the right structure (concrete, or
         abstract from ``jax.eval_shape(tx.init, lora)``): its leaves are replaced by the
-        stored arrays, restored with its shardings. Without it, ``opt_state`` comes back None.
+        stored arrays, restored with its shardings. Without it, ``opt_state`` comes back None;
+        an ``opt_state`` without array leaves (e.g. ``optax.sgd``'s) comes back unchanged.
 
         Raises:
           FileNotFoundError: no checkpoint (or no such step) in the directory.
@@ -742,11 +785,13 @@ class Manager:
         where = self.step_dir(step)
         meta = _read_meta(fn, where)
         extra = {}
-        if opt_state is not None:
+        # an optimizer state without arrays (e.g. optax.sgd's) was not stored: it is returned as is
+        opt_arrays = opt_state is not None and bool(jax.tree.leaves(opt_state))
+        if opt_arrays:
             extra[_OPT] = ocp.args.StandardRestore(self._abstract_opt(step, opt_state, where))
         lora_out, rest = _restore_lora(meta, lora, fn, where, extra)
-        opt = None
-        if opt_state is not None:
+        opt = opt_state
+        if opt_arrays:
             opt = jax.tree.unflatten(jax.tree.structure(opt_state), rest[_OPT])
         return Restored(int(step), lora_out, opt)
 

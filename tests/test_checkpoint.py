@@ -155,6 +155,42 @@ def test_round_trip_keeps_containers(tmp_path):
     assert_same_adapter(back, lora)
 
 
+def test_nnx_partitioned_variables_round_trip(tmp_path, monkeypatch):
+    """Variables annotated with nnx.with_partitioning (out_sharding metadata) save and restore
+    with their metadata, inside and outside the mesh they were made on."""
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    with jax.set_mesh(mesh):
+        model = nnx.Linear(8, 16, kernel_init=init, rngs=nnx.Rngs(0))
+    cfg = lj.LoraConfig(rules=(lj.Rule(".*kernel", rank=2),))
+    _, _, lora = lj.nnx.split(model, cfg, jax.random.key(1))
+    lora = jax.tree.map(lambda w: w.replace(b=jnp.full(w.b.shape, 0.5)) if lj.is_lora(w) else w,
+                        lora, is_leaf=lj.is_lora)
+    assert lora["kernel"].get_metadata()["out_sharding"] == ("data", "model")
+    checkpoint.save(tmp_path / "outside", lora)
+    with jax.set_mesh(mesh):
+        checkpoint.save(tmp_path / "inside", lora)
+        assert_same_adapter(checkpoint.restore(tmp_path / "inside"), lora)
+    for name in ("outside", "inside"):
+        assert checkpoint.metadata(tmp_path / name)["structure"] is not None
+        back = checkpoint.restore(tmp_path / name)
+        assert type(back) is nnx.State and type(back["kernel"]) is nnx.Param
+        assert back["kernel"].get_metadata() == lora["kernel"].get_metadata()
+        assert back["bias"].get_metadata() == lora["bias"].get_metadata()
+        assert_same_adapter(back, lora)
+
+    # any failure to rebuild the containers at save time only means restore needs like=
+    def fail(*args):
+        raise RuntimeError("cannot rebuild")
+
+    monkeypatch.setattr(checkpoint, "_variable", fail)
+    checkpoint.save(tmp_path / "fallback", lora)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"cannot be rebuilt .*RuntimeError: cannot rebuild.*pass like="):
+        checkpoint.restore(tmp_path / "fallback")
+    assert_same_adapter(checkpoint.restore(tmp_path / "fallback", like=lora), lora)
+
+
 def test_unknown_container_needs_like(tmp_path):
     @jax.tree_util.register_dataclass
     @dataclasses.dataclass
@@ -303,6 +339,30 @@ def test_merge_sharded(tmp_path):
                      shardings=NamedSharding(mesh, P()))
     chex.assert_trees_all_equal(ocp.StandardCheckpointer().restore(tmp_path / "out2"),
                                 ocp.StandardCheckpointer().restore(tmp_path / "out"))
+
+
+def test_merge_on_explicit_and_reordered_meshes(tmp_path):
+    """The factors are placed on the base shardings' own mesh: Explicit axes (jax.make_mesh's
+    default) and meshes whose devices are not in id order both merge."""
+    _, _, variables, base, lora = write_base_and_adapter(tmp_path)
+    want = lj.merge(base, lora)
+    meshes = {
+        "explicit": jax.make_mesh((2, 4), ("x", "y")),
+        "reversed": jax.sharding.Mesh(np.array(jax.devices()[::-1]).reshape(2, 4), ("x", "y")),
+    }
+    for name, mesh in meshes.items():
+        def spec(path, x, mesh=mesh):
+            if lj.path_str(path) == "params/up/kernel":
+                return NamedSharding(mesh, P("x", "y"))  # (16, 32)
+            return NamedSharding(mesh, P())
+
+        shardings = jax.tree_util.tree_map_with_path(spec, variables)
+        checkpoint.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / name, shardings=shardings)
+        merged = ocp.StandardCheckpointer().restore(tmp_path / name)
+        chex.assert_trees_all_close(merged, want, rtol=1e-6, atol=0)
+        checkpoint.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / (name + "1"),
+                         shardings=NamedSharding(mesh, P()))
+        chex.assert_trees_all_equal(ocp.StandardCheckpointer().restore(tmp_path / (name + "1")), merged)
 
 
 def test_merge_onto_base_that_does_not_fit(tmp_path):
@@ -500,6 +560,37 @@ def test_manager_async_save(tmp_path):
         got = mgr.restore(opt_state=opt)
     assert_same_adapter(got.lora, lora)
     chex.assert_trees_all_equal(got.opt_state, opt)
+
+
+def test_manager_rejects_steps_below_latest(tmp_path):
+    _, lora, _, _ = small_training()
+    with checkpoint.Manager(tmp_path, max_to_keep=2) as mgr:
+        for i in (1, 3, 4):
+            mgr.save(i, lora)
+        assert mgr.all_steps() == [3, 4]
+        for old in (2, 1):  # 1 was deleted (max_to_keep): still below the latest
+            with pytest.raises(ValueError, match=f"step {old} was not saved.* latest step .* is 4;"
+                               ".*new directory"):
+                mgr.save(old, lora)
+        with pytest.raises(FileExistsError, match="step 4 already exists"):
+            mgr.save(4, lora)
+        assert mgr.all_steps() == [3, 4]
+        mgr.save(5, lora)
+        assert mgr.all_steps() == [4, 5]
+
+
+def test_manager_optimizer_state_without_arrays(tmp_path):
+    _, lora, _, _ = small_training()
+    tx = optax.sgd(1e-3)
+    empty = tx.init(lora)
+    assert jax.tree.leaves(empty) == []
+    with checkpoint.Manager(tmp_path) as mgr:
+        mgr.save(1, lora, empty)
+        got = mgr.restore(opt_state=empty)
+        assert got.step == 1 and got.opt_state is empty
+        assert_same_adapter(got.lora, lora)
+        assert mgr.restore(opt_state=jax.eval_shape(tx.init, lora)).opt_state == empty
+        assert mgr.restore().opt_state is None
 
 
 @pytest.mark.slow
