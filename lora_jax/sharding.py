@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 from flax.core import meta as flax_meta
+from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from .config import LoraConfig, path_str
@@ -79,6 +80,52 @@ def _needs_rules(path, names, what):
     )
 
 
+def _nnx_logical(path, names, rules, local) -> PartitionSpec:
+    """Logical names mapped as NNX maps them (``flax.core.spmd``): a name without a rule is
+    passed through unchanged, as a mesh axis name."""
+    context = rules if rules is not None else flax_spmd.get_logical_axis_rules()
+    try:
+        table = dict(flax_spmd.composite_rules(tuple(context or ()), tuple(local or ())))
+    except ValueError as e:
+        raise ValueError(f"{path}: logical axis names {tuple(names)} cannot be mapped: {e}") from None
+    return PartitionSpec(*(table.get(n, n) if n is not None else None for n in names))
+
+
+def _value_sharding(value):
+    """The sharding a concrete or abstract (untraced) array carries, else ``None``."""
+    if value is None or isinstance(value, jax.core.Tracer):
+        return None
+    return getattr(value, "sharding", None)
+
+
+def _variable_spec(path: str, leaf, rules) -> PartitionSpec:
+    """The mesh-level spec of an ``nnx.Variable``: its value's actual ``NamedSharding``
+    when it has one, else its sharding metadata resolved as NNX resolves it, else its
+    value's own (e.g. single-device) sharding."""
+    value = _variable_value(leaf)
+    meta = leaf.get_metadata()
+    local = meta.get("sharding_rules")
+    if isinstance(value, PartitionSpec):  # a State of specs (nnx.get_partition_spec)
+        return _nnx_logical(path, tuple(value), rules, local)
+    if isinstance(value, Sharding) or value is None:
+        return _spec_of(path, value, rules)
+    actual = _value_sharding(value)
+    if isinstance(actual, NamedSharding):
+        return actual.spec
+    names = None
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        if meta.get(key):
+            names = meta[key]
+            break
+    if isinstance(names, NamedSharding):
+        return names.spec
+    if names is not None:
+        return _nnx_logical(path, tuple(names), rules, local)
+    if actual is not None:
+        return _spec_of(path, actual, None)
+    return PartitionSpec()
+
+
 def _spec_of(path: str, leaf, rules) -> PartitionSpec:
     """The base's mesh-level ``PartitionSpec`` from one leaf of ``base_specs``."""
     if leaf is None:
@@ -116,28 +163,7 @@ def _spec_of(path: str, leaf, rules) -> PartitionSpec:
             )
         return get()
     if isinstance(leaf, nnx.Variable):
-        value = _variable_value(leaf)
-        if isinstance(value, (PartitionSpec, Sharding)) or value is None:
-            return _spec_of(path, value, rules)
-        meta = leaf.get_metadata()
-        names = None
-        for key in ("out_sharding", "sharding_names", "sharding"):
-            if meta.get(key):
-                names = meta[key]
-                break
-        if names is None:
-            return PartitionSpec()
-        if isinstance(names, NamedSharding):
-            return names.spec
-        names = tuple(names)
-        if rules is not None:
-            return _logical(names, rules, path)
-        local = meta.get("sharding_rules")
-        context = nn.get_logical_axis_rules()
-        if local or context:
-            use = tuple(context or ()) + tuple(local or ())
-            return _logical(names, use, path)
-        return PartitionSpec(*names)
+        return _variable_spec(path, leaf, rules)
     sharding = getattr(leaf, "sharding", None)
     if sharding is not None:
         return _spec_of(path, sharding, None)
@@ -218,7 +244,12 @@ def specs(lora: Any, base_specs: Any, *, rules: Rules | None = None) -> Any:
         ``PartitionSpec`` leaves hold logical names (as ``nn.get_partition_spec`` returns
         for ``nn.LogicallyPartitioned`` variables) and are mapped with
         ``nn.logical_to_mesh_axes``. Without it, ``nn.LogicallyPartitioned`` boxes use their
-        own rules or those of an enclosing ``nn.logical_axis_rules`` context.
+        own rules or those of an enclosing ``nn.logical_axis_rules`` context. Linen boxes
+        and plain ``PartitionSpec`` leaves map a name without a rule to ``None``
+        (replicated), as linen does; NNX variables resolve their names as NNX does
+        (``rules`` or the context's, with the variable's own ``sharding_rules``), a name
+        without a rule naming the mesh axis of that name. An NNX variable whose value is
+        an array with a ``NamedSharding`` is taken at that actual layout.
 
     Returns:
       The structure of ``lora``: an :class:`~lora_jax.LoraWeight` whose ``a`` and ``b`` are

@@ -489,6 +489,59 @@ def test_nnx_sharding_metadata():
     assert lora["up"]["kernel"].get_value().a.sharding.is_equivalent_to(sh["up"]["kernel"].get_value().a, 2)
 
 
+def test_nnx_variable_without_metadata_follows_its_arrays_sharding():
+    mesh = _mesh((2, 4), ("data", "model"))
+    _, state = nnx.split(nnx.Linear(8, 16, use_bias=False, rngs=nnx.Rngs(0)))
+    state = jax.device_put(state, NamedSharding(mesh, P("data", "model")))
+    assert not state["kernel"].get_metadata().get("out_sharding")  # no sharding metadata
+    cfg = lj.LoraConfig(rules=(lj.Rule("kernel", rank=2),))
+    _, lora = sharding.split(jax.random.key(0), state, cfg)
+    w = lora["kernel"].get_value()
+    assert (w.a.sharding.spec, w.b.sharding.spec) == (P(None, "data"), P(None, "model"))
+    s = sharding.specs(lora, state)["kernel"].get_value()
+    assert (s.a, s.b) == (P(None, "data"), P(None, "model"))
+
+
+class _NNXLogical(nnx.Module):
+    def __init__(self, rngs):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "model"))
+        self.lin = nnx.Linear(8, 16, use_bias=False, kernel_init=init, rngs=rngs)
+
+
+def test_nnx_logical_name_without_a_rule_names_a_mesh_axis_as_in_nnx():
+    # NNX passes a logical name with no rule through as a mesh axis name ('model' here)
+    mesh = _mesh((2, 4), ("data", "model"))
+    rules = [("embed", "data")]
+    cfg = lj.LoraConfig(rules=(lj.Rule(r".*kernel", rank=2),))
+    want = (P(None, "data"), P(None, "model"))
+
+    def pair(lora, tree, rules=None):
+        s = sharding.specs(lora, tree, rules=rules)["lin"]["kernel"].get_value()
+        return s.a, s.b
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # eager sharding: W laid out by NNX
+        _, base, lora = lj.nnx.split(_NNXLogical(nnx.Rngs(0)), cfg, jax.random.key(1))
+        assert base["lin"]["kernel"].get_value().sharding.spec == P("data", "model")
+        assert pair(lora, base) == want
+        assert pair(lora, nnx.get_partition_spec(base)) == want
+        _, sharded = sharding.split(jax.random.key(1), base, cfg)
+        w = sharded["lin"]["kernel"].get_value()
+        assert (w.a.sharding.spec, w.b.sharding.spec) == want
+    with nnx.use_eager_sharding(False):  # metadata only: the names are resolved as NNX would
+        _, base, lora = lj.nnx.split(_NNXLogical(nnx.Rngs(0)), cfg, jax.random.key(1))
+    assert pair(lora, base, rules) == want
+    assert pair(lora, nnx.get_partition_spec(base), rules) == want
+    with nn.logical_axis_rules(rules):
+        assert pair(lora, base) == want
+        assert nnx.get_partition_spec(base)["lin"]["kernel"].get_value() == P("data", "model")
+    # linen maps a name without a rule to None (replicated), and so does the derivation there
+    assert nn.logical_to_mesh_axes(("embed", "model"), rules) == P("data", None)
+    _, linen_lora = lj.split(jax.random.key(1), {"w": jnp.ones((8, 16))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    boxed = {"w": nn.LogicallyPartitioned(jnp.ones((8, 16)), ("embed", "model"))}
+    got = sharding.specs(linen_lora, boxed, rules=rules)["w"]
+    assert (got.a, got.b) == (P(None, "data"), P(None, None))
+
+
 # ---------------------------------------------------------------------------------------
 # sharded split, shard, state shardings
 
