@@ -409,7 +409,8 @@ def _common(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The most common value (ties: the first met) and a PEFT pattern dict for the rest.
 
     Keys are full module paths; one that PEFT's suffix-regex matching would confuse with
-    another module is written escaped.
+    another module (``q`` matches ``a.q``) is written escaped and anchored at the start
+    (``^q``), so that it matches that module alone.
     """
     default = collections.Counter(values.values()).most_common(1)[0][0]
     pattern = {}
@@ -420,11 +421,11 @@ def _common(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         clash = [m for m in values if m != module and re.match(rf"(.*\.)?({module})$", m)]
         if clash:
             value = pattern.pop(module)
-            pattern[re.escape(module)] = value
+            pattern["^" + re.escape(module)] = value
     # PEFT takes the first key that matches; check every module resolves to its own value
     for module, value in values.items():
         got = _pattern_value(pattern, module, default)
-        if got != value:  # pragma: no cover - escaped full names cannot collide
+        if got != value:  # pragma: no cover - anchored escaped full names cannot collide
             raise AssertionError(f"pattern for {module} resolves to {got}, not {value}")
     return default, pattern
 
@@ -581,7 +582,7 @@ def load(
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
     cfg = LoraConfig(rules=tuple(rules), scaling=scaling, dropout=dropout)
     _, spec_tree = split(jax.random.key(0), abstract, cfg, apply_fn, args, kwargs)
-    spec_leaves = jax.tree.leaves(spec_tree, is_leaf=lambda x: x is None or is_lora(x))
+    spec_leaves = treedef.flatten_up_to(spec_tree)  # aligned with params' leaves (no None)
 
     out = [None] * len(paths)
     for i, kind in meta.items():

@@ -240,6 +240,43 @@ def test_stacked_multi_axis_export_against_numpy_and_roundtrip(tmp_path):
 # errors name the path, the shapes and the fix
 
 
+def test_module_name_that_is_a_suffix_of_others_gets_its_own_rank_and_alpha(tmp_path):
+    # PEFT's key "q" would also match "a.q" and "b.q"; each module must resolve to its own value
+    params = {m: {"kernel": jnp.ones((8, 8))} for m in ("q", "x")}
+    params |= {"a": {"q": {"kernel": jnp.ones((8, 8))}}, "b": {"q": {"kernel": jnp.ones((8, 8))}}}
+    cfg = lj.LoraConfig(rules=(lj.Rule("q/kernel|x/kernel", rank=2, alpha=3.0),
+                               lj.Rule(".*/q/kernel", rank=4, alpha=5.0)))
+    _, lora = lj.split(jax.random.key(0), params, cfg)
+    lora = jax.tree.map(lambda w: w.replace(b=jnp.full(w.b.shape, 0.5)), lora, is_leaf=lj.is_lora)
+    name_map = [(r"(.+)/kernel", r"\1")]
+    assert sorted(peft.save(tmp_path, lora, name_map)) == ["a.q", "b.q", "q", "x"]
+    c = json.loads((tmp_path / "adapter_config.json").read_text())
+    want = {"q": (2, 3), "x": (2, 3), "a.q": (4, 5), "b.q": (4, 5)}
+    for module, (r, alpha) in want.items():
+        assert _peft_value(c["rank_pattern"], module, c["r"]) == r, module
+        assert _peft_value(c["alpha_pattern"], module, c["lora_alpha"]) == alpha, module
+    back = peft.load(tmp_path, params, name_map)
+    for path in ("q", "x", "a/q", "b/q"):
+        got = back
+        for k in path.split("/") + ["kernel"]:
+            got = got[k]
+        r, alpha = want[path.replace("/", ".")]
+        assert (got.rank, got.alpha) == (r, alpha), path
+
+
+def test_load_into_params_with_none_leaves(tmp_path):
+    params = {"q": {"kernel": jnp.ones((8, 6))}}
+    _, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("q/kernel", rank=2),)))
+    name_map = [(r"(\w+)/kernel", r"\1_proj")]
+    peft.save(tmp_path, lora, name_map)
+    back = peft.load(tmp_path, {"a": None, "q": {"kernel": jnp.ones((8, 6))}, "z": None}, name_map)
+    assert back["a"] is None and back["z"] is None
+    w, want = back["q"]["kernel"], lora["q"]["kernel"]
+    assert lj.is_lora(w) and w.rank == 2
+    np.testing.assert_array_equal(w.a, want.a)
+    np.testing.assert_array_equal(w.b, want.b)
+
+
 def test_save_rejects_what_peft_cannot_express(tmp_path):
     params, _ = _toy()
     cfg = lj.LoraConfig(rules=(lj.Rule("head/kernel", rank=2),), scaling=lambda a, r: a / r**0.25)
