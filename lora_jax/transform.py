@@ -7,7 +7,8 @@ has one rule here:
 
 * ``dot_general``: ``x·W + s·((x·A)·B)``, or ``(x·B)·A`` when the weight's output axes are
   contracted (tied-embedding ``attend``, transposed use); batch and stack axes included.
-* ``gather`` along the input (or output) axes: ``W[idx] + s·A[idx]·B`` (embedding lookup).
+* ``gather`` along the input (or output) axes: ``W[idx] + s·A[idx]·B`` (embedding lookup);
+  along stack axes (an expert per token): A and B are picked alike and stay symbolic.
 * ``conv_general_dilated``: a conv with A (same window, in -> r), then B over the features.
 * shape-only ops (transpose, reshape/squeeze that regroup axes of one role, casts, copies,
   sharding constraints) and windows (slice, dynamic_slice, split) stay symbolic.
@@ -443,9 +444,11 @@ def _gather(interp, eqn, invals):
     looked = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
     kinds = {v.roles[d][0] for d in looked}
     full = all(p["slice_sizes"][d] == v.w.shape[d] for d in range(v.w.ndim) if d not in looked)
-    if len(kinds) != 1 or _S in kinds or not full:
-        return None  # a stack picked per token (MoE), or a window across roles
+    if len(kinds) != 1 or not full:
+        return None  # a window across roles
     (kind,) = kinds
+    if kind == _S:
+        return [_pick_from_stack(v, eqn, idx)]
     (base,) = _bind(eqn, [v.w, idx])
     f, h = _cast_factors(v, kind)
     wl = _LETTERS[: v.w.ndim]
@@ -477,6 +480,45 @@ def _gather(interp, eqn, invals):
         out.append(wl[next(kept_w)] if pos in dn.offset_dims else next(batch))
     y = jnp.einsum(f"{g_sub},{lh}->{''.join(out)}", g, h)
     return [base + y.astype(base.dtype)]
+
+
+def _pick_from_stack(v: Adapted, eqn, idx) -> Adapted:
+    """A gather that picks entries of stack axes (an expert per token in a mixture of
+    experts): the same picks from A and B, kept symbolic. The index's batch axes become new
+    stack axes, so the product that follows batches over them."""
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    (w,) = _bind(eqn, [v.w, idx])
+    n_batch = idx.ndim - 1
+    collapsed_k = {v.roles[d][1] for d in dn.collapsed_slice_dims}
+    kept_k = [k for k in range(v.n_stack) if k not in collapsed_k]
+
+    def pick(f):
+        sizes = list(f.shape)
+        for d in range(v.w.ndim):
+            if v.roles[d][0] == _S:
+                sizes[v.roles[d][1]] = p["slice_sizes"][d]
+        kept = [i for i in range(f.ndim) if i not in collapsed_k]
+        return lax.gather(
+            f, idx,
+            lax.GatherDimensionNumbers(
+                offset_dims=tuple(range(n_batch, n_batch + len(kept))),
+                collapsed_slice_dims=tuple(sorted(collapsed_k)),
+                start_index_map=tuple(v.roles[d][1] for d in dn.start_index_map),
+            ),
+            tuple(sizes), indices_are_sorted=p["indices_are_sorted"],
+            unique_indices=p["unique_indices"], mode=p["mode"], fill_value=0,
+        )
+
+    roles, batch = [], iter(range(n_batch))
+    kept_w = iter(d for d in range(v.w.ndim) if d not in dn.collapsed_slice_dims)
+    for pos in range(w.ndim):
+        if pos not in dn.offset_dims:
+            roles.append((_S, next(batch)))
+            continue
+        kind, k = v.roles[next(kept_w)]
+        roles.append((kind, n_batch + kept_k.index(k)) if kind == _S else (kind, k))
+    return v.replace(w=w, a=pick(v.a), b=pick(v.b), roles=roles)
 
 
 @_rule("conv_general_dilated")

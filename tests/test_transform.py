@@ -346,3 +346,32 @@ def test_non_array_leaves_in_params_are_static():
     base, lora = {**base, "heads": 5}, {**lora, "heads": None}
     f = lambda p, x: (x @ p["w"]).reshape(p["heads"], -1)
     chex.assert_trees_all_close(lj.wrap(f)(base, lora, jnp.ones((1, 4))), lj.wrap(f, "merge")(base, lora, jnp.ones((1, 4))))
+
+
+@pytest.mark.parametrize("stored", ["(E, in, out)", "(E, out, in)"])
+def test_experts_picked_per_token_stay_factored(stored):
+    """A mixture of experts picks each token's kernel with a gather over the stack axis:
+    A and B are picked the same way, and no (E, in, out) weight is ever formed."""
+    n_exp, d, o, t = 4, 6, 5, 7
+    if stored == "(E, in, out)":
+        f = lambda p, x, e: jnp.einsum("td,tdo->to", x, p["experts"][e])
+        shape = (n_exp, d, o)
+    else:
+        f = lambda p, x, e: jnp.einsum("td,tod->to", x, jnp.take(p["experts"], e, axis=0))
+        shape = (n_exp, o, d)
+    params = {"experts": jax.random.normal(jax.random.key(0), shape)}
+    x = jax.random.normal(jax.random.key(1), (t, d))
+    e = jnp.array([0, 3, 1, 1, 2, 0, 3])
+    cfg = lj.LoraConfig(rules=(lj.Rule("experts", rank=2),))
+    base, lora = lj.split(jax.random.key(2), params, cfg, apply_fn=f, args=(x, e))
+    assert lora["experts"].stack_axes == (0,)
+    lora = _randomize_b(lora)
+    chex.assert_trees_all_close(lj.wrap(f)(base, lora, x, e), lj.wrap(f, "merge")(base, lora, x, e),
+                                rtol=1e-5, atol=1e-5)
+    grads = {s: jax.grad(lambda l, x: jnp.sum(jnp.sin(lj.wrap(f, s)(base, l, x, e))), argnums=(0, 1))(lora, x)
+             for s in ("factored", "merge")}
+    chex.assert_trees_all_close(grads["factored"], grads["merge"], rtol=1e-4, atol=1e-4)
+    for strategy in ("factored", "merge"):
+        jaxpr = jax.make_jaxpr(lambda l: jax.grad(lambda l: jnp.sum(lj.wrap(f, strategy)(base, l, x, e)))(l))(lora)
+        formed = shape in _eqn_shapes(jaxpr.jaxpr)
+        assert formed == (strategy == "merge"), strategy
