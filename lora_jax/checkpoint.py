@@ -36,7 +36,7 @@ from flax.core import FrozenDict
 
 from . import __version__
 from .config import SCALINGS, LoraConfig, path_str
-from .split import check_fits
+from .split import _is_node, check_fits
 from .split import merge as _merge_trees
 from .weight import LoraWeight, is_lora
 
@@ -49,10 +49,6 @@ _META = "lora_jax"  # orbax item holding the JSON metadata
 _OPT = "opt_state"  # orbax item holding the optimizer state (training checkpoints)
 
 _STATIC = tuple(f.name for f in dataclasses.fields(LoraWeight) if f.metadata.get("static"))
-
-
-def _is_node(x) -> bool:
-    return x is None or is_lora(x)
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,8 +43,9 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .config import Axes, LoraConfig, Rule, _as_axes, path_str, scale_for
-from .split import split
-from .weight import LoraWeight, is_lora
+from .report import targets as _targets
+from .split import _fmt_paths, split
+from .weight import LoraWeight
 
 __all__ = ["NameMap", "save", "load", "HF", "GPT2", "BERT", "LLAMA", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -390,11 +391,6 @@ def save(
     return list(modules)
 
 
-def _targets(lora) -> list[tuple[str, LoraWeight]]:
-    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: x is None or is_lora(x))[0]
-    return [(path_str(p), w) for p, w in leaves if is_lora(w)]
-
-
 def _host(w: LoraWeight, index: tuple) -> tuple[np.ndarray, np.ndarray]:
     """``a`` as (r, in) and ``b`` as (r, out) numpy arrays for one stack index."""
     a, b = np.asarray(jax.device_get(w.a)), np.asarray(jax.device_get(w.b))
@@ -504,7 +500,7 @@ def load(
             unknown.append(key)
     if unknown:
         raise ValueError(
-            f"load: {directory}: keys that are not LoRA factors: {_fmt(unknown)}; expected "
+            f"load: {directory}: keys that are not LoRA factors: {_fmt_paths(unknown, limit=8)}; expected "
             "'base_model.model.<module>.lora_A.weight' / '.lora_B.weight' / '.lora_embedding_A' / "
             "'.lora_embedding_B' (DoRA magnitudes, LoRA biases and modules_to_save weights have no "
             "LoRA-tree equivalent)"
@@ -546,10 +542,10 @@ def load(
     if problems:
         mapped = sorted(exact)[:6]
         raise ValueError(
-            f"load: {directory}: torch modules {_fmt(problems)} map to no Flax parameter. The name "
+            f"load: {directory}: torch modules {_fmt_paths(problems, limit=8)} map to no Flax parameter. The name "
             f"map gives torch names to {len(exact) + len(stacked)} Flax parameters (e.g. {mapped}); "
             f"Flax paths look "
-            f"like {_fmt(paths, 4)}. Use the name map for this model family (lj.peft.GPT2, BERT, "
+            f"like {_fmt_paths(paths, 4)}. Use the name map for this model family (lj.peft.GPT2, BERT, "
             "LLAMA, HF) or add a rule"
         )
 
@@ -656,7 +652,7 @@ def _fill_weight(directory, path, spec: LoraWeight, kind, by_index, found, probl
                or any(not 0 <= k < n for k, n in zip(i, spec.stack_shape))]
     if outside:
         problems.append(
-            f"{path}: torch modules {_fmt(outside)} index past the Flax weight's stack "
+            f"{path}: torch modules {_fmt_paths(outside, limit=8)} index past the Flax weight's stack "
             f"{spec.stack_shape} (shape {spec.shape}, stack axes {spec.stack_axes}); check the "
             "name map's '{}' fields and the model's layer count"
         )
@@ -707,7 +703,3 @@ def _check_copy(module, copy, exact, paths, arrays, problems):
             "first"
         )
 
-
-def _fmt(items, limit=8):
-    items = list(items)
-    return ", ".join(map(str, items[:limit])) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 
 from .config import path_str
+from .split import _is_node
 from .weight import LoraWeight, is_lora
 
 __all__ = ["summary", "delta_norms", "targets"]
@@ -22,7 +23,7 @@ def targets(lora: Any) -> list[tuple[str, LoraWeight]]:
     >>> [p for p, _ in targets(lora)]
     ['w']
     """
-    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: x is None or is_lora(x))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=_is_node)[0]
     return [(path_str(p), w) for p, w in leaves if is_lora(w)]
 
 

@@ -33,6 +33,7 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from .config import LoraConfig, path_str
+from .split import _fmt_paths, _is_node
 from .split import merge as _merge
 from .split import split as _split
 from .weight import LoraWeight, is_lora
@@ -40,16 +41,6 @@ from .weight import LoraWeight, is_lora
 __all__ = ["specs", "shardings", "shard", "split", "merge", "state_shardings"]
 
 Rules = Sequence[tuple[str, Any]]
-
-
-def _fmt_paths(paths, limit=8):
-    paths = list(paths)
-    shown = ", ".join(paths[:limit])
-    return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
-
-
-def _is_node(x) -> bool:
-    return x is None or is_lora(x)
 
 
 def _is_spec_leaf(x) -> bool:
@@ -189,9 +180,9 @@ def _spec_table(lora, base_specs, rules) -> dict[str, PartitionSpec]:
     if missing or extra:
         detail = []
         if missing:
-            detail.append(f"in lora but not in base_specs: {_fmt_paths(missing)}")
+            detail.append(f"in lora but not in base_specs: {_fmt_paths(missing, limit=8)}")
         if extra:
-            detail.append(f"in base_specs but not in lora: {_fmt_paths(extra)}")
+            detail.append(f"in base_specs but not in lora: {_fmt_paths(extra, limit=8)}")
         raise ValueError(
             "base_specs does not have the structure of the parameters lora was split from ("
             + "; ".join(detail)

@@ -39,8 +39,9 @@ def _untraced_kind(path: str) -> str:
 
 
 def _fmt_paths(paths, limit=12):
+    """The first ``limit`` items joined for an error message, and how many more there are."""
     paths = list(paths)
-    shown = ", ".join(paths[:limit])
+    shown = ", ".join(map(str, paths[:limit]))
     return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
 
 
