@@ -40,7 +40,7 @@ from .split import _is_node, check_fits
 from .split import merge as _merge_trees
 from .weight import LoraWeight, is_lora
 
-__all__ = ["save", "restore", "metadata", "merge", "Manager", "Restored", "FORMAT"]
+__all__ = ["save", "restore", "metadata", "merge", "save_params", "restore_params", "Manager", "Restored", "FORMAT"]
 
 FORMAT = "lora_jax.checkpoint/1"
 
@@ -459,6 +459,61 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
     fn = lambda args: ck.restore(path, args)
     meta = _read_meta(fn, path)
     return _restore_lora(meta, like, fn, path)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# plain parameter trees (a base model, a merged model)
+
+
+def save_params(path: str | os.PathLike, params: Any) -> None:
+    """Save a plain parameter tree as an orbax PyTree checkpoint (what :func:`merge` reads).
+
+    The directory must not exist yet; the save is atomic (written to a temporary name,
+    then renamed). Plain ``orbax.checkpoint.StandardCheckpointer().restore(path)`` or
+    :func:`restore_params` reads it back.
+
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> path = os.path.join(tempfile.mkdtemp(), "base")
+    >>> save_params(path, {"dense": {"kernel": jnp.ones((2, 3))}})
+    >>> restore_params(path)["dense"]["kernel"].shape
+    (2, 3)
+    """
+    path = epath.Path(path)
+    _check_new(path, "checkpoint")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, params)
+        ckptr.wait_until_finished()
+
+
+def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
+    """Restore a plain parameter tree saved by :func:`save_params`, :func:`merge` or orbax.
+
+    Args:
+      like: an abstract tree (``jax.eval_shape`` of the model's init, ``ShapeDtypeStruct``
+        leaves, optionally with shardings) giving the structure, dtypes and placement; None
+        restores the stored tree onto the default device.
+
+    >>> import os, tempfile, jax, jax.numpy as jnp
+    >>> path = os.path.join(tempfile.mkdtemp(), "base")
+    >>> save_params(path, {"w": jnp.arange(4.0)})
+    >>> restore_params(path, like={"w": jax.ShapeDtypeStruct((4,), jnp.float32)})["w"]
+    Array([0., 1., 2., 3.], dtype=float32)
+    """
+    path = epath.Path(path)
+    _check_complete(path, "checkpoint")
+    if like is None:
+        stored = _base_tree(path)
+        default = _default_sharding()
+        like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=default), stored)
+    else:
+        default = _default_sharding()
+        like = jax.tree.map(
+            lambda x: x if getattr(x, "sharding", None) is not None
+            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default),
+            like,
+        )
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, like)
 
 
 # ---------------------------------------------------------------------------------------

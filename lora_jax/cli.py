@@ -1,11 +1,25 @@
-"""The ``lora-jax`` command."""
+"""The ``lora-jax`` command: finetune, sweep, inspect, export-peft, merge, info."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
+
+_DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def _add_run_args(p: argparse.ArgumentParser, config_required: bool):
+    if config_required:
+        p.add_argument("config", metavar="CONFIG", help="YAML config file (see configs/)")
+    else:
+        p.add_argument("config", metavar="CONFIG", nargs="?", default=None,
+                       help=f"YAML config file (default: {_DEFAULT_CONFIG} when it exists, else the built-in defaults)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one config key, value read as YAML (repeatable): --set lora.rank=16")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in output.dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +30,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lora-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="print the library version and the JAX devices it sees")
+
+    ft = sub.add_parser(
+        "finetune",
+        help="LoRA-adapt the embedded pretrained model (or your config's) to a new text domain",
+        description="Pretrain the default byte-level model on Python's documentation (once, cached "
+        "under the user cache directory), adapt it with LoRA to the standard library's source code, "
+        "and report target- and source-domain loss before and after. Writes adapter/, merged/, "
+        "metrics.json, loss.png, config.yaml and checkpoints/ to output.dir.",
+    )
+    _add_run_args(ft, config_required=False)
+    ft.add_argument("--compare-full", action="store_true", help="also run a full fine-tune baseline")
+    ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output.dir")
+
+    sw = sub.add_parser(
+        "sweep",
+        help="rank sweep (alpha = r, and rsLoRA), then alpha/r at the best rank; tables and plots",
+        description="Writes results.csv, results.md, loss_vs_rank.png, delta_norms.png and "
+        "sweep.json to output.dir/sweep.",
+    )
+    _add_run_args(sw, config_required=True)
+
+    ins = sub.add_parser("inspect", help="summary table of a saved adapter",
+                         description="Print an adapter checkpoint's targets (shape, rank, alpha, scale, "
+                         "parameters), its config and each target's ||s·A⊗B||_F.")
+    ins.add_argument("adapter", metavar="ADAPTER", help="adapter checkpoint directory (lj.checkpoint.save, "
+                     "a Manager step, or output.dir/adapter of a finetune run)")
+
+    ex = sub.add_parser("export-peft", help="write an adapter checkpoint as a PEFT adapter (safetensors)",
+                        description="Convert an adapter checkpoint to adapter_config.json + "
+                        "adapter_model.safetensors, loadable by Hugging Face PEFT.")
+    ex.add_argument("adapter", metavar="ADAPTER", help="adapter checkpoint directory")
+    ex.add_argument("out", metavar="OUT", help="output directory (created)")
+    ex.add_argument("--name-map", choices=("hf", "gpt2", "bert", "llama"), default="hf",
+                    help="how Flax paths become torch module names (default: hf, the Flax path without "
+                    "its leaf name)")
+    ex.add_argument("--base-model", default=None, help="base_model_name_or_path to record")
+    ex.add_argument("--task-type", default=None, help="PEFT task_type to record, e.g. CAUSAL_LM")
+
     merge = sub.add_parser(
         "merge",
         help="merge an adapter checkpoint into a base checkpoint, writing a plain orbax checkpoint",
@@ -29,12 +81,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_config(ns):
+    from .finetune.config import load
+
+    path = ns.config
+    if path is None and os.path.exists(_DEFAULT_CONFIG):
+        path = _DEFAULT_CONFIG
+    return load(path, ns.overrides)
+
+
+def inspect_adapter(path: str) -> str:
+    """The text ``lora-jax inspect`` prints for the adapter checkpoint at ``path``.
+
+    >>> import os, tempfile, jax, jax.numpy as jnp, lora_jax as lj
+    >>> cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2, alpha=4.0),))
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((8, 6))}, cfg)
+    >>> path = os.path.join(tempfile.mkdtemp(), "adapter")
+    >>> lj.checkpoint.save(path, lora, cfg)
+    >>> print(inspect_adapter(path))  # doctest: +ELLIPSIS
+    adapter .../adapter (lora_jax 0.1.0)
+    config: scaling=lora, init=default, dropout=0.0, rules: w (rank 2, alpha 4)
+    path  shape   kind    rank  alpha  scale  params  ||s·A⊗B||_F
+    w     (8, 6)  linear     2      4      2      28      0
+    trainable params: 28; 112 B of factors (float32)
+    """
+    import numpy as np
+
+    from . import checkpoint
+    from .report import summary, targets
+
+    meta = checkpoint.metadata(path)
+    lora = checkpoint.restore(path)
+    lines = [f"adapter {path} (lora_jax {meta.get('library_version', '?')})"]
+    config = meta.get("config")
+    if config:
+        rules = ", ".join(
+            f"{r.get('pattern')} (rank {r.get('rank')}, alpha {r.get('alpha'):g})" for r in config.get("rules", [])
+        )
+        scaling = config.get("scaling")
+        lines.append(
+            f"config: scaling={scaling if isinstance(scaling, str) else 'custom'}, init={config.get('init')}, "
+            f"dropout={config.get('dropout')}, rules: {rules or 'none'}"
+        )
+    table = summary(lora).splitlines()
+    norms = [f"{float(w.delta_norm()):.4g}" for _, w in targets(lora)]
+    width = max([len("||s·A⊗B||_F")] + [len(n) for n in norms])
+    lines.append(f"{table[0]}  {'||s·A⊗B||_F':>{width}}")
+    for row, norm in zip(table[1 : 1 + len(norms)], norms):
+        lines.append(f"{row}  {norm:>{width}}")
+    n_bytes = sum(np.asarray(x).nbytes for _, w in targets(lora) for x in (w.a, w.b))
+    dtypes = sorted({str(x.dtype) for _, w in targets(lora) for x in (w.a, w.b)})
+    total = sum(w.num_params for _, w in targets(lora))
+    lines.append(f"trainable params: {total:,}; {n_bytes:,} B of factors ({', '.join(dtypes)})")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``lora-jax`` console script.
 
-    Commands: ``info``; ``merge BASE ADAPTER OUT`` (see :func:`lora_jax.checkpoint.merge`).
-    Problems with the checkpoints (missing, incomplete, shapes that do not fit) are
-    printed to stderr as one ``error:`` line, with exit status 1.
+    Commands: ``finetune [CONFIG] [--set k=v ...] [--compare-full] [--resume]``,
+    ``sweep CONFIG``, ``inspect ADAPTER``, ``export-peft ADAPTER OUT``,
+    ``merge BASE ADAPTER OUT`` (see :func:`lora_jax.checkpoint.merge`), ``info``.
+    Bad configs and problems with checkpoints are printed to stderr as one ``error:``
+    line, with exit status 1.
 
     >>> main(["--help"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -42,29 +151,55 @@ def main(argv=None) -> int:
     SystemExit: 0
     >>> main(["merge", "/no/base", "/no/adapter", "/no/out"])
     1
+    >>> main(["finetune", "--set", "lora.rnak=4"])
+    1
     """
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()
         return 0
+    try:
+        return _dispatch(ns)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+        print(f"lora-jax {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(ns) -> int:
     if ns.command == "info":
         import jax
 
         print(f"lora-jax {__version__}, jax {jax.__version__}, devices: {jax.devices()}")
         return 0
+    if ns.command == "finetune":
+        from .finetune.run import finetune
+
+        finetune(_run_config(ns), compare_full=ns.compare_full, resume=ns.resume, overwrite=ns.overwrite)
+        return 0
+    if ns.command == "sweep":
+        from .finetune.sweep import sweep
+
+        sweep(_run_config(ns), overwrite=ns.overwrite)
+        return 0
+    if ns.command == "inspect":
+        print(inspect_adapter(ns.adapter))
+        return 0
+    if ns.command == "export-peft":
+        from . import checkpoint, peft
+
+        lora = checkpoint.restore(ns.adapter)
+        name_map = {"hf": peft.HF, "gpt2": peft.GPT2, "bert": peft.BERT, "llama": peft.LLAMA}[ns.name_map]
+        modules = peft.save(ns.out, lora, name_map, base_model=ns.base_model, task_type=ns.task_type)
+        print(f"wrote {len(modules)} PEFT modules to {ns.out}")
+        return 0
     if ns.command == "merge":
         from . import checkpoint
 
-        try:
-            paths = checkpoint.merge(ns.base, ns.adapter, ns.out)
-        except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
-            print(f"lora-jax merge: error: {e}", file=sys.stderr)
-            return 1
+        paths = checkpoint.merge(ns.base, ns.adapter, ns.out)
         print(f"merged {len(paths)} adapter(s) into {ns.out}")
         return 0
-    parser.error(f"unknown command {ns.command!r}")
-    return 2
+    raise AssertionError(ns.command)  # pragma: no cover
 
 
 if __name__ == "__main__":

@@ -1,0 +1,388 @@
+"""Run configuration for ``lora-jax finetune`` and ``lora-jax sweep``: YAML into frozen dataclasses.
+
+A config file is YAML with up to seven sections (``model``, ``pretrain``, ``data``, ``lora``,
+``train``, ``sweep``, ``output``); every key is optional and defaults to the values below,
+which are also ``configs/default.yaml``. ``--set section.key=value`` overrides one key, the
+value read as YAML (``--set lora.rank=16``, ``--set lora.targets=[all_linear]``). Unknown
+sections or keys, and values of the wrong type or range, raise a ``ValueError`` that names
+the key, what it got and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "ModelConfig",
+    "PretrainConfig",
+    "DataConfig",
+    "AdapterConfig",
+    "TrainConfig",
+    "SweepConfig",
+    "OutputConfig",
+    "RunConfig",
+    "load",
+    "from_dict",
+    "to_dict",
+    "parse_overrides",
+    "CORPORA",
+]
+
+#: Text corpora built in (``files`` reads ``data.paths``).
+CORPORA = ("pydoc", "stdlib", "files")
+
+
+def _check(ok: bool, key: str, value: Any, wants: str):
+    if not ok:
+        raise ValueError(f"config key {key}: got {value!r}; expected {wants}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The embedded default model: a byte-level causal transformer (pre-LN, tied embedding)."""
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 512
+    context: int = 128
+
+    def validate(self, prefix: str = "model"):
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "context"):
+            _check(getattr(self, name) > 0, f"{prefix}.{name}", getattr(self, name), "a positive int")
+        _check(
+            self.d_model % self.n_heads == 0, f"{prefix}.n_heads", self.n_heads,
+            f"a divisor of model.d_model={self.d_model}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """How the default model is pretrained (once; the result is cached, keyed by these values)."""
+
+    corpus: str = "pydoc"
+    steps: int = 800
+    batch_size: int = 16
+    lr: float = 3e-3
+    seed: int = 0
+
+    def validate(self, prefix: str = "pretrain"):
+        _check(self.corpus in CORPORA, f"{prefix}.corpus", self.corpus, f"one of {CORPORA}")
+        _check(self.steps > 0, f"{prefix}.steps", self.steps, "a positive int")
+        _check(self.batch_size > 0, f"{prefix}.batch_size", self.batch_size, "a positive int")
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive float")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The domain to adapt to (``corpus``) and the pretraining domain measured for forgetting."""
+
+    corpus: str = "stdlib"
+    paths: tuple[str, ...] = ()
+    max_bytes: int = 2_000_000
+    heldout: float = 0.1
+    source: str = "pydoc"
+
+    def validate(self, prefix: str = "data"):
+        _check(self.corpus in CORPORA, f"{prefix}.corpus", self.corpus, f"one of {CORPORA}")
+        _check(self.source in CORPORA, f"{prefix}.source", self.source, f"one of {CORPORA}")
+        _check(
+            not (self.corpus == "files" and not self.paths), f"{prefix}.paths", self.paths,
+            "at least one file or glob pattern when data.corpus is 'files' "
+            "(e.g. --set 'data.paths=[\"notes/*.txt\"]')",
+        )
+        _check(self.max_bytes > 0, f"{prefix}.max_bytes", self.max_bytes, "a positive int")
+        _check(0 < self.heldout < 1, f"{prefix}.heldout", self.heldout, "a fraction in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Which weights get adapters and how (see :class:`lora_jax.LoraConfig`).
+
+    ``targets`` are path regexes (``re.fullmatch`` on '/'-joined paths such as
+    ``params/block_0/attn/query/kernel``), or the single entry ``all_linear``.
+    """
+
+    targets: tuple[str, ...] = ("all_linear",)
+    rank: int = 8
+    alpha: float = 16.0
+    scaling: str = "lora"
+    init: str = "default"
+    dropout: float = 0.0
+
+    def validate(self, prefix: str = "lora"):
+        from ..config import INITS, SCALINGS
+
+        _check(len(self.targets) > 0, f"{prefix}.targets", self.targets, "at least one regex or 'all_linear'")
+        _check(
+            "all_linear" not in self.targets or len(self.targets) == 1, f"{prefix}.targets",
+            self.targets, "either [all_linear] alone or a list of path regexes",
+        )
+        _check(self.rank > 0, f"{prefix}.rank", self.rank, "a positive int")
+        _check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "a positive float")
+        _check(self.scaling in SCALINGS, f"{prefix}.scaling", self.scaling, f"one of {tuple(SCALINGS)}")
+        _check(self.init in INITS, f"{prefix}.init", self.init, f"one of {INITS}")
+        _check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "a rate in [0, 1)")
+
+    def lora_config(self, *, rank: int | None = None, alpha: float | None = None, scaling: str | None = None):
+        """The :class:`lora_jax.LoraConfig` these settings describe (optionally with another rank/alpha/scaling)."""
+        from ..config import LoraConfig, Rule
+
+        rank = self.rank if rank is None else rank
+        alpha = self.alpha if alpha is None else alpha
+        kw = dict(scaling=self.scaling if scaling is None else scaling, init=self.init, dropout=self.dropout)
+        if self.targets == ("all_linear",):
+            return LoraConfig.all_linear(rank=rank, alpha=alpha, **kw)
+        return LoraConfig(rules=tuple(Rule(t, rank=rank, alpha=alpha) for t in self.targets), **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The adaptation run (LoRA, and the full fine-tune baseline with ``--compare-full``).
+
+    The learning rate warms up linearly over ``warmup`` steps (at most half of the run),
+    then decays to a tenth along a cosine.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    full_lr: float = 3e-4
+    warmup: int = 20
+    eval_batches: int = 8
+    save_every: int = 100
+    keep: int = 2
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self, prefix: str = "train"):
+        for name in ("steps", "batch_size", "eval_batches", "save_every", "keep"):
+            _check(getattr(self, name) > 0, f"{prefix}.{name}", getattr(self, name), "a positive int")
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive float")
+        _check(self.full_lr > 0, f"{prefix}.full_lr", self.full_lr, "a positive float")
+        _check(self.warmup >= 0, f"{prefix}.warmup", self.warmup, "an int >= 0 (at most half of the steps are used)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """``lora-jax sweep``: ranks at alpha = r (and rsLoRA at fixed alpha), then alpha/r at the best rank."""
+
+    ranks: tuple[int, ...] = (4, 8, 16, 32)
+    alpha_ratios: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    rslora_alpha: float = 8.0
+    steps: int = 150
+    norm_every: int = 10
+    runaway: float = 1.0
+
+    def validate(self, prefix: str = "sweep"):
+        _check(len(self.ranks) > 0 and all(r > 0 for r in self.ranks), f"{prefix}.ranks", self.ranks, "a list of positive ints")
+        _check(
+            len(self.alpha_ratios) > 0 and all(a > 0 for a in self.alpha_ratios), f"{prefix}.alpha_ratios",
+            self.alpha_ratios, "a list of positive floats",
+        )
+        _check(self.rslora_alpha > 0, f"{prefix}.rslora_alpha", self.rslora_alpha, "a positive float")
+        _check(self.steps > 0, f"{prefix}.steps", self.steps, "a positive int")
+        _check(self.norm_every > 0, f"{prefix}.norm_every", self.norm_every, "a positive int")
+        _check(self.runaway > 0, f"{prefix}.runaway", self.runaway, "a positive float")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """Where results go; ``cache_dir`` (default: the user cache) holds the pretrained model."""
+
+    dir: str = "runs/default"
+    cache_dir: str | None = None
+
+    def validate(self, prefix: str = "output"):
+        _check(bool(self.dir), f"{prefix}.dir", self.dir, "a directory path")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole run: every section of the YAML file.
+
+    >>> cfg = from_dict({"lora": {"rank": 4}}, overrides=["train.steps=10"])
+    >>> cfg.lora.rank, cfg.train.steps, cfg.model.d_model
+    (4, 10, 128)
+    >>> from_dict({"lora": {"rnak": 4}})
+    Traceback (most recent call last):
+    ...
+    ValueError: config key lora.rnak is unknown (did you mean lora.rank?); lora accepts: targets, rank, alpha, scaling, init, dropout
+    """
+
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    data: DataConfig = DataConfig()
+    lora: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig()
+    sweep: SweepConfig = SweepConfig()
+    output: OutputConfig = OutputConfig()
+
+    def validate(self):
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+
+
+def _unknown(key: str, choices: Sequence[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], choices, n=1)
+    hint = f" (did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?)" if close else ""
+    return ValueError(f"config key {key} is unknown{hint}; {where} accepts: {', '.join(choices)}")
+
+
+def _coerce(value: Any, hint: Any, key: str):
+    """``value`` as the type ``hint`` (int, float, bool, str, str | None, tuple[T, ...])."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item, _) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # one value where a list is expected
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key}: got {value!r}; expected a list")
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key}: got {value!r}; expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"config key {key}: got {value!r}; expected an int")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config key {key}: got {value!r}; expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config key {key}: got {value!r}; expected a string")
+    raise TypeError(f"config key {key}: unsupported field type {hint!r}")  # pragma: no cover
+
+
+def _section(cls, data: Any, name: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config section {name}: got {data!r}; expected a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown(f"{name}.{key}", names, name)
+        values[key] = _coerce(value, hints[key], f"{name}.{key}")
+    return cls(**values)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``["a.b=1", ...]`` -> ``{"a": {"b": 1}}``, each value read as YAML.
+
+    >>> parse_overrides(["lora.rank=16", "lora.targets=[.*/query/kernel]", "output.dir=runs/x"])
+    {'lora': {'rank': 16, 'targets': ['.*/query/kernel']}, 'output': {'dir': 'runs/x'}}
+    """
+    import yaml
+
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ValueError(
+                f"--set {item!r}: expected section.key=value, e.g. --set lora.rank=16 or --set train.steps=50"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested
+
+
+def from_dict(data: Mapping | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A validated :class:`RunConfig` from a mapping (a parsed YAML file) plus ``--set`` overrides.
+
+    >>> from_dict({}, overrides=["lora.scaling=rslora"]).lora.scaling
+    'rslora'
+    >>> from_dict({"train": {"steps": 0}})
+    Traceback (most recent call last):
+    ...
+    ValueError: config key train.steps: got 0; expected a positive int
+    """
+    data = dict(data or {})
+    for section, values in parse_overrides(overrides).items():
+        current = data.get(section) or {}
+        if not isinstance(current, Mapping):
+            raise ValueError(f"config section {section}: got {current!r}; expected a mapping")
+        data[section] = {**current, **values}
+    hints = typing.get_type_hints(RunConfig)
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    sections = {}
+    for name, values in data.items():
+        if name not in names:
+            raise _unknown(str(name), names, "a config file")
+        sections[name] = _section(hints[name], values, name)
+    cfg = RunConfig(**sections)
+    cfg.validate()
+    return cfg
+
+
+def load(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config file (None: all defaults) and apply ``--set`` overrides.
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.yaml")
+    >>> with open(path, "w") as f:
+    ...     _ = f.write("lora:\\n  rank: 4\\ntrain:\\n  steps: 20\\n")
+    >>> cfg = load(path, ["train.lr=1e-3"])
+    >>> cfg.lora.rank, cfg.train.steps, cfg.train.lr
+    (4, 20, 0.001)
+    """
+    import yaml
+
+    if path is None:
+        return from_dict({}, overrides)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, Mapping):
+        raise ValueError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return from_dict(data, overrides)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """The config as plain YAML-ready data (tuples become lists).
+
+    >>> to_dict(from_dict({}))["lora"]["targets"]
+    ['all_linear']
+    """
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return {
+        f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
+        for f in dataclasses.fields(cfg)
+    }

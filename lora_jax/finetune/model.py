@@ -1,0 +1,193 @@
+"""The embedded default model: a small byte-level causal transformer, pretrained once and cached.
+
+``TinyLM`` is a pre-LayerNorm decoder (learned positions, causal multi-head attention,
+a GELU MLP, an output head tied to the byte embedding). :func:`pretrained` trains it on
+one corpus the first time it is asked for a configuration and keeps the weights as a
+plain orbax checkpoint under the user's cache directory, keyed by the model and
+pretraining settings; later runs restore them in a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .config import ModelConfig, PretrainConfig
+
+__all__ = ["TinyLM", "cache_root", "pretrained", "lm_loss", "make_step"]
+
+VOCAB = 256
+_FORMAT = 1  # bump when the model code changes meaning: old cache entries are then ignored
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        heads = lambda t: t.reshape(t.shape[:-1] + (cfg.n_heads, cfg.d_model // cfg.n_heads))
+        h = nn.LayerNorm(name="ln1")(x)
+        q = heads(nn.Dense(cfg.d_model, name="query")(h))
+        k = heads(nn.Dense(cfg.d_model, name="key")(h))
+        v = heads(nn.Dense(cfg.d_model, name="value")(h))
+        mask = nn.make_causal_mask(jnp.zeros(x.shape[:-1], jnp.int32))
+        o = nn.dot_product_attention(q, k, v, mask=mask)
+        x = x + nn.Dense(cfg.d_model, name="out")(o.reshape(x.shape))
+        h = nn.LayerNorm(name="ln2")(x)
+        return x + nn.Dense(cfg.d_model, name="down")(nn.gelu(nn.Dense(cfg.d_ff, name="up")(h)))
+
+
+class TinyLM(nn.Module):
+    """Byte-level causal LM: ``(batch, time) int32 -> (batch, time, 256)`` logits.
+
+    >>> cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, context=16)
+    >>> ids = jnp.zeros((2, 16), jnp.int32)
+    >>> variables = TinyLM(cfg).init(jax.random.key(0), ids)
+    >>> TinyLM(cfg).apply(variables, ids).shape
+    (2, 16, 256)
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, ids):
+        cfg = self.cfg
+        embed = nn.Embed(VOCAB, cfg.d_model, embedding_init=nn.initializers.normal(0.02), name="embed")
+        pos = self.param("pos", nn.initializers.normal(0.02), (cfg.context, cfg.d_model))
+        x = embed(ids) + pos[None, : ids.shape[-1]]
+        for i in range(cfg.n_layers):
+            x = Block(cfg, name=f"block_{i}")(x)
+        return embed.attend(nn.LayerNorm(name="ln_f")(x))
+
+
+def lm_loss(apply, params, windows):
+    """Mean next-byte cross-entropy (nats) of ``apply(params, ids)`` on ``(n, T + 1)`` windows."""
+    logits = apply(params, windows[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), windows[:, 1:]).mean()
+
+
+def make_step(loss_fn, tx):
+    """A jitted Adam-style step ``(params, opt, batch, key) -> (params, opt, loss)``.
+
+    ``loss_fn(params, batch, key)`` is differentiated w.r.t. ``params`` only; params and
+    optimizer state are donated.
+    """
+
+    def step(params, opt, batch, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def cache_root(cache_dir: str | None = None) -> str:
+    """Where pretrained weights are cached: ``cache_dir``, else ``$LORA_JAX_CACHE``, else
+    ``$XDG_CACHE_HOME/lora_jax`` (``~/.cache/lora_jax``).
+
+    >>> cache_root("/tmp/x")
+    '/tmp/x'
+    """
+    if cache_dir:
+        return os.path.expanduser(cache_dir)
+    if os.environ.get("LORA_JAX_CACHE"):
+        return os.path.expanduser(os.environ["LORA_JAX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lora_jax")
+
+
+def _cache_key(model: ModelConfig, pretrain: PretrainConfig, corpus_bytes: int) -> str:
+    spec = {"format": _FORMAT, "model": dataclasses.asdict(model), "pretrain": dataclasses.asdict(pretrain),
+            "corpus_bytes": corpus_bytes}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_dir=None, progress=True, log=print):
+    """The pretrained ``TinyLM`` variables for these settings, trained and cached on first use.
+
+    Returns ``(variables, checkpoint_dir, info)``: ``checkpoint_dir`` is a plain orbax
+    checkpoint of ``variables`` (what :func:`lora_jax.checkpoint.merge` takes as the base),
+    ``info`` the pretraining record (losses, time, settings). ``corpus`` is the
+    :class:`~lora_jax.finetune.data.Corpus` of ``pretrain.corpus``.
+
+    >>> import tempfile
+    >>> from lora_jax.finetune.data import load_corpus
+    >>> m = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, context=16)
+    >>> p = PretrainConfig(steps=3, batch_size=2)
+    >>> corpus = load_corpus("pydoc", max_bytes=20_000, context=16)
+    >>> cache = tempfile.mkdtemp()
+    >>> v1, where, info = pretrained(m, p, corpus, cache_dir=cache, progress=False, log=None)
+    >>> v2, _, info2 = pretrained(m, p, corpus, cache_dir=cache, progress=False, log=None)
+    >>> info["cached"], info2["cached"], jax.tree.all(jax.tree.map(jnp.array_equal, v1, v2))
+    (False, True, True)
+    """
+    from .. import checkpoint
+
+    key = _cache_key(model, pretrain, len(corpus.train) + len(corpus.heldout))
+    root = os.path.join(cache_root(cache_dir), "pretrained", f"tinylm-{key}")
+    ckpt, info_path = os.path.join(root, "params"), os.path.join(root, "info.json")
+    lm = TinyLM(model)
+    ids = jnp.zeros((1, model.context), jnp.int32)
+    if os.path.exists(info_path):
+        abstract = jax.eval_shape(lm.init, jax.random.key(0), ids)
+        variables = checkpoint.restore_params(ckpt, like=abstract)
+        with open(info_path) as f:
+            info = json.load(f)
+        return variables, ckpt, {**info, "cached": True}
+
+    if log:
+        log(f"pretraining the default model on {corpus.name} ({pretrain.steps} steps, once; cached in {root})")
+    variables = jax.jit(lm.init)(jax.random.key(pretrain.seed), ids)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, pretrain.lr, min(100, pretrain.steps // 10 + 1),
+                                                  pretrain.steps, pretrain.lr * 0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    step = make_step(lambda p, b, k: lm_loss(lm.apply, p, b), tx)
+    opt = tx.init(variables)
+    losses, start = [], time.perf_counter()
+    bar = _bar(pretrain.steps, "pretrain", progress)
+    key0 = jax.random.key(0)
+    for i in range(pretrain.steps):
+        batch = corpus.batch(i, pretrain.batch_size, model.context, seed=pretrain.seed)
+        variables, opt, loss = step(variables, opt, batch, key0)
+        losses.append(float(loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    held = corpus.eval_windows(8 * pretrain.batch_size, model.context)
+    info = {
+        "model": dataclasses.asdict(model),
+        "pretrain": dataclasses.asdict(pretrain),
+        "corpus": corpus.name,
+        "losses": losses,
+        "heldout_loss": float(jax.jit(lambda p, w: lm_loss(lm.apply, p, w))(variables, held)),
+        "seconds": time.perf_counter() - start,
+    }
+    os.makedirs(root, exist_ok=True)
+    if not os.path.exists(ckpt):  # another process may have finished first; its weights are as good
+        checkpoint.save_params(ckpt, variables)
+    tmp = f"{info_path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, info_path)  # written last: its presence marks a complete cache entry
+    variables = checkpoint.restore_params(ckpt, like=jax.eval_shape(lambda: variables))
+    return variables, ckpt, {**info, "cached": False}
+
+
+def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def param_count(tree) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))

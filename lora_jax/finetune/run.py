@@ -1,0 +1,365 @@
+"""``lora-jax finetune``: adapt the pretrained default model to a new domain with LoRA.
+
+One run: load (or pretrain once and cache) the default model, measure its loss on the
+target and source domains, train LoRA adapters on the target domain (orbax checkpoints
+every ``train.save_every`` steps, resumable), measure again, and write
+
+- ``adapter/``   the adapter (:func:`lora_jax.checkpoint.save`, with its config),
+- ``merged/``    the base with the adapter merged in (plain orbax, loads into ``TinyLM``),
+- ``metrics.json`` every number of the final table, the loss curves and the config,
+- ``loss.png``   the training loss curves (LoRA, and the full fine-tune when compared),
+- ``config.yaml`` the resolved config, ``checkpoints/`` the training checkpoints.
+
+With ``compare_full=True`` a full fine-tune of the same model on the same batches is the
+baseline ("LoRA learns less and forgets less", Biderman et al. 2024).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .. import checkpoint
+from ..report import targets
+from ..split import split
+from ..transform import wrap
+from .config import RunConfig, to_dict
+from .data import load_corpus
+from .model import TinyLM, _bar, lm_loss, make_step, param_count, pretrained
+
+__all__ = ["Setup", "train_lora", "train_full", "finetune", "format_table"]
+
+_OUTPUTS = ("adapter", "merged", "metrics.json", "loss.png", "config.yaml", "checkpoints")
+
+
+class Setup:
+    """Everything a run shares: config, corpora, the pretrained model and its evaluation.
+
+    Attributes: ``cfg``, ``model`` (a ``TinyLM``), ``variables`` (pretrained),
+    ``base_dir`` (its orbax checkpoint), ``target``/``source`` corpora, ``pretrain_info``,
+    ``evaluate(apply, params) -> {"target": loss, "source": loss}``.
+    """
+
+    def __init__(self, cfg: RunConfig, log: Callable | None = print):
+        self.cfg = cfg
+        m, d = cfg.model, cfg.data
+        load = lambda name: load_corpus(name, paths=d.paths, max_bytes=d.max_bytes, heldout=d.heldout, context=m.context)
+        self.target = load(d.corpus)
+        self.source = self.target if d.source == d.corpus else load(d.source)
+        pre = self.source if cfg.pretrain.corpus == d.source else load(cfg.pretrain.corpus)
+        self.model = TinyLM(m)
+        self.variables, self.base_dir, self.pretrain_info = pretrained(
+            m, cfg.pretrain, pre, cache_dir=cfg.output.cache_dir, progress=cfg.train.progress, log=log
+        )
+        n = cfg.train.eval_batches * cfg.train.batch_size
+        self.windows = {"target": self.target.eval_windows(n, m.context), "source": self.source.eval_windows(n, m.context)}
+        self._eval = {}
+
+    def evaluate(self, apply, params) -> dict[str, float]:
+        """Held-out loss (nats per byte) on the target and source domains, batch by batch."""
+        fn = self._eval.get(apply)
+        if fn is None:
+            fn = self._eval[apply] = jax.jit(lambda p, w: lm_loss(apply, p, w))
+        bs = self.cfg.train.batch_size
+        out = {}
+        for name, windows in self.windows.items():
+            losses = [float(fn(params, windows[i : i + bs])) for i in range(0, len(windows), bs)]
+            out[name] = float(np.mean(losses))
+        return out
+
+    def lora_config(self, **kw):
+        return self.cfg.lora.lora_config(**kw)
+
+    def split(self, lora_config=None, seed: int | None = None):
+        """``(base, lora)`` of the pretrained variables, axes inferred by tracing the model."""
+        ids = jax.ShapeDtypeStruct((1, self.cfg.model.context), jnp.int32)
+        seed = self.cfg.train.seed if seed is None else seed
+        return split(jax.random.key(seed), self.variables, lora_config or self.lora_config(),
+                     apply_fn=self.model.apply, args=(ids,))
+
+
+def _schedule(lr: float, steps: int, warmup: int):
+    warmup = max(1, min(warmup, steps // 2))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
+
+
+def lora_optimizer(cfg: RunConfig, steps: int | None = None):
+    steps = cfg.train.steps if steps is None else steps
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(cfg.train.lr, steps, cfg.train.warmup)))
+
+
+def train_lora(
+    s: Setup,
+    base,
+    lora,
+    *,
+    steps: int,
+    tx=None,
+    manager=None,
+    start: int = 0,
+    opt=None,
+    history: list | None = None,
+    on_step: Callable | None = None,
+    desc: str = "LoRA",
+):
+    """Train ``lora`` (base frozen) from step ``start`` to ``steps`` on the target corpus.
+
+    Batch ``i`` and its dropout key depend only on ``(train.seed, i)``, so a run resumed
+    from a checkpoint continues exactly as an uninterrupted one. ``manager`` (a
+    :class:`lora_jax.checkpoint.Manager`) saves every ``train.save_every`` steps and at the
+    end; ``on_step(step, lora, loss)`` is called after each step.
+
+    Returns ``(lora, opt, history, step_seconds)``: ``history`` the per-step losses.
+    """
+    cfg = s.cfg
+    tx = lora_optimizer(cfg, steps) if tx is None else tx
+    opt = tx.init(lora) if opt is None else opt
+    forward = wrap(s.model.apply)
+    seed_key = jax.random.key(cfg.train.seed + 1)
+
+    def loss_fn(lora, batch, key):
+        apply = lambda base, ids: forward(base, lora, ids, lora_rng=key if cfg.lora.dropout > 0 else None)
+        return lm_loss(apply, base, batch)
+
+    step_fn = make_step(loss_fn, tx)
+    return _loop(s, step_fn, lora, opt, start=start, steps=steps, key=seed_key, manager=manager,
+                 history=history, on_step=on_step, desc=desc)
+
+
+def train_full(s: Setup, *, steps: int, desc: str = "full FT"):
+    """Full fine-tuning baseline: every weight trains (AdamW at ``train.full_lr``), same batches."""
+    cfg = s.cfg
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(cfg.train.full_lr, steps, cfg.train.warmup)))
+    params = jax.tree.map(jnp.copy, s.variables)
+    step_fn = make_step(lambda p, b, k: lm_loss(s.model.apply, p, b), tx)
+    return _loop(s, step_fn, params, tx.init(params), start=0, steps=steps, key=jax.random.key(0), desc=desc)
+
+
+def _loop(s, step_fn, params, opt, *, start, steps, key, manager=None, history=None, on_step=None, desc=""):
+    cfg = s.cfg
+    # committed inputs from the first step on: a step's outputs are committed, so inputs that
+    # are not (fresh optimizer state) would compile the step a second time
+    params, opt = jax.device_put((params, opt), jax.local_devices()[0])
+    history = list(history or [])
+    times = []
+    tokens = cfg.train.batch_size * cfg.model.context
+    bar = _bar(steps, desc, cfg.train.progress, initial=start)
+    for i in range(start, steps):
+        batch = s.target.batch(i, cfg.train.batch_size, cfg.model.context, seed=cfg.train.seed)
+        t0 = time.perf_counter()
+        params, opt, loss = step_fn(params, opt, batch, jax.random.fold_in(key, i))
+        loss = float(loss)  # waits for the step
+        times.append(time.perf_counter() - t0)
+        history.append(loss)
+        bar.update(1)
+        bar.set_postfix_str(f"loss {loss:.3f}, {tokens / times[-1]:,.0f} tok/s")
+        if on_step is not None:
+            on_step(i + 1, params, loss)
+        if manager is not None and ((i + 1) % cfg.train.save_every == 0 or i + 1 == steps):
+            manager.save(i + 1, params, opt, config=s.lora_config())
+            _write_json(os.path.join(manager.directory, "history.json"), {"step": i + 1, "losses": history})
+    bar.close()
+    if manager is not None:
+        manager.wait_until_finished()
+    step_seconds = float(np.median(times[1:])) if len(times) > 1 else (times[0] if times else float("nan"))
+    return params, opt, history, step_seconds
+
+
+def _write_json(path, data):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _nbytes(tree) -> int:
+    return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def _dir_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _prepare_out(out: str, resume: bool, overwrite: bool):
+    existing = [name for name in _OUTPUTS if os.path.exists(os.path.join(out, name))]
+    if existing and overwrite:
+        for name in existing:
+            p = os.path.join(out, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    elif existing and not resume:
+        raise FileExistsError(
+            f"output.dir {out} already holds a run ({', '.join(existing)}); pass --resume to continue "
+            f"it, --overwrite to start over, or --set output.dir=<new dir>"
+        )
+    elif resume:  # derived outputs are rewritten at the end of the resumed run
+        for name in ("adapter", "merged"):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    os.makedirs(out, exist_ok=True)
+
+
+def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False, overwrite: bool = False,
+             log: Callable | None = print) -> dict[str, Any]:
+    """Run the whole fine-tune described by ``cfg`` and write its outputs; returns the metrics.
+
+    Args:
+      compare_full: also train a full fine-tune baseline and report it side by side.
+      resume: continue from the newest checkpoint in ``output.dir/checkpoints`` (the
+        step count continues; the result equals an uninterrupted run).
+      overwrite: delete a previous run's outputs in ``output.dir`` first.
+
+    Raises:
+      FileExistsError: ``output.dir`` holds a run and neither ``resume`` nor ``overwrite``.
+
+    >>> import tempfile
+    >>> from lora_jax.finetune.config import from_dict
+    >>> tmp = tempfile.mkdtemp()
+    >>> cfg = from_dict({}, [f"output.dir={tmp}/run", f"output.cache_dir={tmp}/cache",
+    ...     "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "model.context=16",
+    ...     "pretrain.steps=2", "train.steps=3", "train.warmup=1", "train.batch_size=2", "train.eval_batches=1",
+    ...     "train.progress=false", "data.max_bytes=30000", "lora.rank=2"])
+    >>> m = finetune(cfg, log=None)
+    >>> m["lora"]["steps"], sorted(os.listdir(f"{tmp}/run"))
+    (3, ['adapter', 'checkpoints', 'config.yaml', 'loss.png', 'merged', 'metrics.json'])
+    """
+    import yaml
+
+    from .plots import loss_curves
+
+    out = cfg.output.dir
+    _prepare_out(out, resume, overwrite)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    s = Setup(cfg, log=log)
+    lora_config = s.lora_config()
+    base, lora = s.split(lora_config)
+    before = s.evaluate(s.model.apply, s.variables)
+
+    steps = cfg.train.steps
+    tx = lora_optimizer(cfg, steps)
+    start, opt, history = 0, None, []
+    with checkpoint.Manager(os.path.join(out, "checkpoints"), max_to_keep=cfg.train.keep) as mgr:
+        latest = mgr.latest_step() if resume else None
+        if latest is not None:
+            if latest > steps:
+                raise ValueError(
+                    f"train.steps={steps} but the checkpoints in {out} are at step {latest}; resume "
+                    f"with --set train.steps={latest} or more"
+                )
+            start, lora, opt = mgr.restore(lora=lora, opt_state=jax.eval_shape(tx.init, lora))
+            hist_path = os.path.join(out, "checkpoints", "history.json")
+            if os.path.exists(hist_path):
+                with open(hist_path) as f:
+                    history = json.load(f)["losses"][:start]
+            if log:
+                log(f"resuming from step {start} of {steps} ({out}/checkpoints)")
+        t0 = time.perf_counter()
+        lora, opt, history, step_s = train_lora(s, base, lora, steps=steps, tx=tx, manager=mgr, start=start,
+                                                opt=opt, history=history)
+        train_s = time.perf_counter() - t0
+    forward = wrap(s.model.apply)
+    after = s.evaluate(lambda p, ids: forward(p, lora, ids), base)
+
+    checkpoint.save(os.path.join(out, "adapter"), lora, lora_config)
+    checkpoint.merge(s.base_dir, os.path.join(out, "adapter"), os.path.join(out, "merged"))
+
+    n_base = param_count(s.variables)
+    n_lora = param_count(lora)
+    metrics: dict[str, Any] = {
+        "lora": {
+            "steps": steps,
+            "resumed_from": start,
+            "target_before": before["target"], "target_after": after["target"],
+            "source_before": before["source"], "source_after": after["source"],
+            "trainable_params": n_lora, "trainable_percent": 100.0 * n_lora / n_base,
+            "adapter_bytes": _nbytes(lora), "adapter_disk_bytes": _dir_bytes(os.path.join(out, "adapter")),
+            "step_seconds": step_s, "train_seconds": train_s,
+            "tokens_per_second": cfg.train.batch_size * cfg.model.context / step_s,
+            "targets": [p for p, _ in targets(lora)],
+        },
+        "base": {"params": n_base, "bytes": _nbytes(s.variables), "pretrain": {
+            k: s.pretrain_info[k] for k in ("corpus", "heldout_loss", "seconds", "cached")}},
+        "domains": {"target": cfg.data.corpus, "source": cfg.data.source},
+        "losses": {"lora": history},
+        "config": to_dict(cfg),
+    }
+    if compare_full:
+        t0 = time.perf_counter()
+        full, _, full_hist, full_step = train_full(s, steps=steps)
+        full_s = time.perf_counter() - t0
+        full_after = s.evaluate(s.model.apply, full)
+        metrics["full"] = {
+            "steps": steps,
+            "target_before": before["target"], "target_after": full_after["target"],
+            "source_before": before["source"], "source_after": full_after["source"],
+            "trainable_params": n_base, "trainable_percent": 100.0,
+            "adapter_bytes": _nbytes(full), "step_seconds": full_step, "train_seconds": full_s,
+            "tokens_per_second": cfg.train.batch_size * cfg.model.context / full_step,
+        }
+        metrics["losses"]["full"] = full_hist
+    _write_json(os.path.join(out, "metrics.json"), metrics)
+    curves = {"LoRA": metrics["losses"]["lora"]}
+    if compare_full:
+        curves["full fine-tune"] = metrics["losses"]["full"]
+    loss_curves(os.path.join(out, "loss.png"), curves,
+                title=f"{cfg.data.source} -> {cfg.data.corpus}: training loss (nats/byte)")
+    if log:
+        log(format_table(metrics))
+        log(f"outputs in {out}: adapter/, merged/, metrics.json, loss.png, checkpoints/")
+    return metrics
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def format_table(metrics: dict) -> str:
+    """The end-of-run table: losses before/after per domain, parameters, bytes, step time.
+
+    >>> m = {"domains": {"target": "stdlib", "source": "pydoc"}, "base": {"params": 1000, "bytes": 4000},
+    ...      "lora": {"target_before": 3.0, "target_after": 2.0, "source_before": 1.0, "source_after": 1.1,
+    ...               "trainable_params": 50, "trainable_percent": 5.0, "adapter_bytes": 200,
+    ...               "step_seconds": 0.01, "tokens_per_second": 1e5}}
+    >>> print(format_table(m))
+                                    LoRA
+    target (stdlib) loss before    3.000
+    target (stdlib) loss after     2.000
+    source (pydoc) loss before     1.000
+    source (pydoc) loss after      1.100
+    trainable params            50 (5.00%)
+    trained bytes vs base      200 B / 3.9 KiB
+    step time                     10.0 ms
+    tokens/s                     100,000
+    """
+    cols = [k for k in ("lora", "full") if k in metrics]
+    names = {"lora": "LoRA", "full": "full FT"}
+    t, src = metrics["domains"]["target"], metrics["domains"]["source"]
+    base_bytes = metrics["base"]["bytes"]
+    rows = [
+        (f"target ({t}) loss before", lambda m: f"{m['target_before']:.3f}"),
+        (f"target ({t}) loss after", lambda m: f"{m['target_after']:.3f}"),
+        (f"source ({src}) loss before", lambda m: f"{m['source_before']:.3f}"),
+        (f"source ({src}) loss after", lambda m: f"{m['source_after']:.3f}"),
+        ("trainable params", lambda m: f"{m['trainable_params']:,} ({m['trainable_percent']:.2f}%)"),
+        ("trained bytes vs base", lambda m: f"{_size(m['adapter_bytes'])} / {_size(base_bytes)}"),
+        ("step time", lambda m: f"{1e3 * m['step_seconds']:.1f} ms"),
+        ("tokens/s", lambda m: f"{m['tokens_per_second']:,.0f}"),
+    ]
+    cells = [[fmt(metrics[c]) for c in cols] for _, fmt in rows]
+    w0 = max(len(label) for label, _ in rows)
+    widths = [max(len(names[c]), *(len(r[j]) for r in cells)) for j, c in enumerate(cols)]
+    lines = [" " * w0 + "".join(f"  {names[c]:>{w}}" for c, w in zip(cols, widths))]
+    for (label, _), row in zip(rows, cells):
+        lines.append(f"{label:<{w0}}" + "".join(f"  {v:>{w}}" for v, w in zip(row, widths)))
+    return "\n".join(line.rstrip() for line in lines)

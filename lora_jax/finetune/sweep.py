@@ -1,0 +1,178 @@
+"""``lora-jax sweep``: the rank/alpha search practitioners run, with the adapter norms watched.
+
+Stage 1 (rank): for each ``sweep.ranks`` value r, train with alpha = r (scale 1 under
+alpha/r) and with rsLoRA at a fixed ``sweep.rslora_alpha`` (scale alpha/sqrt(r)).
+Stage 2 (alpha): at the rank with the lowest held-out loss under alpha = r, try
+alpha/r in ``sweep.alpha_ratios``. Every trial trains ``sweep.steps`` steps on the same
+batches and is scored on the target domain's held-out text (and the source domain's, for
+forgetting). During training ``lj.delta_norms`` is logged every ``sweep.norm_every``
+steps as ``||s·A⊗B||_F / ||W||_F`` per target; a trial whose largest ratio exceeds
+``sweep.runaway`` (or whose loss is not finite) is flagged as a runaway scale.
+
+Outputs in ``output.dir/sweep``: ``results.csv``, ``results.md``, ``loss_vs_rank.png``
+(LoRA vs rsLoRA), ``delta_norms.png`` (the largest ratio over steps per trial) and
+``sweep.json`` (everything, including the norm logs).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ..config import path_str, scale_for
+from ..report import delta_norms, targets
+from ..transform import wrap
+from .config import RunConfig, to_dict
+from .model import param_count
+from .run import Setup, train_lora
+
+__all__ = ["sweep", "COLUMNS"]
+
+COLUMNS = ("stage", "scaling", "rank", "alpha", "scale", "target_loss", "source_loss", "max_delta_ratio",
+           "runaway", "trainable_params", "seconds")
+
+
+def _trial(s: Setup, *, stage: str, scaling: str, rank: int, alpha: float, base_norms, log) -> dict[str, Any]:
+    cfg = s.cfg
+    lora_config = s.lora_config(rank=rank, alpha=alpha, scaling=scaling)
+    base, lora = s.split(lora_config)
+    norm_fn = jax.jit(lambda lora: {p: n / base_norms[p] for p, n in delta_norms(lora).items()})
+    norms: list[tuple[int, float]] = []
+
+    def on_step(step, lora, loss):
+        if step % cfg.sweep.norm_every == 0 or step == cfg.sweep.steps:
+            ratios = norm_fn(lora)
+            norms.append((step, max(float(v) for v in ratios.values())))
+
+    t0 = time.perf_counter()
+    lora, _, history, _ = train_lora(s, base, lora, steps=cfg.sweep.steps, on_step=on_step,
+                                     desc=f"{scaling} r={rank} alpha={alpha:g}")
+    seconds = time.perf_counter() - t0
+    forward = wrap(s.model.apply)
+    losses = s.evaluate(lambda p, ids: forward(p, lora, ids), base)
+    max_ratio = max((r for _, r in norms), default=0.0)
+    runaway = bool(max_ratio > cfg.sweep.runaway or not all(math.isfinite(x) for x in history))
+    row = {
+        "stage": stage, "scaling": scaling, "rank": rank, "alpha": alpha,
+        "scale": scale_for(scaling, alpha, rank),
+        "target_loss": losses["target"], "source_loss": losses["source"],
+        "max_delta_ratio": max_ratio, "runaway": runaway,
+        "trainable_params": param_count(lora), "seconds": seconds,
+    }
+    if log:
+        flag = "  RUNAWAY: ||s·A⊗B|| exceeds sweep.runaway x ||W||" if runaway else ""
+        log(f"{stage:>5} {scaling:>6} r={rank:<4} alpha={alpha:<6g} target {losses['target']:.4f} "
+            f"source {losses['source']:.4f} max ||dW||/||W|| {max_ratio:.3f}{flag}")
+    return {**row, "norms": norms, "losses": history}
+
+
+def _best(rows):
+    ok = [r for r in rows if not r["runaway"]] or rows
+    return min(ok, key=lambda r: r["target_loss"])
+
+
+def _markdown(rows, base_loss) -> str:
+    head = "| " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = []
+        for c in COLUMNS:
+            v = r[c]
+            cells.append(f"{v:.4f}" if isinstance(v, float) and c != "alpha" else f"{v:g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Base model (no adapter): target loss {base_loss['target']:.4f}, source loss {base_loss['source']:.4f}.")
+    return "\n".join(lines) + "\n"
+
+
+def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = False) -> dict[str, Any]:
+    """Run the rank then alpha sweep of ``cfg`` and write the tables and plots.
+
+    Returns ``{"rows": [...], "best_rank": r, "best": row, "base": losses, "dir": path}``;
+    each row has the :data:`COLUMNS` (plus its loss and norm logs in ``sweep.json``).
+
+    >>> import tempfile
+    >>> from lora_jax.finetune.config import from_dict
+    >>> tmp = tempfile.mkdtemp()
+    >>> cfg = from_dict({}, [f"output.dir={tmp}/run", f"output.cache_dir={tmp}/cache",
+    ...     "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "model.context=16",
+    ...     "pretrain.steps=2", "train.batch_size=2", "train.eval_batches=1", "train.progress=false",
+    ...     "data.max_bytes=30000", "sweep.ranks=[2]", "sweep.alpha_ratios=[1]", "sweep.steps=2"])
+    >>> result = sweep(cfg, log=None)
+    >>> [(r["stage"], r["scaling"], r["rank"], r["alpha"]) for r in result["rows"]]
+    [('rank', 'lora', 2, 2.0), ('rank', 'rslora', 2, 8.0), ('alpha', 'lora', 2, 2.0)]
+    >>> sorted(os.listdir(result["dir"]))
+    ['delta_norms.png', 'loss_vs_rank.png', 'results.csv', 'results.md', 'sweep.json']
+    """
+    from .plots import lines
+
+    out = os.path.join(cfg.output.dir, "sweep")
+    if os.path.exists(os.path.join(out, "sweep.json")) and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a sweep; pass --overwrite to replace it or --set output.dir=<new dir>"
+        )
+    os.makedirs(out, exist_ok=True)
+    s = Setup(cfg, log=log)
+    base_loss = s.evaluate(s.model.apply, s.variables)
+    # ||W||_F of every weight the adapters target (the same paths at every rank)
+    _, probe = s.split(s.lora_config(rank=1, alpha=1.0))
+    weights = {path_str(p): w for p, w in jax.tree_util.tree_flatten_with_path(s.variables)[0]}
+    base_norms = {p: jnp.linalg.norm(weights[p].astype(jnp.float32)) for p, _ in targets(probe)}
+    if log:
+        log(f"base model: target ({cfg.data.corpus}) loss {base_loss['target']:.4f}, "
+            f"source ({cfg.data.source}) loss {base_loss['source']:.4f}; {len(base_norms)} targets, "
+            f"{cfg.sweep.steps} steps per trial")
+
+    trial = lambda **kw: _trial(s, base_norms=base_norms, log=log, **kw)
+    rows = []
+    for r in cfg.sweep.ranks:
+        rows.append(trial(stage="rank", scaling="lora", rank=r, alpha=float(r)))
+        rows.append(trial(stage="rank", scaling="rslora", rank=r, alpha=cfg.sweep.rslora_alpha))
+    best_rank = _best([x for x in rows if x["scaling"] == "lora"])["rank"]
+    for ratio in cfg.sweep.alpha_ratios:
+        alpha = float(ratio * best_rank)
+        same = [x for x in rows if x["scaling"] == "lora" and x["rank"] == best_rank and x["alpha"] == alpha]
+        rows.append({**same[0], "stage": "alpha"} if same else
+                    trial(stage="alpha", scaling="lora", rank=best_rank, alpha=alpha))
+    best = _best(rows)
+
+    table = [{c: x[c] for c in COLUMNS} for x in rows]
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(_markdown(table, base_loss))
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump({"rows": rows, "best_rank": best_rank, "best": {c: best[c] for c in COLUMNS},
+                   "base": base_loss, "config": to_dict(cfg)}, f, indent=1)
+
+    stage1 = [x for x in rows if x["stage"] == "rank"]
+    series = {}
+    for scaling, label in (("lora", "LoRA, alpha = r (scale 1)"),
+                           ("rslora", f"rsLoRA, alpha = {cfg.sweep.rslora_alpha:g} (scale alpha/sqrt(r))")):
+        pts = sorted((x["rank"], x["target_loss"]) for x in stage1 if x["scaling"] == scaling)
+        series[label] = ([p[0] for p in pts], [p[1] for p in pts])
+    series["base model"] = (list(cfg.sweep.ranks), [base_loss["target"]] * len(cfg.sweep.ranks))
+    lines(os.path.join(out, "loss_vs_rank.png"), series, xlabel="rank r", ylabel="held-out target loss (nats/byte)",
+          title=f"{cfg.sweep.steps} steps on {cfg.data.corpus}", logx=True)
+    norm_series = {}
+    for x in rows:
+        if x["stage"] == "alpha" and x["alpha"] == float(best_rank):
+            continue  # the same run as its stage-1 row
+        label = f"{x['scaling']} r={x['rank']} alpha={x['alpha']:g}"
+        norm_series[label] = ([n[0] for n in x["norms"]], [max(n[1], 1e-12) for n in x["norms"]])
+    lines(os.path.join(out, "delta_norms.png"), norm_series, xlabel="step",
+          ylabel="max over targets of ||s·A⊗B||_F / ||W||_F", title="adapter delta norms", logy=True, markers=False)
+    if log:
+        log(_markdown(table, base_loss))
+        log(f"best: {best['scaling']} r={best['rank']} alpha={best['alpha']:g} (target loss {best['target_loss']:.4f}); "
+            f"results in {out}")
+    return {"rows": rows, "best_rank": best_rank, "best": best, "base": base_loss, "dir": out}
