@@ -71,7 +71,12 @@ class TinyLM(nn.Module):
 
 
 def lm_loss(apply, params, windows):
-    """Mean next-byte cross-entropy (nats) of ``apply(params, ids)`` on ``(n, T + 1)`` windows."""
+    """Mean next-byte cross-entropy (nats) of ``apply(params, ids)`` on ``(n, T + 1)`` windows.
+
+    >>> uniform = lambda params, ids: jnp.zeros(ids.shape + (VOCAB,))
+    >>> round(float(lm_loss(uniform, None, jnp.zeros((2, 9), jnp.int32))), 4)  # log(256)
+    5.5452
+    """
     logits = apply(params, windows[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), windows[:, 1:]).mean()
 
@@ -81,6 +86,12 @@ def make_step(loss_fn, tx):
 
     ``loss_fn(params, batch, key)`` is differentiated w.r.t. ``params`` only; params and
     optimizer state are donated.
+
+    >>> tx = optax.sgd(0.1)
+    >>> step = make_step(lambda p, b, k: jnp.sum((p - b) ** 2), tx)
+    >>> p, opt, loss = step(jnp.zeros(2), tx.init(jnp.zeros(2)), jnp.ones(2), None)
+    >>> p, float(loss)
+    (Array([0.2, 0.2], dtype=float32), 2.0)
     """
 
     def step(params, opt, batch, key):
@@ -190,4 +201,9 @@ def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
 
 
 def param_count(tree) -> int:
+    """Number of array elements in ``tree``.
+
+    >>> param_count({"a": jnp.ones((2, 3)), "b": None, "c": [jnp.ones(4)]})
+    10
+    """
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))

@@ -46,6 +46,16 @@ class Setup:
     Attributes: ``cfg``, ``model`` (a ``TinyLM``), ``variables`` (pretrained),
     ``base_dir`` (its orbax checkpoint), ``target``/``source`` corpora, ``pretrain_info``,
     ``evaluate(apply, params) -> {"target": loss, "source": loss}``.
+
+    >>> import tempfile
+    >>> from lora_jax.finetune.config import from_dict
+    >>> cfg = from_dict({}, [f"output.cache_dir={tempfile.mkdtemp()}", "model.d_model=16", "model.n_layers=1",
+    ...     "model.n_heads=2", "model.d_ff=32", "model.context=16", "pretrain.steps=2", "train.batch_size=2",
+    ...     "train.eval_batches=1", "train.progress=false", "data.max_bytes=30000"])
+    >>> s = Setup(cfg, log=None)
+    >>> base, lora = s.split()
+    >>> sorted(s.evaluate(s.model.apply, s.variables)), len(targets(lora))
+    (['source', 'target'], 6)
     """
 
     def __init__(self, cfg: RunConfig, log: Callable | None = print):
@@ -92,6 +102,13 @@ def _schedule(lr: float, steps: int, warmup: int):
 
 
 def lora_optimizer(cfg: RunConfig, steps: int | None = None):
+    """The adapters' optimizer: global-norm clipping at 1, Adam at ``train.lr`` with warmup and cosine decay.
+
+    >>> from lora_jax.finetune.config import from_dict
+    >>> tx = lora_optimizer(from_dict({}, ["train.steps=10"]))
+    >>> type(tx.init({"a": jnp.ones(3)})).__name__
+    'tuple'
+    """
     steps = cfg.train.steps if steps is None else steps
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(cfg.train.lr, steps, cfg.train.warmup)))
 
@@ -118,6 +135,10 @@ def train_lora(
     end; ``on_step(step, lora, loss)`` is called after each step.
 
     Returns ``(lora, opt, history, step_seconds)``: ``history`` the per-step losses.
+
+    See :func:`finetune` for a whole run; :mod:`lora_jax.finetune.sweep` calls this once
+    per trial: ``s = Setup(cfg); base, lora = s.split(); lora, *_ = train_lora(s, base,
+    lora, steps=100)``.
     """
     cfg = s.cfg
     tx = lora_optimizer(cfg, steps) if tx is None else tx
@@ -135,7 +156,11 @@ def train_lora(
 
 
 def train_full(s: Setup, *, steps: int, desc: str = "full FT"):
-    """Full fine-tuning baseline: every weight trains (AdamW at ``train.full_lr``), same batches."""
+    """Full fine-tuning baseline: every weight trains (Adam at ``train.full_lr``), on the same batches.
+
+    Returns ``(params, opt, history, step_seconds)`` like :func:`train_lora`:
+    ``params, _, losses, _ = train_full(Setup(cfg), steps=100)``.
+    """
     cfg = s.cfg
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(cfg.train.full_lr, steps, cfg.train.warmup)))
     params = jax.tree.map(jnp.copy, s.variables)
