@@ -1,6 +1,9 @@
 """Root pytest setup shared by tests/, the library's doctests and README.md."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,3 +11,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Many tests compile the same programs again (each CLI run builds its own jitted steps):
+# a compilation cache for this test process, in a fresh directory, compiles each once.
+_XLA_CACHE = tempfile.mkdtemp(prefix="lora_jax_test_xla_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)

@@ -116,7 +116,9 @@ def inspect_adapter(path: str) -> str:
     config = meta.get("config")
     if config:
         rules = ", ".join(
-            f"{r.get('pattern')} (rank {r.get('rank')}, alpha {r.get('alpha'):g})" for r in config.get("rules", [])
+            f"{r.get('pattern')}{' [linear weights]' if r.get('linear_only') else ''} "
+            f"(rank {r.get('rank')}, alpha {r.get('alpha'):g})"
+            for r in config.get("rules", [])
         )
         scaling = config.get("scaling")
         lines.append(

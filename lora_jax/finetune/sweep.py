@@ -104,10 +104,10 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
     >>> cfg = from_dict({}, [f"output.dir={tmp}/run", f"output.cache_dir={tmp}/cache",
     ...     "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "model.context=16",
     ...     "pretrain.steps=2", "train.batch_size=2", "train.eval_batches=1", "train.progress=false",
-    ...     "data.max_bytes=30000", "sweep.ranks=[2]", "sweep.alpha_ratios=[1]", "sweep.steps=2"])
+    ...     "data.max_bytes=30000", "sweep.ranks=[1]", "sweep.alpha_ratios=[1]", "sweep.steps=2"])
     >>> result = sweep(cfg, log=None)
     >>> [(r["stage"], r["scaling"], r["rank"], r["alpha"]) for r in result["rows"]]
-    [('rank', 'lora', 2, 2.0), ('rank', 'rslora', 2, 8.0), ('alpha', 'lora', 2, 2.0)]
+    [('rank', 'lora', 1, 1.0), ('rank', 'rslora', 1, 8.0), ('alpha', 'lora', 1, 1.0)]
     >>> sorted(os.listdir(result["dir"]))
     ['delta_norms.png', 'loss_vs_rank.png', 'results.csv', 'results.md', 'sweep.json']
     """
