@@ -54,8 +54,9 @@ def loss_curves(path: str, curves: Mapping[str, Sequence[float]], *, title: str 
 
 
 def lines(path: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str,
-          title: str = "", logx: bool = False, logy: bool = False, markers: bool = True) -> None:
-    """One line per ``name -> (xs, ys)``.
+          title: str = "", logx: bool = False, logy: bool = False, markers: bool = True,
+          styles: Mapping[str, dict] | None = None) -> None:
+    """One line per ``name -> (xs, ys)``; ``styles[name]`` adds matplotlib line keywords.
 
     >>> import os, tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "rank.png")
@@ -66,7 +67,7 @@ def lines(path: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]
     fig = _figure()
     ax = fig.add_subplot()
     for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o" if markers else None, markersize=4, label=name)
+        ax.plot(xs, ys, marker="o" if markers else None, markersize=4, label=name, **(styles or {}).get(name, {}))
     if logx:
         ax.set_xscale("log", base=2)
     if logy:
@@ -75,6 +76,6 @@ def lines(path: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small" if len(series) > 6 else "small")
     fig.tight_layout()
     fig.savefig(path)

@@ -73,6 +73,12 @@ def _trial(s: Setup, *, stage: str, scaling: str, rank: int, alpha: float, base_
     return {**row, "norms": norms, "losses": history}
 
 
+def _color(i: int, n: int):
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](0.9 * i / max(n - 1, 1))
+
+
 def _best(rows):
     ok = [r for r in rows if not r["runaway"]] or rows
     return min(ok, key=lambda r: r["target_loss"])
@@ -163,13 +169,15 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
     series["base model"] = (list(cfg.sweep.ranks), [base_loss["target"]] * len(cfg.sweep.ranks))
     lines(os.path.join(out, "loss_vs_rank.png"), series, xlabel="rank r", ylabel="held-out target loss (nats/byte)",
           title=f"{cfg.sweep.steps} steps on {cfg.data.corpus}", logx=True)
-    norm_series = {}
-    for x in rows:
-        if x["stage"] == "alpha" and x["alpha"] == float(best_rank):
-            continue  # the same run as its stage-1 row
+    norm_series, styles = {}, {}
+    runs = [x for x in rows if not (x["stage"] == "alpha" and x["alpha"] == float(best_rank))]  # no repeats
+    for i, x in enumerate(runs):
         label = f"{x['scaling']} r={x['rank']} alpha={x['alpha']:g}"
         norm_series[label] = ([n[0] for n in x["norms"]], [max(n[1], 1e-12) for n in x["norms"]])
-    lines(os.path.join(out, "delta_norms.png"), norm_series, xlabel="step",
+        # one color per run along a colormap; rsLoRA dashed, the alpha stage dotted
+        styles[label] = {"color": _color(i, len(runs)),
+                         "linestyle": "--" if x["scaling"] == "rslora" else ":" if x["stage"] == "alpha" else "-"}
+    lines(os.path.join(out, "delta_norms.png"), norm_series, xlabel="step", styles=styles,
           ylabel="max over targets of ||s·A⊗B||_F / ||W||_F", title="adapter delta norms", logy=True, markers=False)
     if log:
         log(_markdown(table, base_loss))
