@@ -202,6 +202,22 @@ def test_merged_checkpoint_reproduces_the_adapter(finished):
     chex.assert_trees_all_close(merged, lj.merge(base, lora), atol=0, rtol=0)
 
 
+def test_pissa_run_merges_into_its_residual_base(tmp_path, cache):
+    out = tmp_path / "run"
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=3", "lora.init=pissa")]) == 0
+    assert "base" in os.listdir(out)  # the residual W - s·A⊗B the adapter belongs to
+    cfg = run_config.load(out / "config.yaml")
+    model = TinyLM(cfg.model)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, cfg.model.context)), jnp.int32)
+    base = checkpoint.restore_params(out / "base")
+    lora = checkpoint.restore(out / "adapter")
+    merged = checkpoint.restore_params(out / "merged")
+    chex.assert_trees_all_close(model.apply(merged, ids), lj.wrap(model.apply)(base, lora, ids), atol=1e-5, rtol=1e-5)
+    pretrained = checkpoint.restore_params(next(Path(cache).glob("pretrained/*/params")))
+    w = pretrained["params"]["block_0"]["up"]["kernel"]
+    assert float(jnp.abs(base["params"]["block_0"]["up"]["kernel"] - w).max()) > 1e-3  # not the pretrained weight
+
+
 def test_rerun_needs_resume_or_overwrite(finished, cache, capsys):
     argv = ["finetune", *tiny(finished, cache, "train.steps=24")]
     assert cli.main(argv) == 1

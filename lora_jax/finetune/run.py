@@ -6,6 +6,7 @@ every ``train.save_every`` steps, resumable), measure again, and write
 
 - ``adapter/``   the adapter (:func:`lora_jax.checkpoint.save`, with its config),
 - ``merged/``    the base with the adapter merged in (plain orbax, loads into ``TinyLM``),
+- ``base/``      only with ``lora.init: pissa``: the residual base the adapter belongs to,
 - ``metrics.json`` every number of the final table, the loss curves and the config,
 - ``loss.png``   the training loss curves (LoRA, and the full fine-tune when compared),
 - ``config.yaml`` the resolved config, ``checkpoints/`` the training checkpoints.
@@ -37,7 +38,7 @@ from .model import TinyLM, _bar, lm_loss, make_step, param_count, pretrained
 
 __all__ = ["Setup", "train_lora", "train_full", "finetune", "format_table"]
 
-_OUTPUTS = ("adapter", "merged", "metrics.json", "loss.png", "config.yaml", "checkpoints")
+_OUTPUTS = ("adapter", "merged", "base", "metrics.json", "loss.png", "config.yaml", "checkpoints")
 
 
 class Setup:
@@ -293,7 +294,12 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
     after = s.evaluate(lambda p, ids: forward(p, lora, ids), base)
 
     checkpoint.save(os.path.join(out, "adapter"), lora, lora_config)
-    checkpoint.merge(s.base_dir, os.path.join(out, "adapter"), os.path.join(out, "merged"))
+    base_dir = s.base_dir
+    if cfg.lora.init == "pissa":  # the base is the residual W - s·A⊗B, not the pretrained weights
+        base_dir = os.path.join(out, "base")
+        if not os.path.exists(base_dir):
+            checkpoint.save_params(base_dir, base)
+    checkpoint.merge(base_dir, os.path.join(out, "adapter"), os.path.join(out, "merged"))
 
     n_base = param_count(s.variables)
     n_lora = param_count(lora)
