@@ -610,3 +610,27 @@ def test_quickstart_resumes_from_checkpoints(tmp_path, capsys):
     assert "resumed from step 6" in capsys.readouterr().out
     with pytest.raises(ValueError, match="holds a run with --steps 8"):
         linen_quickstart.main(steps=4, ckpt_dir=str(run))
+
+
+def test_save_params_round_trips_and_refuses_to_overwrite(tmp_path):
+    params = {"params": {"dense": {"kernel": jnp.arange(12.0).reshape(3, 4).astype(jnp.bfloat16),
+                                   "bias": jnp.ones(4)}},
+              "stats": [jnp.zeros((2,), jnp.int32)]}
+    path = tmp_path / "base"
+    checkpoint.save_params(path, params)
+    back = checkpoint.restore_params(path)
+    chex.assert_trees_all_equal(back, params)
+    chex.assert_trees_all_equal_dtypes(back, params)
+    # like= gives the placement: restored onto the sharding it names
+    mesh = jax.make_mesh((8,), ("d",))
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), params)
+    sharded = checkpoint.restore_params(path, like=like)
+    assert all(x.sharding.is_equivalent_to(NamedSharding(mesh, P()), x.ndim) for x in jax.tree.leaves(sharded))
+    chex.assert_trees_all_equal(sharded, params)
+    with pytest.raises(FileExistsError, match="already exists"):
+        checkpoint.save_params(path, params)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint.restore_params(tmp_path / "missing")
+    # plain orbax reads it too, and merge takes it as a base
+    with ocp.StandardCheckpointer() as ckptr:
+        chex.assert_trees_all_equal(ckptr.restore(path), params)

@@ -207,7 +207,7 @@ def _write_json(path, data):
 
 
 def _nbytes(tree) -> int:
-    return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in jax.tree.leaves(tree)))
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
 
 
 def _dir_bytes(path) -> int:
@@ -347,7 +347,7 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
     return metrics
 
 
-def _size(n: int) -> str:
+def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -383,7 +383,7 @@ def format_table(metrics: dict) -> str:
         (f"source ({src}) loss before", lambda m: f"{m['source_before']:.3f}"),
         (f"source ({src}) loss after", lambda m: f"{m['source_after']:.3f}"),
         ("trainable params", lambda m: f"{m['trainable_params']:,} ({m['trainable_percent']:.2f}%)"),
-        ("trained bytes vs base", lambda m: f"{_size(m['adapter_bytes'])} / {_size(base_bytes)}"),
+        ("trained bytes vs base", lambda m: f"{_human_bytes(m['adapter_bytes'])} / {_human_bytes(base_bytes)}"),
         ("step time", lambda m: f"{1e3 * m['step_seconds']:.1f} ms"),
         ("tokens/s", lambda m: f"{m['tokens_per_second']:,.0f}"),
     ]
