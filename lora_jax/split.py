@@ -318,9 +318,15 @@ def check_fits(base: Any, lora: Any) -> list[tuple[str, Any, LoraWeight | None]]
             if x is None:
                 problems.append(f"{path}: the base has None where the adapter's weight {tuple(w.shape)} belongs")
             elif tuple(jnp.shape(x)) != tuple(w.shape):
+                shape, want = tuple(jnp.shape(x)), tuple(w.shape)
+                hint = ""
+                if len(shape) > len(want) and shape[len(shape) - len(want):] == want:
+                    lead = shape[: len(shape) - len(want)]
+                    hint = (f" (extra leading axes {lead}: for trees stacked over seeds or models, "
+                            "map over them, e.g. jax.vmap(lj.merge)(base, lora))")
                 problems.append(
-                    f"{path}: the adapter was made for shape {tuple(w.shape)} but the base "
-                    f"weight has shape {tuple(jnp.shape(x))}"
+                    f"{path}: the adapter was made for shape {want} but the base "
+                    f"weight has shape {shape}{hint}"
                 )
             else:
                 for name, got, want in (

@@ -1,5 +1,6 @@
 """Bad input: every error names the path, the shapes and the fix."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +159,14 @@ def test_all_problems_reported_at_once():
     msg = str(e.value)
     assert "rule 'nothing' matches nothing" in msg
     assert "exclude pattern 'nope' matches no parameter path" in msg
+
+
+def test_merge_of_trees_stacked_over_seeds_suggests_vmap():
+    split = lambda k: lj.split(k, {"w": jnp.ones((8, 8))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    base, lora = jax.vmap(split)(jax.random.split(jax.random.key(0), 3))
+    with pytest.raises(ValueError, match=r"w: the adapter was made for shape \(8, 8\) but the base weight has "
+                                         r"shape \(3, 8, 8\) \(extra leading axes \(3,\).*jax.vmap\(lj.merge\)"):
+        lj.merge(base, lora)
+    merged = jax.vmap(lj.merge)(base, lora)
+    chex.assert_trees_all_close(merged["w"][1], lj.merge(jax.tree.map(lambda x: x[1], base),
+                                                         jax.tree.map(lambda x: x[1], lora))["w"])
