@@ -255,6 +255,14 @@ def _weight_from_json(entry, a, b) -> LoraWeight:
 # paths
 
 
+def _path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as orbax wants it: local paths made absolute (``~`` expanded); URLs (gs://) kept."""
+    text = os.fspath(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
 def _check_new(path: epath.Path, what: str):
     if path.exists():
         raise FileExistsError(
@@ -326,7 +334,7 @@ def save(path: str | os.PathLike, lora: Any, config: LoraConfig | None = None) -
     >>> sorted(os.listdir(path))
     ['_CHECKPOINT_METADATA', 'commit_success.txt', 'lora', 'lora_jax']
     """
-    path = epath.Path(path)
+    path = _path(path)
     meta, arrays = _metadata_json(lora, config)
     _check_new(path, "checkpoint path")
     _checkpointer().save(
@@ -352,7 +360,7 @@ def metadata(path: str | os.PathLike) -> dict:
     >>> t["path"], t["weight"]["rank"], t["weight"]["scaling"], t["a"]["shape"]
     ('w', 2, 'rslora', [2, 8])
     """
-    path = epath.Path(path)
+    path = _path(path)
     _check_complete(path, "adapter checkpoint")
     return _read_meta(lambda args: _checkpointer().restore(path, args), path)
 
@@ -453,7 +461,7 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
     >>> checkpoint.restore(path, like)["w"].a.sharding == rep
     True
     """
-    path = epath.Path(path)
+    path = _path(path)
     _check_complete(path, "adapter checkpoint")
     ck = _checkpointer()
     fn = lambda args: ck.restore(path, args)
@@ -478,7 +486,7 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
     >>> restore_params(path)["dense"]["kernel"].shape
     (2, 3)
     """
-    path = epath.Path(path)
+    path = _path(path)
     _check_new(path, "checkpoint")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params)
@@ -499,7 +507,7 @@ def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
     >>> restore_params(path, like={"w": jax.ShapeDtypeStruct((4,), jnp.float32)})["w"]
     Array([0., 1., 2., 3.], dtype=float32)
     """
-    path = epath.Path(path)
+    path = _path(path)
     _check_complete(path, "checkpoint")
     if like is None:
         stored = _base_tree(path)
@@ -607,7 +615,7 @@ def merge(
     >>> bool(jnp.array_equal(merged["w"], lj.merge(base, lora)["w"]))
     True
     """
-    base_dir, adapter_dir, out_dir = map(epath.Path, (base_dir, adapter_dir, out_dir))
+    base_dir, adapter_dir, out_dir = map(_path, (base_dir, adapter_dir, out_dir))
     _check_complete(base_dir, "base checkpoint")
     _check_complete(adapter_dir, "adapter checkpoint")
     _check_new(out_dir, "output checkpoint")
@@ -710,7 +718,7 @@ class Manager:
         max_to_keep: int | None = 3,
         async_save: bool = False,
     ):
-        self.directory = epath.Path(directory)
+        self.directory = _path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,

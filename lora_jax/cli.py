@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return _dispatch(ns)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError) as e:
         print(f"lora-jax {ns.command}: error: {e}", file=sys.stderr)
         return 1
 

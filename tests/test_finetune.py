@@ -91,7 +91,10 @@ def test_set_overrides_each_type(tmp_path):
         ({"trian": {}}, [], "config key trian is unknown (did you mean train?)"),
         ({}, ["train.steps=ten"], "config key train.steps: got 'ten'; expected an int"),
         ({}, ["train.steps=-1"], "config key train.steps: got -1; expected a positive int"),
-        ({}, ["train.lr=fast"], "config key train.lr: got 'fast'; expected a number"),
+        ({}, ["train.lr=fast"], "config key train.lr: got 'fast'; expected a finite number"),
+        ({}, ["train.lr=.inf"], "config key train.lr: got inf; expected a finite number"),
+        ({}, ["train.seed=-1"], "config key train.seed: got -1; expected an int >= 0"),
+        ({}, ["lora.targets=['(unclosed']"], "config key lora.targets: '(unclosed' is not a valid regex"),
         ({}, ["train.progress=maybe"], "config key train.progress: got 'maybe'; expected true or false"),
         ({}, ["lora.scaling=sqrt"], "config key lora.scaling: got 'sqrt'; expected one of ('lora', 'rslora')"),
         ({}, ["lora.init=zeros"], "config key lora.init: got 'zeros'"),
@@ -351,3 +354,95 @@ def test_sweep_writes_tables_and_plots(tmp_path, cache, capsys):
     assert sum(line.startswith("| ") for line in md.splitlines()) == len(rows) + 1  # header + one per trial
     assert cli.main(["sweep", str(cfg_path), *tiny(tmp_path / "run", cache)]) == 1  # results exist
     assert "--overwrite" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# paths, failed runs, resume safety, the cache
+
+
+def test_relative_paths_work_everywhere(tmp_path, cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["finetune", "--set", "output.dir=runs/rel", "--set", "output.cache_dir=relcache",
+            *[a for kv in TINY for a in ("--set", kv)], "--set", "train.steps=2"]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "relcache").is_dir() and (tmp_path / "runs" / "rel" / "merged").is_dir()
+    assert cli.main(["inspect", "runs/rel/adapter"]) == 0
+    assert cli.main(["export-peft", "runs/rel/adapter", "peft_out"]) == 0
+    base = next(Path("relcache").glob("pretrained/*/params"))  # a relative path
+    assert cli.main(["merge", str(base), "runs/rel/adapter", "merged_again"]) == 0
+    chex.assert_trees_all_equal(checkpoint.restore_params("merged_again"), checkpoint.restore_params("runs/rel/merged"))
+
+
+def test_a_failed_run_writes_nothing_and_a_failed_resume_keeps_the_outputs(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["finetune", *tiny(out, cache, "lora.targets=[.*/nothing]")]) == 1
+    assert not out.exists()  # the error came before anything was written: a fixed rerun just works
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=4")]) == 0
+    before = sorted(os.listdir(out))
+    capsys.readouterr()
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=2"), "--resume"]) == 1  # fewer steps
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=6", "lora.rank=3"), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "lora.rank (2 -> 3)" in err and "only train.keep, train.progress, train.save_every, train.steps" in err
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=4"), "--resume", "--overwrite"]) == 1
+    assert sorted(os.listdir(out)) == before  # nothing was deleted by the refused runs
+    assert run_config.load(out / "config.yaml").train.steps == 4
+
+
+def test_resuming_a_finished_run_rewrites_its_outputs_with_valid_json(tmp_path, cache):
+    out = tmp_path / "run"
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=2")]) == 0
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=2"), "--resume"]) == 0
+    text = (out / "metrics.json").read_text()
+    m = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    assert m["lora"]["resumed_from"] == 2 and m["lora"]["step_seconds"] is None
+    assert "n/a" in format_table(m)
+
+
+def test_one_step_without_warmup_trains():
+    from lora_jax.finetune.run import _schedule
+
+    assert float(_schedule(0.01, 1, 0)(0)) == pytest.approx(0.01)
+    assert float(_schedule(0.01, 10, 4)(0)) == 0.0 and float(_schedule(0.01, 10, 4)(4)) == pytest.approx(0.01)
+    assert float(_schedule(0.01, 10, 100)(5)) == pytest.approx(0.01)  # warmup capped at half the steps
+
+
+def test_the_cache_key_covers_the_training_text():
+    from lora_jax.finetune.model import _cache_key
+
+    m, p = run_config.ModelConfig(), run_config.PretrainConfig()
+    text = np.frombuffer(b"some text " * 100, np.uint8)
+    other = text.copy()
+    other[5] ^= 1  # same length, one byte different
+    assert _cache_key(m, p, text) == _cache_key(m, p, text.copy())
+    assert _cache_key(m, p, text) != _cache_key(m, p, other)
+    assert _cache_key(m, p, text) != _cache_key(m, p, text[:-1])
+    assert _cache_key(m, p, text) != _cache_key(run_config.ModelConfig(d_model=64), p, text)
+
+
+@pytest.mark.slow
+def test_processes_pretraining_one_cache_entry_at_once_agree(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, jax, numpy as np\n"
+        "from lora_jax.finetune.config import ModelConfig, PretrainConfig\n"
+        "from lora_jax.finetune.data import load_corpus\n"
+        "from lora_jax.finetune.model import pretrained\n"
+        "m = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, context=16)\n"
+        "c = load_corpus('pydoc', max_bytes=30000, context=16)\n"
+        "v, where, info = pretrained(m, PretrainConfig(steps=20, batch_size=4), c, cache_dir=sys.argv[1],"
+        " progress=False, log=None)\n"
+        "np.save(sys.argv[2], np.asarray(v['params']['embed']['embedding']))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache"), str(tmp_path / f"w{i}.npy")],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    w = [np.load(tmp_path / f"w{i}.npy") for i in range(3)]
+    np.testing.assert_array_equal(w[0], w[1])
+    np.testing.assert_array_equal(w[0], w[2])
+    entries = list((tmp_path / "cache" / "pretrained").iterdir())
+    assert len(entries) == 1 and sorted(os.listdir(entries[0])) == ["info.json", "params"]  # no temporaries left

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import typing
 from typing import Any, Mapping, Sequence
 
@@ -75,6 +77,7 @@ class PretrainConfig:
         _check(self.steps > 0, f"{prefix}.steps", self.steps, "a positive int")
         _check(self.batch_size > 0, f"{prefix}.batch_size", self.batch_size, "a positive int")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive float")
+        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "an int >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +107,7 @@ class AdapterConfig:
     """Which weights get adapters and how (see :class:`lora_jax.LoraConfig`).
 
     ``targets`` are path regexes (``re.fullmatch`` on '/'-joined paths such as
-    ``params/block_0/attn/query/kernel``), or the single entry ``all_linear``.
+    ``params/block_0/query/kernel``), or the single entry ``all_linear``.
     """
 
     targets: tuple[str, ...] = ("all_linear",)
@@ -122,6 +125,11 @@ class AdapterConfig:
             "all_linear" not in self.targets or len(self.targets) == 1, f"{prefix}.targets",
             self.targets, "either [all_linear] alone or a list of path regexes",
         )
+        for t in self.targets:
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise ValueError(f"config key {prefix}.targets: {t!r} is not a valid regex ({e})") from None
         _check(self.rank > 0, f"{prefix}.rank", self.rank, "a positive int")
         _check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "a positive float")
         _check(self.scaling in SCALINGS, f"{prefix}.scaling", self.scaling, f"one of {tuple(SCALINGS)}")
@@ -163,6 +171,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_batches", "save_every", "keep"):
             _check(getattr(self, name) > 0, f"{prefix}.{name}", getattr(self, name), "a positive int")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive float")
+        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "an int >= 0")
         _check(self.full_lr > 0, f"{prefix}.full_lr", self.full_lr, "a positive float")
         _check(self.warmup >= 0, f"{prefix}.warmup", self.warmup, "an int >= 0 (at most half of the steps are used)")
 
@@ -257,14 +266,17 @@ def _coerce(value: Any, hint: Any, key: str):
             return int(value)
         raise ValueError(f"config key {key}: got {value!r}; expected an int")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"config key {key}: got {value!r}; expected a number")
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"config key {key}: got {value!r}; expected a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

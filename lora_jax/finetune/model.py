@@ -13,7 +13,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
+import uuid
 
 import flax.linen as nn
 import jax
@@ -117,9 +119,10 @@ def cache_root(cache_dir: str | None = None) -> str:
     return os.path.join(base, "lora_jax")
 
 
-def _cache_key(model: ModelConfig, pretrain: PretrainConfig, corpus_bytes: int) -> str:
+def _cache_key(model: ModelConfig, pretrain: PretrainConfig, train_text: np.ndarray) -> str:
+    """A hash of everything the pretrained weights depend on, the exact training text included."""
     spec = {"format": _FORMAT, "model": dataclasses.asdict(model), "pretrain": dataclasses.asdict(pretrain),
-            "corpus_bytes": corpus_bytes}
+            "text": hashlib.sha256(np.ascontiguousarray(train_text).tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -144,12 +147,12 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
     """
     from .. import checkpoint
 
-    key = _cache_key(model, pretrain, len(corpus.train) + len(corpus.heldout))
+    key = _cache_key(model, pretrain, corpus.train)
     root = os.path.join(cache_root(cache_dir), "pretrained", f"tinylm-{key}")
     ckpt, info_path = os.path.join(root, "params"), os.path.join(root, "info.json")
     lm = TinyLM(model)
     ids = jnp.zeros((1, model.context), jnp.int32)
-    if os.path.exists(info_path):
+    if os.path.exists(info_path) and os.path.isdir(ckpt):
         abstract = jax.eval_shape(lm.init, jax.random.key(0), ids)
         variables = checkpoint.restore_params(ckpt, like=abstract)
         with open(info_path) as f:
@@ -184,8 +187,16 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
         "seconds": time.perf_counter() - start,
     }
     os.makedirs(root, exist_ok=True)
-    if not os.path.exists(ckpt):  # another process may have finished first; its weights are as good
-        checkpoint.save_params(ckpt, variables)
+    # written under a name of its own, then renamed: when several processes pretrain the same
+    # entry at once, the first rename wins and the others (same settings, same weights) use it
+    tmp_ckpt = f"{ckpt}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    checkpoint.save_params(tmp_ckpt, variables)
+    try:
+        os.rename(tmp_ckpt, ckpt)
+    except OSError:
+        if not os.path.isdir(ckpt):
+            raise
+        shutil.rmtree(tmp_ckpt, ignore_errors=True)
     tmp = f"{info_path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(info, f)

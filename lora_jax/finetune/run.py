@@ -67,6 +67,7 @@ class Setup:
         self.source = self.target if d.source == d.corpus else load(d.source)
         pre = self.source if cfg.pretrain.corpus == d.source else load(cfg.pretrain.corpus)
         self.model = TinyLM(m)
+        self.check(self.lora_config())  # before pretraining: targets that match nothing, bad ranks
         self.variables, self.base_dir, self.pretrain_info = pretrained(
             m, cfg.pretrain, pre, cache_dir=cfg.output.cache_dir, progress=cfg.train.progress, log=log
         )
@@ -89,6 +90,17 @@ class Setup:
     def lora_config(self, **kw):
         return self.cfg.lora.lora_config(**kw)
 
+    def check(self, lora_config) -> None:
+        """Split the model's abstract parameters (no arrays): a ``ValueError`` naming the
+        ``lora`` settings when a target regex matches nothing or a rank does not fit."""
+        ids = jax.ShapeDtypeStruct((1, self.cfg.model.context), jnp.int32)
+        abstract = jax.eval_shape(self.model.init, jax.random.key(0), ids)
+        try:
+            split(jax.random.key(0), abstract, lora_config, apply_fn=self.model.apply, args=(ids,))
+        except (ValueError, TypeError) as e:
+            a = self.cfg.lora
+            raise type(e)(f"lora settings (targets {list(a.targets)}, rank {lora_config.rules[0].rank}): {e}") from None
+
     def split(self, lora_config=None, seed: int | None = None):
         """``(base, lora)`` of the pretrained variables, axes inferred by tracing the model."""
         ids = jax.ShapeDtypeStruct((1, self.cfg.model.context), jnp.int32)
@@ -98,8 +110,10 @@ class Setup:
 
 
 def _schedule(lr: float, steps: int, warmup: int):
-    warmup = max(1, min(warmup, steps // 2))
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
+    warmup = min(warmup, steps // 2)
+    if warmup == 0:
+        return optax.cosine_decay_schedule(lr, steps, alpha=0.1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.1)
 
 
 def lora_optimizer(cfg: RunConfig, steps: int | None = None):
@@ -135,7 +149,8 @@ def train_lora(
     :class:`lora_jax.checkpoint.Manager`) saves every ``train.save_every`` steps and at the
     end; ``on_step(step, lora, loss)`` is called after each step.
 
-    Returns ``(lora, opt, history, step_seconds)``: ``history`` the per-step losses.
+    Returns ``(lora, opt, history, step_seconds)``: ``history`` the per-step losses,
+    ``step_seconds`` the median step time (None when no step ran).
 
     See :func:`finetune` for a whole run; :mod:`lora_jax.finetune.sweep` calls this once
     per trial: ``s = Setup(cfg); base, lora = s.split(); lora, *_ = train_lora(s, base,
@@ -195,7 +210,8 @@ def _loop(s, step_fn, params, opt, *, start, steps, key, manager=None, history=N
     bar.close()
     if manager is not None:
         manager.wait_until_finished()
-    step_seconds = float(np.median(times[1:])) if len(times) > 1 else (times[0] if times else float("nan"))
+    # the median step after the first (which compiles); None when no step ran (a finished run resumed)
+    step_seconds = float(np.median(times[1:])) if len(times) > 1 else (times[0] if times else None)
     return params, opt, history, step_seconds
 
 
@@ -214,21 +230,48 @@ def _dir_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def _prepare_out(out: str, resume: bool, overwrite: bool):
+# keys a resumed run may change (and the output section); any other difference from the saved
+# config.yaml is refused
+_RESUMABLE = {("train", "steps"), ("train", "progress"), ("train", "save_every"), ("train", "keep")}
+
+
+def _check_out(out: str, cfg: RunConfig, resume: bool, overwrite: bool) -> list[str]:
+    """The outputs already in ``out``; raises when they may not be continued or replaced."""
+    import yaml
+
     existing = [name for name in _OUTPUTS if os.path.exists(os.path.join(out, name))]
-    if existing and overwrite:
-        for name in existing:
-            p = os.path.join(out, name)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-    elif existing and not resume:
+    if existing and not (resume or overwrite):
         raise FileExistsError(
             f"output.dir {out} already holds a run ({', '.join(existing)}); pass --resume to continue "
             f"it, --overwrite to start over, or --set output.dir=<new dir>"
         )
-    elif resume:  # derived outputs are rewritten at the end of the resumed run
-        for name in ("adapter", "merged"):
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    os.makedirs(out, exist_ok=True)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")
+    saved = os.path.join(out, "config.yaml")
+    if resume and os.path.exists(saved):
+        with open(saved) as f:
+            old = yaml.safe_load(f) or {}
+        new = to_dict(cfg)
+        changed = sorted(
+            f"{sec}.{key} ({old.get(sec, {}).get(key)!r} -> {value!r})"
+            for sec, values in new.items() for key, value in values.items()
+            if sec != "output" and (sec, key) not in _RESUMABLE and old.get(sec, {}).get(key) != value
+        )
+        if changed:
+            raise ValueError(
+                f"--resume: the config differs from the run in {out} ({saved}) in {', '.join(changed)}; "
+                f"only {', '.join(sorted(f'{a}.{b}' for a, b in _RESUMABLE))} may change on resume. Use the "
+                "same settings, or start a new output.dir"
+            )
+    return existing
+
+
+def _replace(path: str):
+    """Remove ``path`` (a file or directory) if it exists, so that it can be written anew."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False, overwrite: bool = False,
@@ -259,33 +302,40 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
 
     from .plots import loss_curves
 
-    out = cfg.output.dir
-    _prepare_out(out, resume, overwrite)
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    s = Setup(cfg, log=log)
+    out = os.path.abspath(os.path.expanduser(cfg.output.dir))
+    existing = _check_out(out, cfg, resume, overwrite)
+    s = Setup(cfg, log=log)  # every config, corpus and target problem surfaces here, before any write
     lora_config = s.lora_config()
     base, lora = s.split(lora_config)
-    before = s.evaluate(s.model.apply, s.variables)
-
     steps = cfg.train.steps
     tx = lora_optimizer(cfg, steps)
+    ckpt_dir = os.path.join(out, "checkpoints")
     start, opt, history = 0, None, []
-    with checkpoint.Manager(os.path.join(out, "checkpoints"), max_to_keep=cfg.train.keep) as mgr:
-        latest = mgr.latest_step() if resume else None
-        if latest is not None:
-            if latest > steps:
-                raise ValueError(
-                    f"train.steps={steps} but the checkpoints in {out} are at step {latest}; resume "
-                    f"with --set train.steps={latest} or more"
-                )
-            start, lora, opt = mgr.restore(lora=lora, opt_state=jax.eval_shape(tx.init, lora))
-            hist_path = os.path.join(out, "checkpoints", "history.json")
-            if os.path.exists(hist_path):
-                with open(hist_path) as f:
-                    history = json.load(f)["losses"][:start]
-            if log:
-                log(f"resuming from step {start} of {steps} ({out}/checkpoints)")
+    if resume and os.path.isdir(ckpt_dir):
+        with checkpoint.Manager(ckpt_dir, max_to_keep=cfg.train.keep) as mgr:
+            latest = mgr.latest_step()
+            if latest is not None:
+                if latest > steps:
+                    raise ValueError(
+                        f"train.steps={steps} but the checkpoints in {out} are at step {latest}; resume "
+                        f"with --set train.steps={latest} or more"
+                    )
+                start, lora, opt = mgr.restore(lora=lora, opt_state=jax.eval_shape(tx.init, lora))
+        hist_path = os.path.join(ckpt_dir, "history.json")
+        if start and os.path.exists(hist_path):
+            with open(hist_path) as f:
+                history = json.load(f)["losses"][:start]
+        if log and start:
+            log(f"resuming from step {start} of {steps} ({ckpt_dir})")
+    if overwrite:
+        for name in existing:
+            _replace(os.path.join(out, name))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    before = s.evaluate(s.model.apply, s.variables)
+
+    with checkpoint.Manager(ckpt_dir, max_to_keep=cfg.train.keep) as mgr:
         t0 = time.perf_counter()
         lora, opt, history, step_s = train_lora(s, base, lora, steps=steps, tx=tx, manager=mgr, start=start,
                                                 opt=opt, history=history)
@@ -293,6 +343,8 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
     forward = wrap(s.model.apply)
     after = s.evaluate(lambda p, ids: forward(p, lora, ids), base)
 
+    for name in ("adapter", "merged"):  # a resumed run writes them anew
+        _replace(os.path.join(out, name))
     checkpoint.save(os.path.join(out, "adapter"), lora, lora_config)
     base_dir = s.base_dir
     if cfg.lora.init == "pissa":  # the base is the residual W - s·A⊗B, not the pretrained weights
@@ -312,7 +364,7 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
             "trainable_params": n_lora, "trainable_percent": 100.0 * n_lora / n_base,
             "adapter_bytes": _nbytes(lora), "adapter_disk_bytes": _dir_bytes(os.path.join(out, "adapter")),
             "step_seconds": step_s, "train_seconds": train_s,
-            "tokens_per_second": cfg.train.batch_size * cfg.model.context / step_s,
+            "tokens_per_second": None if step_s is None else cfg.train.batch_size * cfg.model.context / step_s,
             "targets": [p for p, _ in targets(lora)],
         },
         "base": {"params": n_base, "bytes": _nbytes(s.variables), "pretrain": {
@@ -384,8 +436,8 @@ def format_table(metrics: dict) -> str:
         (f"source ({src}) loss after", lambda m: f"{m['source_after']:.3f}"),
         ("trainable params", lambda m: f"{m['trainable_params']:,} ({m['trainable_percent']:.2f}%)"),
         ("trained bytes vs base", lambda m: f"{_human_bytes(m['adapter_bytes'])} / {_human_bytes(base_bytes)}"),
-        ("step time", lambda m: f"{1e3 * m['step_seconds']:.1f} ms"),
-        ("tokens/s", lambda m: f"{m['tokens_per_second']:,.0f}"),
+        ("step time", lambda m: "n/a" if m["step_seconds"] is None else f"{1e3 * m['step_seconds']:.1f} ms"),
+        ("tokens/s", lambda m: "n/a" if m["tokens_per_second"] is None else f"{m['tokens_per_second']:,.0f}"),
     ]
     cells = [[fmt(metrics[c]) for c in cols] for _, fmt in rows]
     w0 = max(len(label) for label, _ in rows)

@@ -126,6 +126,8 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
         )
     os.makedirs(out, exist_ok=True)
     s = Setup(cfg, log=log)
+    for r in cfg.sweep.ranks:  # every rank fits every target, before the first trial runs
+        s.check(s.lora_config(rank=r, alpha=float(r)))
     base_loss = s.evaluate(s.model.apply, s.variables)
     # ||W||_F of every weight the adapters target (the same paths at every rank)
     _, probe = s.split(s.lora_config(rank=1, alpha=1.0))
