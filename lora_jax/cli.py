@@ -125,6 +125,9 @@ def inspect_adapter(path: str) -> str:
             f"config: scaling={scaling if isinstance(scaling, str) else 'custom'}, init={config.get('init')}, "
             f"dropout={config.get('dropout')}, rules: {rules or 'none'}"
         )
+        if config.get("init") == "pissa":
+            lines.append("PiSSA: the adapter belongs to the residual base (W - s·A⊗B at init), not the "
+                         "pretrained weights; merge it into that base (a finetune run's output.dir/base)")
     table = summary(lora).splitlines()
     norms = [f"{float(w.delta_norm()):.4g}" for _, w in targets(lora)]
     width = max([len("||s·A⊗B||_F")] + [len(n) for n in norms])

@@ -69,7 +69,7 @@ def test_set_overrides_each_type(tmp_path):
     path.write_text("lora:\n  rank: 4\n  alpha: 8\ntrain:\n  steps: 20\n")
     cfg = run_config.load(path, ["lora.rank=16", "train.lr=1e-3", "train.progress=false",
                                  "lora.targets=[.*/query/kernel, .*/value/kernel]", "sweep.ranks=[2, 4]",
-                                 "output.cache_dir=null", "data.paths=notes.txt"])
+                                 "output.cache_dir=null", "data.paths=notes.txt", "data.corpus=files"])
     assert cfg.lora.rank == 16 and cfg.lora.alpha == 8.0 and cfg.train.steps == 20
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
     assert cfg.train.progress is False
@@ -104,6 +104,7 @@ def test_set_overrides_each_type(tmp_path):
         ({}, ["data.corpus=wiki"], "config key data.corpus: got 'wiki'; expected one of ('pydoc', 'stdlib', 'files')"),
         ({}, ["data.corpus=files"], "config key data.paths"),
         ({}, ["data.heldout=1"], "expected a fraction in (0, 1)"),
+        ({}, ["data.paths=[a.txt]"], "config key data.paths: got ['a.txt'], but no corpus reads them"),
         ({}, ["sweep.ranks=[4, 0]"], "config key sweep.ranks"),
         ({}, ["train.steps"], "expected section.key=value"),
         ({}, ["steps=3"], "expected section.key=value"),
@@ -205,7 +206,7 @@ def test_merged_checkpoint_reproduces_the_adapter(finished):
     chex.assert_trees_all_close(merged, lj.merge(base, lora), atol=0, rtol=0)
 
 
-def test_pissa_run_merges_into_its_residual_base(tmp_path, cache):
+def test_pissa_run_merges_into_its_residual_base(tmp_path, cache, capsys):
     out = tmp_path / "run"
     assert cli.main(["finetune", *tiny(out, cache, "train.steps=3", "lora.init=pissa")]) == 0
     assert "base" in os.listdir(out)  # the residual W - s·A⊗B the adapter belongs to
@@ -219,6 +220,9 @@ def test_pissa_run_merges_into_its_residual_base(tmp_path, cache):
     pretrained = checkpoint.restore_params(next(Path(cache).glob("pretrained/*/params")))
     w = pretrained["params"]["block_0"]["up"]["kernel"]
     assert float(jnp.abs(base["params"]["block_0"]["up"]["kernel"] - w).max()) > 1e-3  # not the pretrained weight
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out / "adapter")]) == 0
+    assert "PiSSA: the adapter belongs to the residual base" in capsys.readouterr().out
 
 
 def test_rerun_needs_resume_or_overwrite(finished, cache, capsys):

@@ -234,6 +234,11 @@ class RunConfig:
     def validate(self):
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        if self.data.paths and "files" not in (self.data.corpus, self.data.source, self.pretrain.corpus):
+            raise ValueError(
+                f"config key data.paths: got {list(self.data.paths)!r}, but no corpus reads them; set "
+                "data.corpus (or data.source and pretrain.corpus) to files, or drop data.paths"
+            )
 
 
 def _unknown(key: str, choices: Sequence[str], where: str) -> ValueError:
