@@ -510,16 +510,13 @@ def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
     path = _path(path)
     _check_complete(path, "checkpoint")
     if like is None:
-        stored = _base_tree(path)
-        default = _default_sharding()
-        like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=default), stored)
-    else:
-        default = _default_sharding()
-        like = jax.tree.map(
-            lambda x: x if getattr(x, "sharding", None) is not None
-            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default),
-            like,
-        )
+        like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), _base_tree(path))
+    default = _default_sharding()
+    like = jax.tree.map(
+        lambda x: x if getattr(x, "sharding", None) is not None
+        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default),
+        like,
+    )
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, like)
 

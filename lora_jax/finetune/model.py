@@ -197,12 +197,17 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
         if not os.path.isdir(ckpt):
             raise
         shutil.rmtree(tmp_ckpt, ignore_errors=True)
-    tmp = f"{info_path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, info_path)  # written last: its presence marks a complete cache entry
+    _write_json(info_path, info)  # written last: its presence marks a complete cache entry
     variables = checkpoint.restore_params(ckpt, like=jax.eval_shape(lambda: variables))
     return variables, ckpt, {**info, "cached": False}
+
+
+def _write_json(path: str, data) -> None:
+    """Write ``data`` as JSON atomically (a file of this process's own, then renamed)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _bar(total: int, desc: str, enabled: bool, initial: int = 0):

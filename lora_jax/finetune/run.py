@@ -34,7 +34,7 @@ from ..split import split
 from ..transform import wrap
 from .config import RunConfig, to_dict
 from .data import load_corpus
-from .model import TinyLM, _bar, lm_loss, make_step, param_count, pretrained
+from .model import TinyLM, _bar, _write_json, lm_loss, make_step, param_count, pretrained
 
 __all__ = ["Setup", "train_lora", "train_full", "finetune", "format_table"]
 
@@ -90,23 +90,25 @@ class Setup:
     def lora_config(self, **kw):
         return self.cfg.lora.lora_config(**kw)
 
+    def _split(self, variables, lora_config, seed: int):
+        ids = jax.ShapeDtypeStruct((1, self.cfg.model.context), jnp.int32)
+        return split(jax.random.key(seed), variables, lora_config, apply_fn=self.model.apply, args=(ids,))
+
     def check(self, lora_config) -> None:
         """Split the model's abstract parameters (no arrays): a ``ValueError`` naming the
         ``lora`` settings when a target regex matches nothing or a rank does not fit."""
         ids = jax.ShapeDtypeStruct((1, self.cfg.model.context), jnp.int32)
         abstract = jax.eval_shape(self.model.init, jax.random.key(0), ids)
         try:
-            split(jax.random.key(0), abstract, lora_config, apply_fn=self.model.apply, args=(ids,))
+            self._split(abstract, lora_config, 0)
         except (ValueError, TypeError) as e:
             a = self.cfg.lora
             raise type(e)(f"lora settings (targets {list(a.targets)}, rank {lora_config.rules[0].rank}): {e}") from None
 
     def split(self, lora_config=None, seed: int | None = None):
         """``(base, lora)`` of the pretrained variables, axes inferred by tracing the model."""
-        ids = jax.ShapeDtypeStruct((1, self.cfg.model.context), jnp.int32)
         seed = self.cfg.train.seed if seed is None else seed
-        return split(jax.random.key(seed), self.variables, lora_config or self.lora_config(),
-                     apply_fn=self.model.apply, args=(ids,))
+        return self._split(self.variables, lora_config or self.lora_config(), seed)
 
 
 def _schedule(lr: float, steps: int, warmup: int):
@@ -114,6 +116,11 @@ def _schedule(lr: float, steps: int, warmup: int):
     if warmup == 0:
         return optax.cosine_decay_schedule(lr, steps, alpha=0.1)
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.1)
+
+
+def _adam(lr: float, steps: int, warmup: int):
+    """Global-norm clipping at 1, then Adam on :func:`_schedule`: the optimizer of every run here."""
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(lr, steps, warmup)))
 
 
 def lora_optimizer(cfg: RunConfig, steps: int | None = None):
@@ -125,7 +132,7 @@ def lora_optimizer(cfg: RunConfig, steps: int | None = None):
     'tuple'
     """
     steps = cfg.train.steps if steps is None else steps
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(cfg.train.lr, steps, cfg.train.warmup)))
+    return _adam(cfg.train.lr, steps, cfg.train.warmup)
 
 
 def train_lora(
@@ -178,7 +185,7 @@ def train_full(s: Setup, *, steps: int, desc: str = "full FT"):
     ``params, _, losses, _ = train_full(Setup(cfg), steps=100)``.
     """
     cfg = s.cfg
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(cfg.train.full_lr, steps, cfg.train.warmup)))
+    tx = _adam(cfg.train.full_lr, steps, cfg.train.warmup)
     params = jax.tree.map(jnp.copy, s.variables)
     step_fn = make_step(lambda p, b, k: lm_loss(s.model.apply, p, b), tx)
     return _loop(s, step_fn, params, tx.init(params), start=0, steps=steps, key=jax.random.key(0), desc=desc)
@@ -213,13 +220,6 @@ def _loop(s, step_fn, params, opt, *, start, steps, key, manager=None, history=N
     # the median step after the first (which compiles); None when no step ran (a finished run resumed)
     step_seconds = float(np.median(times[1:])) if len(times) > 1 else (times[0] if times else None)
     return params, opt, history, step_seconds
-
-
-def _write_json(path, data):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _nbytes(tree) -> int:

@@ -17,7 +17,6 @@ Outputs in ``output.dir/sweep``: ``results.csv``, ``results.md``, ``loss_vs_rank
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import time
@@ -30,7 +29,7 @@ from ..config import path_str, scale_for
 from ..report import delta_norms, targets
 from ..transform import wrap
 from .config import RunConfig, to_dict
-from .model import param_count
+from .model import _write_json, param_count
 from .run import Setup, train_lora
 
 __all__ = ["sweep", "COLUMNS"]
@@ -158,9 +157,8 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
         writer.writerows(table)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(_markdown(table, base_loss))
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump({"rows": rows, "best_rank": best_rank, "best": {c: best[c] for c in COLUMNS},
-                   "base": base_loss, "config": to_dict(cfg)}, f, indent=1)
+    _write_json(os.path.join(out, "sweep.json"), {"rows": rows, "best_rank": best_rank, "base": base_loss,
+                                                  "best": {c: best[c] for c in COLUMNS}, "config": to_dict(cfg)})
 
     stage1 = [x for x in rows if x["stage"] == "rank"]
     series = {}
