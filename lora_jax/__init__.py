@@ -1,13 +1,13 @@
 """lora_jax: functional low-rank adaptation (LoRA) for JAX and Flax."""
 
-__version__ = "0.1.0"
-
 from . import checkpoint, nnx, peft, sharding
 from .config import Axes, LoraConfig, Rule, path_str, scale_for
 from .optim import apply_updates, labels, optimizer
-from .report import delta_norms, summary, targets
-from .split import merge, split, unmerge
+from .report import delta_norms, summary
+from .split import split
 from .transform import wrap
+from .tree import merge, targets, unmerge
+from .version import __version__
 from .weight import LoraWeight, is_lora
 
 __all__ = [

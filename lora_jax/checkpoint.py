@@ -34,10 +34,10 @@ from etils import epath
 from flax import nnx
 from flax.core import FrozenDict
 
-from . import __version__
 from .config import SCALINGS, LoraConfig, path_str
-from .split import _is_node, check_fits
-from .split import merge as _merge_trees
+from .tree import check_fits, is_node
+from .tree import merge as _merge_trees
+from .version import __version__
 from .weight import LoraWeight, is_lora
 
 __all__ = ["save", "restore", "metadata", "merge", "save_params", "restore_params", "Manager", "Restored", "FORMAT"]
@@ -61,7 +61,7 @@ class _Unsupported(Exception):
 
 def _targets(lora: Any, what: str = "lora") -> tuple[list[tuple[str, LoraWeight]], Any]:
     """``[(path, LoraWeight)]`` and the treedef (LoraWeight/None as leaves) of a lora tree."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora, is_leaf=_is_node)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)
     out, others = [], []
     for p, x in leaves:
         if is_lora(x):
@@ -183,7 +183,7 @@ def _structure(lora, weights):
         rebuilt = _decode(json.loads(json.dumps(enc)), weights)
     except Exception as e:  # noqa: BLE001 - any failure to rebuild means: restore needs like=
         return None, f"rebuilding the containers failed ({type(e).__name__}: {e})"
-    if jax.tree.structure(rebuilt, is_leaf=_is_node) != jax.tree.structure(lora, is_leaf=_is_node):
+    if jax.tree.structure(rebuilt, is_leaf=is_node) != jax.tree.structure(lora, is_leaf=is_node):
         return None, "the rebuilt containers differ from the original"
     return enc, None
 
@@ -423,7 +423,7 @@ def _restore_lora(meta: dict, like: Any, restore_fn, where, extra: dict | None =
     out = restore_fn(ocp.args.Composite(**args))
     weights = [_weight_from_json(e, x["a"], x["b"]) for e, x in zip(entries, out[_ARRAYS])]
     if like is not None:
-        leaves = jax.tree.leaves(like, is_leaf=_is_node)
+        leaves = jax.tree.leaves(like, is_leaf=is_node)
         it = iter(weights)
         lora = jax.tree.unflatten(like_def, [next(it) if is_lora(x) else None for x in leaves])
     else:

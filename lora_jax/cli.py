@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from .version import __version__
 
 _DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -108,7 +108,8 @@ def inspect_adapter(path: str) -> str:
     import numpy as np
 
     from . import checkpoint
-    from .report import summary, targets
+    from .report import summary
+    from .tree import targets
 
     meta = checkpoint.metadata(path)
     lora = checkpoint.restore(path)

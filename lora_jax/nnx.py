@@ -15,8 +15,8 @@ import jax
 from flax import nnx
 
 from .config import LoraConfig
-from .split import merge as _merge
 from .split import split as _split
+from .tree import merge as _merge
 from .transform import wrap
 
 __all__ = ["split", "call", "apply_fn", "merge"]

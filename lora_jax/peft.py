@@ -43,8 +43,9 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .config import Axes, LoraConfig, Rule, _as_axes, path_str, scale_for
-from .report import targets as _targets
-from .split import _fmt_paths, split
+from .split import split
+from .tree import fmt_paths
+from .tree import targets as _targets
 from .weight import LoraWeight
 
 __all__ = ["NameMap", "save", "load", "HF", "GPT2", "BERT", "LLAMA", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -500,7 +501,7 @@ def load(
             unknown.append(key)
     if unknown:
         raise ValueError(
-            f"load: {directory}: keys that are not LoRA factors: {_fmt_paths(unknown, limit=8)}; expected "
+            f"load: {directory}: keys that are not LoRA factors: {fmt_paths(unknown, limit=8)}; expected "
             "'base_model.model.<module>.lora_A.weight' / '.lora_B.weight' / '.lora_embedding_A' / "
             "'.lora_embedding_B' (DoRA magnitudes, LoRA biases and modules_to_save weights have no "
             "LoRA-tree equivalent)"
@@ -542,10 +543,10 @@ def load(
     if problems:
         mapped = sorted(exact)[:6]
         raise ValueError(
-            f"load: {directory}: torch modules {_fmt_paths(problems, limit=8)} map to no Flax parameter. The name "
+            f"load: {directory}: torch modules {fmt_paths(problems, limit=8)} map to no Flax parameter. The name "
             f"map gives torch names to {len(exact) + len(stacked)} Flax parameters (e.g. {mapped}); "
             f"Flax paths look "
-            f"like {_fmt_paths(paths, 4)}. Use the name map for this model family (lj.peft.GPT2, BERT, "
+            f"like {fmt_paths(paths, 4)}. Use the name map for this model family (lj.peft.GPT2, BERT, "
             "LLAMA, HF) or add a rule"
         )
 
@@ -652,7 +653,7 @@ def _fill_weight(directory, path, spec: LoraWeight, kind, by_index, found, probl
                or any(not 0 <= k < n for k, n in zip(i, spec.stack_shape))]
     if outside:
         problems.append(
-            f"{path}: torch modules {_fmt_paths(outside, limit=8)} index past the Flax weight's stack "
+            f"{path}: torch modules {fmt_paths(outside, limit=8)} index past the Flax weight's stack "
             f"{spec.stack_shape} (shape {spec.shape}, stack axes {spec.stack_axes}); check the "
             "name map's '{}' fields and the model's layer count"
         )

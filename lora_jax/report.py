@@ -7,24 +7,9 @@ from typing import Any
 
 import jax
 
-from .config import path_str
-from .split import _is_node
-from .weight import LoraWeight, is_lora
+from .tree import targets
 
-__all__ = ["summary", "delta_norms", "targets"]
-
-
-def targets(lora: Any) -> list[tuple[str, LoraWeight]]:
-    """``(path, LoraWeight)`` for every adapter in a lora tree, in tree order.
-
-    >>> import jax, jax.numpy as jnp, lora_jax as lj
-    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
-    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
-    >>> [p for p, _ in targets(lora)]
-    ['w']
-    """
-    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=_is_node)[0]
-    return [(path_str(p), w) for p, w in leaves if is_lora(w)]
+__all__ = ["summary", "delta_norms"]
 
 
 def _size(x) -> int:

@@ -33,9 +33,9 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from .config import LoraConfig, path_str
-from .split import _fmt_paths, _is_node
-from .split import merge as _merge
 from .split import split as _split
+from .tree import is_node, path_diff
+from .tree import merge as _merge
 from .weight import LoraWeight, is_lora
 
 __all__ = ["specs", "shardings", "shard", "split", "merge", "state_shardings"]
@@ -172,17 +172,11 @@ def _spec_table(lora, base_specs, rules) -> dict[str, PartitionSpec]:
         raise TypeError(
             f"rules must be a sequence of (logical_name, mesh_axes) pairs, got {type(rules).__name__}"
         )
-    l_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(lora, is_leaf=_is_node)[0]]
+    l_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)[0]]
     s_leaves = jax.tree_util.tree_flatten_with_path(base_specs, is_leaf=_is_spec_leaf)[0]
     s_paths = [path_str(p) for p, _ in s_leaves]
-    missing = sorted(set(l_paths) - set(s_paths))
-    extra = sorted(set(s_paths) - set(l_paths))
-    if missing or extra:
-        detail = []
-        if missing:
-            detail.append(f"in lora but not in base_specs: {_fmt_paths(missing, limit=8)}")
-        if extra:
-            detail.append(f"in base_specs but not in lora: {_fmt_paths(extra, limit=8)}")
+    detail = path_diff(l_paths, s_paths, "lora", "base_specs")
+    if detail:
         raise ValueError(
             "base_specs does not have the structure of the parameters lora was split from ("
             + "; ".join(detail)

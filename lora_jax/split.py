@@ -1,4 +1,4 @@
-"""``split`` a parameter tree into a frozen base and LoRA adapters; ``merge`` them back."""
+"""``split`` a parameter tree into a frozen base and LoRA adapters, and the adapter inits."""
 
 from __future__ import annotations
 
@@ -11,18 +11,11 @@ import jax
 import jax.numpy as jnp
 
 from .config import HEAD_NAMES, Axes, LoraConfig, Rule, path_str, scaling_name
+from .tree import apply_delta, fmt_paths
 from .usage import trace_usage
-from .weight import LoraWeight, is_lora
+from .weight import LoraWeight
 
-__all__ = ["split", "merge", "unmerge", "check_fits"]
-
-
-def _is_node(x) -> bool:
-    return x is None or is_lora(x)
-
-
-def _is_none(x) -> bool:
-    return x is None
+__all__ = ["split"]
 
 
 def _is_abstract(x) -> bool:
@@ -36,13 +29,6 @@ def _looks_linear(path: str, leaf) -> bool:
 
 def _untraced_kind(path: str) -> str:
     return "embed" if path.split("/")[-1] == "embedding" else "linear"
-
-
-def _fmt_paths(paths, limit=12):
-    """The first ``limit`` items joined for an error message, and how many more there are."""
-    paths = list(paths)
-    shown = ", ".join(map(str, paths[:limit]))
-    return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
 
 
 def split(
@@ -148,12 +134,12 @@ def _check_all_used(config: LoraConfig, paths, hits, heads=()):
             if shadow:
                 why = (
                     f"its paths are all excluded, taken by an earlier rule, or not a {what}: "
-                    f"{_fmt_paths(shadow, 5)}"
+                    f"{fmt_paths(shadow, 5)}"
                 )
             else:
                 why = f"no {what} path fully matches it (re.fullmatch)"
             if rule.linear_only and heads:
-                why += f" (tracing found the output head: {_fmt_paths(heads, 3)})"
+                why += f" (tracing found the output head: {fmt_paths(heads, 3)})"
             problems.append(f"rule {rule.pattern!r} matches nothing: {why}")
     for pat in config.exclude:
         if not any(re.fullmatch(pat, p) for p in paths):
@@ -161,7 +147,7 @@ def _check_all_used(config: LoraConfig, paths, hits, heads=()):
     if problems:
         raise ValueError(
             "; ".join(problems)
-            + f". Parameter paths are: {_fmt_paths(paths)}. Patterns must match the whole "
+            + f". Parameter paths are: {fmt_paths(paths)}. Patterns must match the whole "
             "path, e.g. r'.*/attn/q/kernel'."
         )
 
@@ -271,136 +257,4 @@ def _pissa(w, spec: LoraWeight, dtype):
     weight = spec.replace(
         a=a.reshape(spec.a_shape).astype(dtype), b=b.reshape(spec.b_shape).astype(dtype)
     )
-    return weight, _apply(w, weight, -1)
-
-
-# ---------------------------------------------------------------------------------------
-# merge / unmerge
-
-
-def check_fits(base: Any, lora: Any) -> list[tuple[str, Any, LoraWeight | None]]:
-    """Check that ``lora`` fits ``base``; return ``(path, base_leaf, lora_leaf)`` triples.
-
-    Every mismatch (tree structure, a target's shape, a factor's shape) is collected and
-    reported in one ``ValueError`` naming the paths and shapes.
-
-    >>> import jax.numpy as jnp, lora_jax as lj
-    >>> w = lj.LoraWeight(a=jnp.zeros((2, 3)), b=jnp.zeros((2, 4)), shape=(3, 4),
-    ...                   in_axes=(0,), out_axes=(1,), rank=2)
-    >>> check_fits({"k": jnp.zeros((3, 5))}, {"k": w})
-    Traceback (most recent call last):
-    ...
-    ValueError: lora does not fit base: k: the adapter was made for shape (3, 4) but the base weight has shape (3, 5)
-    """
-    # None counts as a leaf on both sides, so a base with None entries (a layer without
-    # bias) keeps its structure
-    b_leaves, b_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_none)
-    l_leaves, l_def = jax.tree_util.tree_flatten_with_path(lora, is_leaf=_is_node)
-    if b_def != l_def:
-        bp = {path_str(p) for p, _ in b_leaves}
-        lp = {path_str(p) for p, _ in l_leaves}
-        missing, extra = sorted(bp - lp), sorted(lp - bp)
-        detail = []
-        if missing:
-            detail.append(f"in base but not in lora: {_fmt_paths(missing, 8)}")
-        if extra:
-            detail.append(f"in lora but not in base: {_fmt_paths(extra, 8)}")
-        if not detail:
-            detail.append(f"same paths, different containers: base {b_def} vs lora {l_def}")
-        raise ValueError(
-            "lora does not have the structure of base (" + "; ".join(detail) + "). Use the "
-            "(base, lora) pair returned by the same lj.split, or lj.checkpoint.restore(..., like=)"
-        )
-    problems, out = [], []
-    for (p, x), (_, w) in zip(b_leaves, l_leaves):
-        path = path_str(p)
-        if w is not None:
-            if x is None:
-                problems.append(f"{path}: the base has None where the adapter's weight {tuple(w.shape)} belongs")
-            elif tuple(jnp.shape(x)) != tuple(w.shape):
-                shape, want = tuple(jnp.shape(x)), tuple(w.shape)
-                hint = ""
-                if len(shape) > len(want) and shape[len(shape) - len(want):] == want:
-                    lead = shape[: len(shape) - len(want)]
-                    hint = (f" (extra leading axes {lead}: for trees stacked over seeds or models, "
-                            "map over them, e.g. jax.vmap(lj.merge)(base, lora))")
-                problems.append(
-                    f"{path}: the adapter was made for shape {want} but the base "
-                    f"weight has shape {shape}{hint}"
-                )
-            else:
-                for name, got, want in (
-                    ("a", jnp.shape(w.a), w.a_shape),
-                    ("b", jnp.shape(w.b), w.b_shape),
-                ):
-                    if tuple(got) != tuple(want):
-                        problems.append(
-                            f"{path}: factor {name} has shape {tuple(got)}, expected {tuple(want)} "
-                            f"for rank {w.rank} and weight shape {tuple(w.shape)}"
-                        )
-        out.append((path, x, w))
-    if problems:
-        raise ValueError("lora does not fit base: " + "; ".join(problems))
-    return out
-
-
-def merge(base: Any, lora: Any, safe: bool = False) -> Any:
-    """The plain parameter tree with every adapter folded in: ``W + s·A⊗B``.
-
-    Accumulates in float32 and casts back to each base leaf's dtype. Works under ``jit``
-    (pass ``donate_argnums=0`` to reuse the base's memory).
-
-    Args:
-      base, lora: the pair from :func:`split` (or restored from a checkpoint).
-      safe: check the merged targets for NaN/Inf and raise a ``ValueError`` naming every
-        bad path. Needs concrete arrays (call it outside ``jit``).
-
-    >>> import jax, jax.numpy as jnp, lora_jax as lj
-    >>> params = {"w": jnp.arange(12.0).reshape(3, 4)}
-    >>> base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
-    >>> bool((lj.merge(base, lora)["w"] == params["w"]).all())   # B starts at zero
-    True
-    """
-    triples = check_fits(base, lora)
-    merged = [x if w is None else _apply(x, w, +1) for _, x, w in triples]
-    if safe:
-        _check_finite([(p, m) for (p, _, w), m in zip(triples, merged) if w is not None])
-    return jax.tree.unflatten(jax.tree.structure(base, is_leaf=_is_none), merged)
-
-
-def _apply(x, w: LoraWeight, sign: int):
-    """``x ± s·A⊗B`` accumulated in float32 (or wider), cast back to x's dtype."""
-    acc = w.accumulation_dtype(x)
-    return (jnp.asarray(x, acc) + sign * w.delta(acc)).astype(jnp.result_type(x))
-
-
-def _check_finite(named):
-    if not named:
-        return
-    if any(isinstance(m, jax.core.Tracer) for _, m in named):
-        raise TypeError(
-            "merge(safe=True) inspects values and cannot run under jit/grad tracing; call it "
-            "on concrete arrays, or use safe=False inside jit"
-        )
-    flags = jax.device_get([jnp.isfinite(m).all() for _, m in named])
-    bad = [p for (p, _), ok in zip(named, flags) if not ok]
-    if bad:
-        raise ValueError(
-            f"merge(safe=True): non-finite values (NaN/Inf) after merging {_fmt_paths(bad)}; "
-            "check the adapter's training (learning rate, scale) or the base checkpoint"
-        )
-
-
-def unmerge(merged: Any, lora: Any) -> Any:
-    """Inverse of :func:`merge`: subtract ``s·A⊗B`` again (float32, cast back).
-
-    >>> import jax, jax.numpy as jnp, lora_jax as lj
-    >>> params = {"w": jnp.ones((3, 4))}
-    >>> cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2),), init="pissa")
-    >>> base, lora = lj.split(jax.random.key(0), params, cfg)
-    >>> bool(jnp.allclose(lj.unmerge(lj.merge(base, lora), lora)["w"], base["w"], atol=1e-6))
-    True
-    """
-    triples = check_fits(merged, lora)
-    out = [x if w is None else _apply(x, w, -1) for _, x, w in triples]
-    return jax.tree.unflatten(jax.tree.structure(merged, is_leaf=_is_none), out)
+    return weight, apply_delta(w, weight, -1)

@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from .split import check_fits, merge
+from .tree import check_fits, merge
 from .usage import _scan_counts, subcalls
 from .weight import LoraWeight, is_lora
 

@@ -29,9 +29,9 @@ import numpy as np
 import optax
 
 from .. import checkpoint
-from ..report import targets
 from ..split import split
 from ..transform import wrap
+from ..tree import targets
 from .config import RunConfig, to_dict
 from .data import load_corpus
 from .model import TinyLM, _bar, _write_json, lm_loss, make_step, param_count, pretrained

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from ..config import path_str, scale_for
-from ..report import delta_norms, targets
+from ..report import delta_norms
 from ..transform import wrap
+from ..tree import targets
 from .config import RunConfig, to_dict
 from .model import _write_json, param_count
 from .run import Setup, train_lora

@@ -1,0 +1,207 @@
+"""The lora tree: which leaves are adapters, whether a lora tree fits a base, merge/unmerge.
+
+A lora tree has the structure of the parameter tree it was split from, with an
+:class:`LoraWeight` at each target and ``None`` elsewhere. Everything that walks such a tree
+(reports, sharding, checkpoints, PEFT files, the transform) uses the helpers here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+
+from .config import path_str
+from .weight import LoraWeight, is_lora
+
+__all__ = [
+    "is_node",
+    "is_none",
+    "fmt_paths",
+    "path_diff",
+    "targets",
+    "check_fits",
+    "apply_delta",
+    "merge",
+    "unmerge",
+]
+
+
+def is_node(x) -> bool:
+    """``is_leaf`` for lora trees: an adapter or the ``None`` of a non-target."""
+    return x is None or is_lora(x)
+
+
+def is_none(x) -> bool:
+    """``is_leaf`` for base trees that hold ``None`` entries (a layer without bias)."""
+    return x is None
+
+
+def fmt_paths(paths: Iterable, limit: int = 12) -> str:
+    """The first ``limit`` items joined for an error message, and how many more there are.
+
+    >>> fmt_paths(["a", "b", "c"], limit=2)
+    'a, b, ... (1 more)'
+    """
+    paths = list(paths)
+    shown = ", ".join(map(str, paths[:limit]))
+    return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def path_diff(a: Iterable[str], b: Iterable[str], a_name: str, b_name: str, limit: int = 8) -> list[str]:
+    """The message parts naming the paths in ``a`` but not ``b`` and the reverse (sorted).
+
+    Empty when both hold the same paths.
+
+    >>> path_diff(["x", "y"], ["y", "z"], "base", "lora")
+    ['in base but not in lora: x', 'in lora but not in base: z']
+    """
+    a, b = set(a), set(b)
+    parts = []
+    if a - b:
+        parts.append(f"in {a_name} but not in {b_name}: {fmt_paths(sorted(a - b), limit)}")
+    if b - a:
+        parts.append(f"in {b_name} but not in {a_name}: {fmt_paths(sorted(b - a), limit)}")
+    return parts
+
+
+def targets(lora: Any) -> list[tuple[str, LoraWeight]]:
+    """``(path, LoraWeight)`` for every adapter in a lora tree, in tree order.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> [p for p, _ in lj.targets(lora)]
+    ['w']
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)[0]
+    return [(path_str(p), w) for p, w in leaves if is_lora(w)]
+
+
+def check_fits(base: Any, lora: Any) -> list[tuple[str, Any, LoraWeight | None]]:
+    """Check that ``lora`` fits ``base``; return ``(path, base_leaf, lora_leaf)`` triples.
+
+    Every mismatch (tree structure, a target's shape, a factor's shape) is collected and
+    reported in one ``ValueError`` naming the paths and shapes.
+
+    >>> import jax.numpy as jnp, lora_jax as lj
+    >>> w = lj.LoraWeight(a=jnp.zeros((2, 3)), b=jnp.zeros((2, 4)), shape=(3, 4),
+    ...                   in_axes=(0,), out_axes=(1,), rank=2)
+    >>> check_fits({"k": jnp.zeros((3, 5))}, {"k": w})
+    Traceback (most recent call last):
+    ...
+    ValueError: lora does not fit base: k: the adapter was made for shape (3, 4) but the base weight has shape (3, 5)
+    """
+    # None counts as a leaf on both sides, so a base with None entries (a layer without
+    # bias) keeps its structure
+    b_leaves, b_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_none)
+    l_leaves, l_def = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)
+    if b_def != l_def:
+        detail = path_diff((path_str(p) for p, _ in b_leaves), (path_str(p) for p, _ in l_leaves),
+                           "base", "lora")
+        if not detail:
+            detail.append(f"same paths, different containers: base {b_def} vs lora {l_def}")
+        raise ValueError(
+            "lora does not have the structure of base (" + "; ".join(detail) + "). Use the "
+            "(base, lora) pair returned by the same lj.split, or lj.checkpoint.restore(..., like=)"
+        )
+    problems, out = [], []
+    for (p, x), (_, w) in zip(b_leaves, l_leaves):
+        path = path_str(p)
+        if w is not None:
+            problems += _leaf_problems(path, x, w)
+        out.append((path, x, w))
+    if problems:
+        raise ValueError("lora does not fit base: " + "; ".join(problems))
+    return out
+
+
+def _leaf_problems(path: str, x, w: LoraWeight) -> list[str]:
+    """What is wrong with adapter ``w`` on base leaf ``x`` (empty when it fits)."""
+    if x is None:
+        return [f"{path}: the base has None where the adapter's weight {tuple(w.shape)} belongs"]
+    shape, want = tuple(jnp.shape(x)), tuple(w.shape)
+    if shape != want:
+        hint = ""
+        if len(shape) > len(want) and shape[len(shape) - len(want):] == want:
+            lead = shape[: len(shape) - len(want)]
+            hint = (f" (extra leading axes {lead}: for trees stacked over seeds or models, "
+                    "map over them, e.g. jax.vmap(lj.merge)(base, lora))")
+        return [f"{path}: the adapter was made for shape {want} but the base "
+                f"weight has shape {shape}{hint}"]
+    return [
+        f"{path}: factor {name} has shape {tuple(got)}, expected {tuple(expect)} "
+        f"for rank {w.rank} and weight shape {tuple(w.shape)}"
+        for name, got, expect in (("a", jnp.shape(w.a), w.a_shape), ("b", jnp.shape(w.b), w.b_shape))
+        if tuple(got) != tuple(expect)
+    ]
+
+
+def apply_delta(x, w: LoraWeight, sign: int):
+    """``x ± s·A⊗B`` accumulated in float32 (or wider), cast back to x's dtype.
+
+    >>> import jax.numpy as jnp, lora_jax as lj
+    >>> w = lj.LoraWeight(a=jnp.ones((1, 2)), b=jnp.ones((1, 2)), shape=(2, 2),
+    ...                   in_axes=(0,), out_axes=(1,), scale=0.5)
+    >>> apply_delta(jnp.zeros((2, 2)), w, -1).tolist()
+    [[-0.5, -0.5], [-0.5, -0.5]]
+    """
+    acc = w.accumulation_dtype(x)
+    return (jnp.asarray(x, acc) + sign * w.delta(acc)).astype(jnp.result_type(x))
+
+
+def merge(base: Any, lora: Any, safe: bool = False) -> Any:
+    """The plain parameter tree with every adapter folded in: ``W + s·A⊗B``.
+
+    Accumulates in float32 and casts back to each base leaf's dtype. Works under ``jit``
+    (pass ``donate_argnums=0`` to reuse the base's memory).
+
+    Args:
+      base, lora: the pair from :func:`split` (or restored from a checkpoint).
+      safe: check the merged targets for NaN/Inf and raise a ``ValueError`` naming every
+        bad path. Needs concrete arrays (call it outside ``jit``).
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> params = {"w": jnp.arange(12.0).reshape(3, 4)}
+    >>> base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> bool((lj.merge(base, lora)["w"] == params["w"]).all())   # B starts at zero
+    True
+    """
+    triples = check_fits(base, lora)
+    merged = [x if w is None else apply_delta(x, w, +1) for _, x, w in triples]
+    if safe:
+        _check_finite([(p, m) for (p, _, w), m in zip(triples, merged) if w is not None])
+    return jax.tree.unflatten(jax.tree.structure(base, is_leaf=is_none), merged)
+
+
+def _check_finite(named):
+    if not named:
+        return
+    if any(isinstance(m, jax.core.Tracer) for _, m in named):
+        raise TypeError(
+            "merge(safe=True) inspects values and cannot run under jit/grad tracing; call it "
+            "on concrete arrays, or use safe=False inside jit"
+        )
+    flags = jax.device_get([jnp.isfinite(m).all() for _, m in named])
+    bad = [p for (p, _), ok in zip(named, flags) if not ok]
+    if bad:
+        raise ValueError(
+            f"merge(safe=True): non-finite values (NaN/Inf) after merging {fmt_paths(bad)}; "
+            "check the adapter's training (learning rate, scale) or the base checkpoint"
+        )
+
+
+def unmerge(merged: Any, lora: Any) -> Any:
+    """Inverse of :func:`merge`: subtract ``s·A⊗B`` again (float32, cast back).
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> params = {"w": jnp.ones((3, 4))}
+    >>> cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2),), init="pissa")
+    >>> base, lora = lj.split(jax.random.key(0), params, cfg)
+    >>> bool(jnp.allclose(lj.unmerge(lj.merge(base, lora), lora)["w"], base["w"], atol=1e-6))
+    True
+    """
+    triples = check_fits(merged, lora)
+    out = [x if w is None else apply_delta(x, w, -1) for _, x, w in triples]
+    return jax.tree.unflatten(jax.tree.structure(merged, is_leaf=is_none), out)
