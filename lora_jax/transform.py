@@ -23,6 +23,7 @@ Adapter-input dropout (``lora_rng``) is applied where the factored product reads
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -34,8 +35,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from ._jaxpr import bind, reshape_groups, scan_counts, subcalls
 from .tree import check_fits, merge
-from .usage import _scan_counts, subcalls
 from .weight import LoraWeight, is_lora
 
 __all__ = ["wrap", "STRATEGIES", "MaterializeWarning", "Adapted"]
@@ -52,7 +53,12 @@ class MaterializeWarning(UserWarning):
     for that use. Results are correct; speed and memory are those of merging."""
 
 
-@jax.tree_util.register_pytree_node_class
+def _static():
+    return dataclasses.field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class Adapted:
     """The symbolic value ``W + scale·(a ⊗ b)`` of one target, in W's current view.
 
@@ -60,19 +66,17 @@ class Adapted:
     reshapes, slices, casts). ``roles[d] = (kind, k)`` says that dimension ``d`` of ``w`` is
     the ``k``-th stack (``"s"``), input (``"i"``) or output (``"o"``) axis of the factors:
     ``a`` is ``(*stack, r, *in)`` and ``b`` is ``(*stack, r, *out)``. ``key`` is the dropout
-    key (or None).
+    key (or None). The children are ``w``, ``a``, ``b`` and ``key``; the rest is static.
     """
 
-    def __init__(self, w, a, b, key, roles, scale, dropout, name):
-        self.w, self.a, self.b, self.key = w, a, b, key
-        self.roles, self.scale, self.dropout, self.name = tuple(roles), scale, dropout, name
-
-    def tree_flatten(self):
-        return (self.w, self.a, self.b, self.key), (self.roles, self.scale, self.dropout, self.name)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+    w: Any
+    a: Any
+    b: Any
+    key: Any
+    roles: tuple = _static()
+    scale: float = _static()
+    dropout: float = _static()
+    name: str = _static()
 
     @classmethod
     def of(cls, w, lw: LoraWeight, key):
@@ -81,13 +85,12 @@ class Adapted:
             for kind, axes in ((_S, lw.stack_axes), (_I, lw.in_axes), (_O, lw.out_axes)):
                 if d in axes:
                     roles.append((kind, axes.index(d)))
-        return cls(w, lw.a, lw.b, key, roles, lw.scale, lw.dropout, lw.rule)
+        return cls(w, lw.a, lw.b, key, tuple(roles), lw.scale, lw.dropout, lw.rule)
 
     def replace(self, **kw) -> "Adapted":
-        fields = dict(w=self.w, a=self.a, b=self.b, key=self.key, roles=self.roles,
-                      scale=self.scale, dropout=self.dropout, name=self.name)
-        fields.update(kw)
-        return Adapted(**fields)
+        if "roles" in kw:
+            kw["roles"] = tuple(kw["roles"])
+        return dataclasses.replace(self, **kw)
 
     @property
     def n_stack(self) -> int:
@@ -142,28 +145,13 @@ class Adapted:
         """Follow a reshape of ``w`` to ``w_new``; None when a new dimension would mix roles."""
         old, new = jnp.shape(self.w), jnp.shape(w_new)
         v = self.normalized()
-        od = [d for d, n in enumerate(old) if n != 1]
-        nd = [d for d, n in enumerate(new) if n != 1]
         kinds: dict[int, str] = {d: _S for d, n in enumerate(new) if n == 1}
-        i = j = 0
-        while i < len(od):
-            gi, gj = [od[i]], [nd[j]]
-            pi, pj = old[od[i]], new[nd[j]]
-            while pi != pj:
-                if pi < pj:
-                    i += 1
-                    gi.append(od[i])
-                    pi *= old[od[i]]
-                else:
-                    j += 1
-                    gj.append(nd[j])
-                    pj *= new[nd[j]]
+        for gi, gj in reshape_groups(old, new):
             group = {v.roles[d][0] for d in gi}
             if len(group) != 1:
                 return None
             kind = group.pop()
             kinds.update((d, kind) for d in gj)
-            i, j = i + 1, j + 1
         roles, count = [], {_S: 0, _I: 0, _O: 0}
         for d in range(len(new)):
             roles.append((kinds[d], count[kinds[d]]))
@@ -173,15 +161,6 @@ class Adapted:
         a = jnp.reshape(v.a, (*sizes[_S], r, *sizes[_I]))
         b = jnp.reshape(v.b, (*sizes[_S], r, *sizes[_O]))
         return v.replace(w=w_new, a=a, b=b, roles=roles)
-
-
-def _bind(eqn, invals) -> list:
-    """Evaluate one equation as JAX would."""
-    bound = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) before jax 0.10
-    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*subfuns, *invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def _is_adapted(x) -> bool:
@@ -225,7 +204,7 @@ class _Interpreter:
                 outs = self.adapted(eqn, invals)
                 self.frame = outer
             else:
-                outs = _bind(eqn, invals)
+                outs = bind(eqn, invals)
             env.update(zip(eqn.outvars, outs))
         return [read(v) for v in jaxpr.outvars]
 
@@ -254,7 +233,7 @@ class _Interpreter:
         out = None if rule is None else rule(self, eqn, invals)
         if out is not None:
             return out
-        return _bind(eqn, [self.concrete(x, eqn.primitive.name) for x in invals])
+        return bind(eqn, [self.concrete(x, eqn.primitive.name) for x in invals])
 
     def concrete(self, x, why: str):
         """A plain array for ``x``: materializes an :class:`Adapted` (warning once per why)."""
@@ -287,7 +266,7 @@ class _Interpreter:
 @_rule("transpose")
 def _transpose(interp, eqn, invals):
     (v,) = invals
-    (w,) = _bind(eqn, [v.w])
+    (w,) = bind(eqn, [v.w])
     return [v.replace(w=w, roles=[v.roles[d] for d in eqn.params["permutation"]])]
 
 
@@ -299,7 +278,7 @@ def _reshape(interp, eqn, invals):
     out_shape = eqn.outvars[0].aval.shape
     if math.prod(out_shape) != math.prod(jnp.shape(v.w)):
         return None  # a real broadcast
-    (w,) = _bind(eqn, [v.w])
+    (w,) = bind(eqn, [v.w])
     new = v.reshaped(w)
     return None if new is None else [new]
 
@@ -311,7 +290,7 @@ def _elementwise_view(interp, eqn, invals):
     new_dtype = eqn.params.get("new_dtype")
     if new_dtype is not None and not jnp.issubdtype(new_dtype, jnp.inexact):
         return None  # a cast to int/bool rounds W + s·A⊗B as a whole: materialize first
-    (w,) = _bind(eqn, [v.w])
+    (w,) = bind(eqn, [v.w])
     return [v.replace(w=w)]
 
 
@@ -319,6 +298,21 @@ def _elementwise_view(interp, eqn, invals):
 def _stop_gradient(interp, eqn, invals):
     (v,) = invals
     return [jax.tree.map(lax.stop_gradient, v)]
+
+
+@_rule("reduce_precision")
+def _reduce_precision(interp, eqn, invals):
+    """Rounding is not linear: ``round(W + s·A⊗B)`` differs from any rounding of W, A and B
+    apart, so the weight is materialized for this use, as for a cast to int (exact)."""
+    return None
+
+
+@_rule("optimization_barrier")
+def _optimization_barrier(interp, eqn, invals):
+    """One barrier over every operand, the adapted weights' base and factors included."""
+    plain = tuple(x.replace(key=None) if _is_adapted(x) else x for x in invals)
+    outs = lax.optimization_barrier(plain)
+    return [o.replace(key=x.key) if _is_adapted(x) else o for o, x in zip(outs, invals)]
 
 
 def _factor_slicer(v: Adapted, d: int, fn):
@@ -333,7 +327,7 @@ def _factor_slicer(v: Adapted, d: int, fn):
 @_rule("slice")
 def _slice(interp, eqn, invals):
     (v,) = invals
-    (w,) = _bind(eqn, [v.w])
+    (w,) = bind(eqn, [v.w])
     p = eqn.params
     strides = p["strides"] or (1,) * w.ndim
     for d, (lo, hi, st) in enumerate(zip(p["start_indices"], p["limit_indices"], strides)):
@@ -348,7 +342,7 @@ def _dynamic_slice(interp, eqn, invals):
     v, *starts = invals
     if any(map(_is_adapted, starts)):
         return None
-    (w,) = _bind(eqn, [v.w, *starts])
+    (w,) = bind(eqn, [v.w, *starts])
     for d, size in enumerate(eqn.params["slice_sizes"]):
         if size != v.w.shape[d]:
             a, b = _factor_slicer(v, d, lambda x, ax: lax.dynamic_slice_in_dim(x, starts[d], size, ax))
@@ -359,7 +353,7 @@ def _dynamic_slice(interp, eqn, invals):
 @_rule("split")
 def _split(interp, eqn, invals):
     (v,) = invals
-    ws = _bind(eqn, [v.w])
+    ws = bind(eqn, [v.w])
     d, sizes = eqn.params["axis"], eqn.params["sizes"]
     bounds = np.cumsum((0, *sizes))
     outs = []
@@ -367,6 +361,43 @@ def _split(interp, eqn, invals):
         a, b = _factor_slicer(v, d, lambda x, ax: lax.slice_in_dim(x, int(lo), int(hi), 1, ax))
         outs.append(v.replace(w=w, a=a, b=b))
     return outs
+
+
+@_rule("concatenate")
+def _concatenate(interp, eqn, invals):
+    """A weight joined with other arrays along dimension ``d``: each adapted piece's factor
+    holding ``d`` (both factors for a stack axis) is padded with zeros to the joined extent,
+    so it adds nothing outside its own piece. Several adapted pieces (a fused q/k/v kernel)
+    join their ranks, each scale folded into its B. Their roles must agree, and dropout
+    needs a single adapted piece."""
+    d = eqn.params["dimension"]
+    adapted = [x for x in invals if _is_adapted(x)]
+    first = adapted[0]
+    if any(x.roles != first.roles for x in adapted):
+        return None
+    if len(adapted) > 1 and any(x.key is not None for x in adapted):
+        return None
+    (w,) = bind(eqn, [x.w if _is_adapted(x) else x for x in invals])
+    bounds = np.cumsum([0] + [jnp.shape(x)[d] if not _is_adapted(x) else x.w.shape[d] for x in invals])
+    pieces = []
+    for x, lo, hi in zip(invals, bounds[:-1], bounds[1:]):
+        if _is_adapted(x):
+            pad = (int(lo), int(bounds[-1] - hi))
+            pieces.append((x, *_factor_slicer(x, d, lambda f, ax: _pad_axis(f, ax, pad))))
+    if len(pieces) == 1:
+        (_, a, b), = pieces
+        return [first.replace(w=w, a=a, b=b)]
+    r_axis = first.n_stack
+    a = jnp.concatenate([a for _, a, _ in pieces], axis=r_axis)
+    b = jnp.concatenate([b * jnp.asarray(x.scale, b.dtype) for x, _, b in pieces], axis=r_axis)
+    name = "+".join(dict.fromkeys(x.name for x in adapted))
+    return [first.replace(w=w, a=a, b=b, scale=1.0, name=name)]
+
+
+def _pad_axis(f, ax: int, pad: tuple[int, int]):
+    widths = [(0, 0)] * f.ndim
+    widths[ax] = pad
+    return jnp.pad(f, widths)
 
 
 # -- the products -----------------------------------------------------------------------------
@@ -387,22 +418,11 @@ def _dot_general(interp, eqn, invals):
     p = eqn.params
     (lc, rc), (lb, rb) = p["dimension_numbers"]
     wc, xc, wb, xb = (lc, rc, lb, rb) if v_lhs else (rc, lc, rb, lb)
-    (base,) = _bind(eqn, [v.w, x] if v_lhs else [x, v.w])
+    (base,) = bind(eqn, [v.w, x] if v_lhs else [x, v.w])
 
     wl = _LETTERS[: v.w.ndim]
     n = _LETTERS[v.w.ndim]  # x's free dimensions, flattened into one
-    xl = [None] * x.ndim
-    for dw, dx in (*zip(wc, xc), *zip(wb, xb)):
-        xl[dx] = wl[dw]
-    free = [d for d in range(x.ndim) if xl[d] is None]
-    rest = [d for d in range(x.ndim) if xl[d] is not None]
-    xin = interp.dropout(x, v)
-    if free != list(range(len(free))):
-        xin = jnp.transpose(xin, free + rest)
-    if len(free) != 1:  # one token axis: XLA:CPU runs the thin products faster
-        xin = jnp.reshape(xin, (math.prod(x.shape[d] for d in free), *(x.shape[d] for d in rest)))
-    x_sub = n + "".join(xl[d] for d in rest)
-
+    xin, x_sub = _flat_input(interp.dropout(x, v), wl, n, zip((*wc, *wb), (*xc, *xb)))
     kinds = {v.roles[d][0] for d in wc}
     first = _I if _I in kinds or _O not in kinds else _O
     la, lb_ = v.letters(wl)
@@ -415,23 +435,47 @@ def _dot_general(interp, eqn, invals):
     kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
     t = interp.shared.pop(id(eqn), None)
     if t is None and mid == n + _R and v.key is None:
-        # q, k and v read one activation: one x·[A_q; A_k; A_v] reads it once, forward and
-        # backward (dA and dx), instead of three times
-        pairing = [v.roles[d] for d in wc]
-        group = interp.siblings(eqn, 1 if v_lhs else 0, lambda u: (
-            u.key is None and u.n_stack == 0 and len(u.dims(_I)) == len(wc)
-            and [u.roles[d] for d in wc] == pairing and u.a.shape[1:] == v.a.shape[1:]
-            and jnp.result_type(u.w) == jnp.result_type(v.w)))
-        if group:
-            factors = [f1] + [_cast_factors(u, _I)[0] for _, u in group]
-            t_all = jnp.einsum(f"{x_sub},{l1}->{mid}", xin, jnp.concatenate(factors, axis=0), **kw)
-            bounds = np.cumsum([f.shape[0] for f in factors])
-            t, *rest_t = jnp.split(t_all, bounds[:-1], axis=1)
-            interp.shared.update((id(e), tt) for (e, _), tt in zip(group, rest_t))
+        t = _shared_input_product(interp, eqn, v, 1 if v_lhs else 0, wc, f1, xin, f"{x_sub},{l1}->{mid}", kw)
     if t is None:
         t = jnp.einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
     y = jnp.einsum(f"{mid},{l2}->{out}", t.astype(f2.dtype), f2, **kw)
     return [base + jnp.reshape(y, base.shape).astype(base.dtype)]
+
+
+def _flat_input(x, wl, n, pairs):
+    """``x`` with its free dimensions moved first and flattened into one (XLA:CPU runs the
+    thin products faster over one token axis), and its einsum subscripts: letter ``n`` for
+    the tokens, ``wl[dw]`` for the dimension ``dx`` paired with weight dimension ``dw``."""
+    xl = [None] * x.ndim
+    for dw, dx in pairs:
+        xl[dx] = wl[dw]
+    free = [d for d in range(x.ndim) if xl[d] is None]
+    rest = [d for d in range(x.ndim) if xl[d] is not None]
+    if free != list(range(len(free))):
+        x = jnp.transpose(x, free + rest)
+    if len(free) != 1:
+        x = jnp.reshape(x, (math.prod(x.shape[:len(free)]), *x.shape[len(free):]))
+    return x, n + "".join(xl[d] for d in rest)
+
+
+def _shared_input_product(interp, eqn, v: Adapted, x_pos: int, wc, f1, xin, subscripts, kw):
+    """``x·A`` for this product and for its siblings that read the same ``x`` (q, k and v):
+    one ``x·[A_q; A_k; A_v]`` reads the activation once, forward and backward (dA and dx),
+    instead of three times. The siblings' parts wait in ``interp.shared``. None when this
+    product has no sibling."""
+    pairing = [v.roles[d] for d in wc]
+    group = interp.siblings(eqn, x_pos, lambda u: (
+        u.key is None and u.n_stack == 0 and len(u.dims(_I)) == len(wc)
+        and [u.roles[d] for d in wc] == pairing and u.a.shape[1:] == v.a.shape[1:]
+        and jnp.result_type(u.w) == jnp.result_type(v.w)))
+    if not group:
+        return None
+    factors = [f1] + [_cast_factors(u, _I)[0] for _, u in group]
+    t_all = jnp.einsum(subscripts, xin, jnp.concatenate(factors, axis=0), **kw)
+    bounds = np.cumsum([f.shape[0] for f in factors])
+    t, *rest = jnp.split(t_all, bounds[:-1], axis=1)
+    interp.shared.update((id(e), tt) for (e, _), tt in zip(group, rest))
+    return t
 
 
 @_rule("gather")
@@ -449,7 +493,7 @@ def _gather(interp, eqn, invals):
     (kind,) = kinds
     if kind == _S:
         return [_pick_from_stack(v, eqn, idx)]
-    (base,) = _bind(eqn, [v.w, idx])
+    (base,) = bind(eqn, [v.w, idx])
     f, h = _cast_factors(v, kind)
     wl = _LETTERS[: v.w.ndim]
     la, lb_ = v.letters(wl)
@@ -488,7 +532,7 @@ def _pick_from_stack(v: Adapted, eqn, idx) -> Adapted:
     stack axes, so the product that follows batches over them."""
     p = eqn.params
     dn = p["dimension_numbers"]
-    (w,) = _bind(eqn, [v.w, idx])
+    (w,) = bind(eqn, [v.w, idx])
     n_batch = idx.ndim - 1
     collapsed_k = {v.roles[d][1] for d in dn.collapsed_slice_dims}
     kept_k = [k for k in range(v.n_stack) if k not in collapsed_k]
@@ -530,7 +574,7 @@ def _conv(interp, eqn, invals):
     rhs, out_spec = p["dimension_numbers"].rhs_spec, p["dimension_numbers"].out_spec
     if v.roles[rhs[0]][0] != _O or any(v.roles[d][0] != _I for d in rhs[1:]):
         return None
-    (base,) = _bind(eqn, [x, v.w])
+    (base,) = bind(eqn, [x, v.w])
     groups = p["feature_group_count"]
     a, b = _cast_factors(v, _I)
     rank = a.shape[0]
@@ -578,7 +622,7 @@ def _remat(interp, eqn, invals):
 @_rule("scan")
 def _scan(interp, eqn, invals):
     p = eqn.params
-    counts = _scan_counts(p)
+    counts = scan_counts(p)
     if counts is None:
         return None
     nc, ncarry = counts

@@ -22,37 +22,17 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-__all__ = ["Use", "WeightUsage", "trace_usage", "subcalls", "SHAPE_ONLY", "MATMULS"]
+from ._jaxpr import HIGHER, PRODUCT, SHAPE, WINDOW, kind, reshape_groups, subcalls
 
-# Primitives that only move a weight's elements around, change their dtype, or broadcast.
-SHAPE_ONLY = frozenset(
-    {
-        "transpose",
-        "reshape",
-        "squeeze",
-        "expand_dims",
-        "broadcast_in_dim",
-        "convert_element_type",
-        "copy",
-        "copy_p",
-        "stop_gradient",
-        "sharding_constraint",
-        "reduce_precision",
-        "optimization_barrier",
-        "mesh_cast",
-        "reshard",
-    }
-)
-
-# Primitives that cut windows out of a weight (their outputs keep the axis roles).
-SLICING = frozenset({"slice", "dynamic_slice", "split", "concatenate", "gather"})
-
-# Primitives whose weight operand defines an adapter.
-MATMULS = frozenset({"dot_general", "conv_general_dilated"})
+__all__ = ["Use", "WeightUsage", "trace_usage"]
 
 # Elementwise primitives where an operand that carries no head taint (a mask, one-hot
 # labels) is neutral; for add/sub it is not (a residual stream mixes layers).
 _MIXING = frozenset({"add", "sub", "add_any"})
+
+
+def _is_product(name: str) -> bool:
+    return kind(name) == PRODUCT
 
 
 @dataclasses.dataclass
@@ -82,7 +62,7 @@ class WeightUsage:
         weight = [
             u
             for u in self.uses
-            if u.primitive in MATMULS and not u.opaque and u.in_axes and u.out_axes
+            if _is_product(u.primitive) and not u.opaque and u.in_axes and u.out_axes
         ]
         kind_of = lambda u: "conv" if u.primitive == "conv_general_dilated" else "linear"
         for u in weight:  # a stack indexed by a gather (MoE experts picked per token)
@@ -98,7 +78,7 @@ class WeightUsage:
         # a single row/column picked out of a small kernel (W[:, 0]): the cut axis is the
         # missing side
         for u in self.uses:
-            if u.primitive in MATMULS and not u.opaque and u.cut - looked_up:
+            if _is_product(u.primitive) and not u.opaque and u.cut - looked_up:
                 if bool(u.in_axes) != bool(u.out_axes):
                     return kind_of(u), u
         return None
@@ -130,48 +110,30 @@ class WeightUsage:
             outs |= set(range(ndim)) - ins - outs - stack
         return tuple(sorted(ins)), tuple(sorted(outs)), tuple(sorted(stack))
 
+    def unknown(self) -> list[str]:
+        """Primitives outside the walkers' shared table that consume this weight (``wrap``
+        materializes the weight for each of them)."""
+        return sorted({u.primitive for u in self.uses if kind(u.primitive) is None})
+
     def other_primitives(self) -> list[str]:
         return sorted(
-            {u.primitive + (" (opaque view)" if u.opaque else "") for u in self.uses}
-            - set(MATMULS)
-            - {"gather"}
+            {u.primitive + (" (opaque view)" if u.opaque else "") for u in self.uses
+             if u.opaque or not (_is_product(u.primitive) or u.primitive == "gather")}
         )
 
 
-# A tracked value: ``(tid, view, cut, indexed)``. ``view[d]`` is the tuple of original axes
-# held by dimension d (several after a reshape merged axes; a dimension split off an axis by
-# a reshape holds that axis too; a broadcast dimension holds none).
-_Entry = tuple
+# A tracked value is ``(tid, view, cut, indexed)``. ``view[d]`` is the tuple of original
+# axes held by dimension d (several after a reshape merged axes; a dimension split off an
+# axis by a reshape holds that axis too; a broadcast dimension holds none).
 
 
 def _reshape_view(view, old_shape, new_shape):
-    """Map a view through a reshape by grouping dims whose sizes multiply to the same."""
-    out: list = []
-    i = j = 0
-    n_old, n_new = len(old_shape), len(new_shape)
-    while i < n_old or j < n_new:
-        if i < n_old and old_shape[i] == 1 and (j >= n_new or new_shape[j] != 1):
-            i += 1  # a size-1 dim disappears
-            continue
-        if j < n_new and new_shape[j] == 1 and (i >= n_old or old_shape[i] != 1):
-            out.append(())
-            j += 1
-            continue
-        gi, gj = [i], [j]
-        pi, pj = old_shape[i], new_shape[j]
-        while pi != pj:
-            if pi < pj:
-                i += 1
-                gi.append(i)
-                pi *= old_shape[i]
-            else:
-                j += 1
-                gj.append(j)
-                pj *= new_shape[j]
+    """Map a view through a reshape: each new dimension holds its group's original axes."""
+    out: list = [()] * len(new_shape)
+    for gi, gj in reshape_groups(tuple(old_shape), tuple(new_shape)):
         axes = tuple(sorted({ax for k in gi for ax in view[k]}))
-        out.extend([axes] * len(gj))
-        i += 1
-        j += 1
+        for d in gj:
+            out[d] = axes
     return tuple(out)
 
 
@@ -179,7 +141,7 @@ def _shape_view(eqn, view):
     name, p = eqn.primitive.name, eqn.params
     if name == "transpose":
         return tuple(view[d] for d in p["permutation"])
-    if name in ("reshape", "expand_dims"):
+    if name == "reshape":
         return _reshape_view(view, eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)
     if name == "squeeze":
         dims = {d % len(view) for d in p["dimensions"]}
@@ -190,56 +152,6 @@ def _shape_view(eqn, view):
             out[dst] = view[src]
         return tuple(out)
     return view
-
-
-def _closed(j):
-    return j if isinstance(j, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(j, ())
-
-
-def _scan_counts(p) -> tuple[int, int] | None:
-    """(number of consts, number of carries) of a scan, across JAX versions."""
-    if "num_consts" in p:  # jax <= 0.10
-        return p["num_consts"], p["num_carry"]
-    # jax 0.11: ``ft_in`` packs three groups (consts, carry, xs); each group's len() is its
-    # number of operands. Duck-typed: the group container is private to JAX.
-    groups = getattr(p.get("ft_in"), "elts", p.get("ft_in"))
-    try:
-        return len(groups[0]), len(groups[1])
-    except (TypeError, IndexError, KeyError):
-        return None
-
-
-def subcalls(eqn) -> list[tuple[Any, list, bool]]:
-    """Sub-jaxprs of a higher-order equation and how operands feed them.
-
-    Returns ``(closed_jaxpr, feeds, returns)`` triples: ``feeds[k]`` is ``(operand_index,
-    sliced)`` for inner input ``k`` (``sliced`` when a scan slices the operand's leading
-    axis); ``returns`` tells whether the inner outputs are the equation's outputs one to one.
-    """
-    name, p = eqn.primitive.name, eqn.params
-    n = len(eqn.invars)
-    if name == "scan":
-        counts = _scan_counts(p)
-        if counts is None:
-            return []
-        nc, ncarry = counts
-        feeds = [(k, k >= nc + ncarry) for k in range(n)]
-        return [(p["jaxpr"], feeds, False)]
-    if name == "cond":
-        return [(br, [(k + 1, False) for k in range(n - 1)], False) for br in p["branches"]]
-    if name == "while":
-        cn, bn = p["cond_nconsts"], p["body_nconsts"]
-        carry = [(cn + bn + k, False) for k in range(n - cn - bn)]
-        return [
-            (p["cond_jaxpr"], [(k, False) for k in range(cn)] + carry, False),
-            (p["body_jaxpr"], [(cn + k, False) for k in range(bn)] + carry, False),
-        ]
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        if key in p and isinstance(p[key], (jcore.Jaxpr, jcore.ClosedJaxpr)):
-            inner = _closed(p[key])
-            if len(inner.jaxpr.invars) == n:
-                return [(inner, [(k, False) for k in range(n)], True)]
-    return []
 
 
 def _roles(view, dims):
@@ -259,13 +171,14 @@ class _Walker:
             ins = [(k, v) for k, v in enumerate(eqn.invars) if not isinstance(v, jcore.Literal)]
             tracked = [(k, e) for k, v in ins for e in views.get(v, ())]
             name = eqn.primitive.name
-            subs = subcalls(eqn)
-            if name in SHAPE_ONLY:
+            what = kind(name)
+            subs = subcalls(eqn) if what == HIGHER else []
+            if what == SHAPE:
                 for k, (tid, view, cut, idx) in tracked:
                     if k == 0 or name == "optimization_barrier":
                         ov = eqn.outvars[k] if name == "optimization_barrier" else eqn.outvars[0]
                         views.setdefault(ov, []).append((tid, _shape_view(eqn, view), cut, idx))
-            elif name in SLICING:
+            elif what == WINDOW:
                 for k, entry in tracked:
                     self._through_window(eqn, k, entry, views)
             elif subs:
@@ -278,7 +191,7 @@ class _Walker:
                 derived.update(eqn.outvars)
 
     def _taint(self, eqn, name, ins, tracked, subs, taints, derived):
-        if name in MATMULS:
+        if _is_product(name):
             t = frozenset(e[0] for k, e in tracked)
             self.counter += 1
             for tid in t:

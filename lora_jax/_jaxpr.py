@@ -1,0 +1,167 @@
+"""The JAX internals both jaxpr walkers share, and the one table of primitives they know.
+
+Two walkers read jaxprs: axis inference (:mod:`lora_jax.usage`) follows each weight to
+the products that consume it, and :func:`lora_jax.wrap` (:mod:`lora_jax.transform`)
+evaluates the jaxpr with each target as a symbolic ``W + s·A⊗B``. Both classify every
+primitive a weight meets by the same :data:`PRIMITIVES` table:
+
+* ``SHAPE``: moves, casts, tags or broadcasts the weight's elements; the value keeps the
+  weight's axis roles (transpose, reshape, casts, copies, sharding constraints, barriers).
+* ``WINDOW``: cuts windows out of the weight or joins it with others (slices, gathers,
+  concatenation); the pieces keep the roles.
+* ``PRODUCT``: a product whose weight operand defines an adapter (``dot_general``, convs).
+* ``HIGHER``: higher-order primitives whose sub-jaxprs the walkers enter (see
+  :func:`subcalls`).
+
+A primitive outside the table that meets a targeted weight is unknown to both walkers:
+inference records it as an opaque use and ``wrap`` materializes the weight for it. Names
+that differ across JAX versions are listed under each spelling.
+
+The rest are shims over JAX internals whose layout changes between versions: sub-jaxprs
+of higher-order equations, a scan's operand groups, evaluating one equation, and how a
+reshape groups dimensions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax.extend import core as jcore
+
+__all__ = ["SHAPE", "WINDOW", "PRODUCT", "HIGHER", "PRIMITIVES", "kind", "closed", "scan_counts",
+           "subcalls", "bind", "reshape_groups"]
+
+SHAPE, WINDOW, PRODUCT, HIGHER = "shape", "window", "product", "higher-order"
+
+PRIMITIVES: dict[str, str] = {
+    **dict.fromkeys(
+        ("transpose", "reshape", "squeeze", "broadcast_in_dim", "convert_element_type", "copy",
+         "copy_p", "stop_gradient", "sharding_constraint", "mesh_cast", "reshard", "name",
+         "reduce_precision", "optimization_barrier"),
+        SHAPE),
+    **dict.fromkeys(("slice", "dynamic_slice", "split", "concatenate", "gather"), WINDOW),
+    **dict.fromkeys(("dot_general", "conv_general_dilated"), PRODUCT),
+    **dict.fromkeys(
+        ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+         "custom_vjp_call_jaxpr", "remat2", "checkpoint", "remat", "scan", "while", "cond"),
+        HIGHER),
+}
+
+
+def kind(name: str) -> str | None:
+    """The table's kind of primitive ``name``, or None for a primitive neither walker knows.
+
+    >>> kind("dot_general"), kind("reshape"), kind("sin")
+    ('product', 'shape', None)
+    """
+    return PRIMITIVES.get(name)
+
+
+def closed(j) -> jcore.ClosedJaxpr:
+    """``j`` as a ``ClosedJaxpr`` (higher-order equations hold either kind)."""
+    return j if isinstance(j, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(j, ())
+
+
+def scan_counts(p) -> tuple[int, int] | None:
+    """(number of consts, number of carries) of a scan's params, across JAX versions.
+
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda c, xs: jax.lax.scan(lambda c, x: (c + x, c), c, xs)
+    >>> eqn = jax.make_jaxpr(f)(0.0, jnp.ones(3)).jaxpr.eqns[0]
+    >>> scan_counts(eqn.params)
+    (0, 1)
+    """
+    if "num_consts" in p:  # jax <= 0.10
+        return p["num_consts"], p["num_carry"]
+    # jax 0.11: ``ft_in`` packs three groups (consts, carry, xs); each group's len() is its
+    # number of operands. Duck-typed: the group container is private to JAX.
+    groups = getattr(p.get("ft_in"), "elts", p.get("ft_in"))
+    try:
+        return len(groups[0]), len(groups[1])
+    except (TypeError, IndexError, KeyError):
+        return None
+
+
+def subcalls(eqn) -> list[tuple[Any, list, bool]]:
+    """Sub-jaxprs of a higher-order equation and how operands feed them.
+
+    Returns ``(closed_jaxpr, feeds, returns)`` triples: ``feeds[k]`` is ``(operand_index,
+    sliced)`` for inner input ``k`` (``sliced`` when a scan slices the operand's leading
+    axis); ``returns`` tells whether the inner outputs are the equation's outputs one to one.
+
+    >>> import jax
+    >>> eqn = jax.make_jaxpr(lambda x: jax.jit(lambda y: y * 2)(x))(1.0).jaxpr.eqns[0]
+    >>> [(feeds, returns) for _, feeds, returns in subcalls(eqn)]
+    [([(0, False)], True)]
+    """
+    name, p = eqn.primitive.name, eqn.params
+    n = len(eqn.invars)
+    if name == "scan":
+        counts = scan_counts(p)
+        if counts is None:
+            return []
+        nc, ncarry = counts
+        feeds = [(k, k >= nc + ncarry) for k in range(n)]
+        return [(p["jaxpr"], feeds, False)]
+    if name == "cond":
+        return [(br, [(k + 1, False) for k in range(n - 1)], False) for br in p["branches"]]
+    if name == "while":
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        carry = [(cn + bn + k, False) for k in range(n - cn - bn)]
+        return [
+            (p["cond_jaxpr"], [(k, False) for k in range(cn)] + carry, False),
+            (p["body_jaxpr"], [(cn + k, False) for k in range(bn)] + carry, False),
+        ]
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        if key in p and isinstance(p[key], (jcore.Jaxpr, jcore.ClosedJaxpr)):
+            inner = closed(p[key])
+            if len(inner.jaxpr.invars) == n:
+                return [(inner, [(k, False) for k in range(n)], True)]
+    return []
+
+
+def bind(eqn, invals) -> list:
+    """Evaluate one equation on ``invals`` as JAX would; always a list of outputs.
+
+    >>> import jax, jax.numpy as jnp
+    >>> eqn = jax.make_jaxpr(jnp.sin)(0.0).jaxpr.eqns[0]
+    >>> [float(y) for y in bind(eqn, [0.0])]
+    [0.0]
+    """
+    bound = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) before jax 0.10
+    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def reshape_groups(old: tuple[int, ...], new: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """How a reshape from ``old`` to ``new`` regroups dimensions.
+
+    Returns ``(old_dims, new_dims)`` pairs, in order, of the smallest runs of dimensions
+    whose sizes multiply to the same number; size-1 dimensions belong to no group (they
+    appear or vanish without moving data).
+
+    >>> reshape_groups((6, 4), (2, 3, 4))
+    [([0], [0, 1]), ([1], [2])]
+    >>> reshape_groups((2, 1, 3), (6,))
+    [([0, 2], [0])]
+    """
+    od = [d for d, n in enumerate(old) if n != 1]
+    nd = [d for d, n in enumerate(new) if n != 1]
+    groups, i, j = [], 0, 0
+    while i < len(od):
+        gi, gj = [od[i]], [nd[j]]
+        pi, pj = old[od[i]], new[nd[j]]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                gi.append(od[i])
+                pi *= old[od[i]]
+            else:
+                j += 1
+                gj.append(nd[j])
+                pj *= new[nd[j]]
+        groups.append((gi, gj))
+        i, j = i + 1, j + 1
+    return groups
