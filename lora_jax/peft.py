@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .config import Axes, LoraConfig, Rule, _as_axes, path_str, scale_for
+from .config import Axes, LoraConfig, Rule, as_axes, path_str, scale_for
 from .split import split
 from .tree import fmt_paths
 from .tree import targets as _targets
@@ -112,7 +112,7 @@ class NameMap:
                     "(r'.*/c_attn/kernel', lj.Axes(in_axes=(1,), out_axes=(0,)))"
                 )
             _compile(item[0], "NameMap axes")
-            axes.append((item[0], _as_axes(item[1])))
+            axes.append((item[0], as_axes(item[1])))
         object.__setattr__(self, "axes", tuple(axes))
         config = dict(self.config)
         reserved = set(config) & _WRITTEN
