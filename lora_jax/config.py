@@ -178,7 +178,16 @@ def _group(g) -> tuple:
     return tuple(g) if isinstance(g, (tuple, list)) else (g,)
 
 
-def _as_axes(value) -> Axes | None:
+def as_axes(value) -> Axes | None:
+    """An :class:`Axes` from any form a rule accepts: ``Axes``, a dict, an ``(in, out[, stack])`` tuple.
+
+    A bare axis stands for a one-axis group; None stays None.
+
+    >>> as_axes({"in": 1, "out": 0})
+    Axes(in_axes=(1,), out_axes=(0,), stack_axes=())
+    >>> as_axes((0, (1, 2)))
+    Axes(in_axes=(0,), out_axes=(1, 2), stack_axes=())
+    """
     if value is None:
         return None
     if isinstance(value, Axes):
@@ -244,7 +253,7 @@ class Rule:
                 "alpha = 2 * rank is a common choice"
             )
         object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "axes", _as_axes(self.axes))
+        object.__setattr__(self, "axes", as_axes(self.axes))
         if self.dropout is not None:
             _check_dropout(self.dropout, f"Rule {self.pattern!r}: ")
 

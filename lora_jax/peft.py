@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .config import Axes, LoraConfig, Rule, _as_axes, path_str, scale_for
+from .config import Axes, LoraConfig, Rule, as_axes, path_str, scale_for
 from .split import split
 from .tree import fmt_paths
 from .tree import targets as _targets
@@ -92,28 +92,11 @@ class NameMap:
     config: Any = ()
 
     def __post_init__(self):
-        if callable(self.rules):
-            pass
-        else:
-            rules = tuple(self.rules)
-            for item in rules:
-                if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
-                    raise TypeError(
-                        f"NameMap rules must be (flax_regex, torch_template) string pairs or a "
-                        f"callable, got {item!r}; e.g. (r'(.*)/kernel', r'\\1')"
-                    )
-                _compile(item[0], "NameMap rule")
-            object.__setattr__(self, "rules", tuple(tuple(r) for r in rules))
-        axes = []
-        for item in self.axes:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
-                raise TypeError(
-                    f"NameMap axes must be (flax_regex, axes) pairs, got {item!r}; e.g. "
-                    "(r'.*/c_attn/kernel', lj.Axes(in_axes=(1,), out_axes=(0,)))"
-                )
-            _compile(item[0], "NameMap axes")
-            axes.append((item[0], _as_axes(item[1])))
-        object.__setattr__(self, "axes", tuple(axes))
+        if not callable(self.rules):
+            rules = tuple(_regex_pair(item, str, "NameMap rule", _RULES_ERROR) for item in self.rules)
+            object.__setattr__(self, "rules", rules)
+        pairs = (_regex_pair(item, object, "NameMap axes", _AXES_ERROR) for item in self.axes)
+        object.__setattr__(self, "axes", tuple((pattern, as_axes(axes)) for pattern, axes in pairs))
         config = dict(self.config)
         reserved = set(config) & _WRITTEN
         if reserved:
@@ -132,11 +115,8 @@ class NameMap:
             if name is not None and not isinstance(name, str):
                 raise TypeError(f"the name map callable returned {name!r} for {path!r}; return a str or None")
             return name
-        for pattern, template in self.rules:
-            m = re.fullmatch(pattern, path)
-            if m is not None:
-                return m.expand(template).replace("/", ".")
-        return None
+        hit = _first_match(self.rules, path)
+        return None if hit is None else hit[0].expand(hit[1]).replace("/", ".")
 
     def axes_for(self, path: str) -> Axes | None:
         """The axes a rule gives ``path`` (None: Flax's convention or tracing decides).
@@ -145,10 +125,8 @@ class NameMap:
         >>> peft.GPT2.axes_for("transformer/h/0/mlp/c_fc/kernel")
         Axes(in_axes=(1,), out_axes=(0,), stack_axes=())
         """
-        for pattern, axes in self.axes:
-            if re.fullmatch(pattern, path):
-                return axes
-        return None
+        hit = _first_match(self.axes, path)
+        return None if hit is None else hit[1]
 
 
 NameMapLike = Union[NameMap, Sequence, Callable[[str], Union[str, None]]]
@@ -158,13 +136,35 @@ _WRITTEN = frozenset(
     {"peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "use_rslora",
      "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout", "bias"}
 )
+_RULES_ERROR = (
+    "NameMap rules must be (flax_regex, torch_template) string pairs or a "
+    "callable, got {item!r}; e.g. (r'(.*)/kernel', r'\\1')"
+)
+_AXES_ERROR = (
+    "NameMap axes must be (flax_regex, axes) pairs, got {item!r}; e.g. "
+    "(r'.*/c_attn/kernel', lj.Axes(in_axes=(1,), out_axes=(0,)))"
+)
 
 
-def _compile(pattern, what):
+def _regex_pair(item, value_type: type, what: str, error: str) -> tuple:
+    """``item`` as a ``(regex, value)`` tuple: a valid regex string and a ``value_type``."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], value_type)):
+        raise TypeError(error.format(item=item))
     try:
-        re.compile(pattern)
+        re.compile(item[0])
     except (re.error, TypeError) as e:
-        raise ValueError(f"{what} pattern {pattern!r} is not a valid regex: {e}") from None
+        raise ValueError(f"{what} pattern {item[0]!r} is not a valid regex: {e}") from None
+    return tuple(item)
+
+
+def _first_match(pairs, path: str):
+    """``(match, value)`` for the first ``(regex, value)`` pair whose regex fully matches ``path``, or None."""
+    for pattern, value in pairs:
+        m = re.fullmatch(pattern, path)
+        if m is not None:
+            return m, value
+    return None
 
 
 def _as_name_map(name_map) -> NameMap:
@@ -222,19 +222,35 @@ LLAMA = NameMap(
 
 
 # ---------------------------------------------------------------------------------------
-# PEFT's pattern semantics
+# PEFT's pattern semantics, torch name templates, factor layouts
+
+
+def _peft_match(key: str, module: str) -> bool:
+    """PEFT's ``get_pattern_key`` test: ``re.match(rf"(.*\\.)?({key})$", module)``."""
+    return re.match(rf"(.*\.)?({key})$", module) is not None
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default):
-    """PEFT's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
+    """The value of the first key of ``patterns`` that matches ``module`` (PEFT's order), else ``default``."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _peft_match(key, module):
             return value
     return default
 
 
+def _template_parts(template: str) -> list[tuple[str, bool]]:
+    """``(literal text, followed by a '{}' field)`` for each piece of a torch name template."""
+    return [(literal, field is not None) for literal, field, _, _ in string.Formatter().parse(template)]
+
+
 def _stack_fields(template: str) -> int:
-    return sum(1 for _, field, _, _ in string.Formatter().parse(template) if field is not None)
+    return sum(field for _, field in _template_parts(template))
+
+
+def _stack_regex(template: str) -> re.Pattern:
+    """A regex matching the torch names a template gives, one ``(\\d+)`` group per field."""
+    parts = _template_parts(template)
+    return re.compile("".join(re.escape(literal) + (r"(\d+)" if field else "") for literal, field in parts))
 
 
 def _fill(template: str, index: tuple[int, ...]) -> str:
@@ -243,6 +259,23 @@ def _fill(template: str, index: tuple[int, ...]) -> str:
 
 def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
+
+
+def _to_torch(w: LoraWeight, index: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """``lora_A`` (r, in) and ``lora_B`` (out, r) of one stack index, as contiguous numpy arrays."""
+    a = np.asarray(jax.device_get(w.a))[index].reshape(w.rank, math.prod(w.in_shape))
+    b = np.asarray(jax.device_get(w.b))[index].reshape(w.rank, math.prod(w.out_shape))
+    return np.ascontiguousarray(a), np.ascontiguousarray(b.T)
+
+
+def _from_torch(spec: LoraWeight, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` (r, *in) and ``b`` (r, *out) of one stack index from ``lora_A`` (r, in) and ``lora_B`` (out, r)."""
+    return lora_a.reshape(spec.rank, *spec.in_shape), lora_b.T.reshape(spec.rank, *spec.out_shape)
+
+
+def _raise_any(prefix: str, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(prefix + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,35 +335,21 @@ def save(
     if not targets:
         raise ValueError("save: lora holds no LoraWeight; pass the lora tree from lj.split")
     problems = []
-    modules: dict[str, tuple[str, LoraWeight, tuple]] = {}  # torch module -> (flax path, weight, index)
-    scalings = collections.defaultdict(list)
+    modules = _torch_modules(targets, name_map, problems)
+    scaling = _one_scaling(targets, problems)
+    rate = _one_dropout(targets, dropout, problems)
+    _raise_any("save: ", problems)
+    config = _adapter_config(modules, scaling, rate, name_map, base_model, task_type)
+    _write(directory, _tensors(modules), config)
+    return list(modules)
+
+
+def _torch_modules(targets, name_map: NameMap, problems: list) -> dict[str, tuple[str, LoraWeight, tuple]]:
+    """Torch module path -> ``(flax path, adapter, stack index)`` for every module the file holds."""
+    modules = {}
     for path, w in targets:
-        if w.kind not in _FACTORS:
-            problems.append(
-                f"{path}: a {w.kind!r} adapter (shape {w.shape}) has no PEFT export in this "
-                "version; leave it out of the tree you save"
-            )
-            continue
-        scalings[w.scaling].append(path)
-        if w.scaling in ("lora", "rslora") and not math.isclose(
-            w.scale, scale_for(w.scaling, w.alpha, w.rank), rel_tol=1e-6
-        ):
-            problems.append(
-                f"{path}: scale {w.scale} does not follow scaling {w.scaling!r} for alpha="
-                f"{w.alpha}, rank={w.rank}; set alpha so that it does, e.g. "
-                f"w.replace(alpha={w.scale * w.rank}, scaling='lora')"
-            )
-        template = name_map.torch_name(path)
+        template = _template(name_map, path, w, problems) if _exportable(path, w, problems) else None
         if template is None:
-            problems.append(f"{path}: the name map gives it no torch module path; add a rule for it")
-            continue
-        fields = _stack_fields(template)
-        if fields != len(w.stack_axes):
-            problems.append(
-                f"{path}: shape {w.shape} with stack axes {w.stack_axes} maps to torch name "
-                f"{template!r} with {fields} '{{}}' fields; a stacked weight needs one field per "
-                "stack axis, e.g. 'model.layers.{}.self_attn.q_proj'"
-            )
             continue
         for index in np.ndindex(*w.stack_shape):
             module = _fill(template, index)
@@ -340,6 +359,51 @@ def save(
                     "fix the name map"
                 )
             modules[module] = (path, w, index)
+    return modules
+
+
+def _exportable(path: str, w: LoraWeight, problems: list) -> bool:
+    """Whether PEFT has factors for the adapter's kind; notes a scale its scaling rule does not give."""
+    if w.kind not in _FACTORS:
+        problems.append(
+            f"{path}: a {w.kind!r} adapter (shape {w.shape}) has no PEFT export in this "
+            "version; leave it out of the tree you save"
+        )
+        return False
+    if w.scaling in ("lora", "rslora") and not math.isclose(
+        w.scale, scale_for(w.scaling, w.alpha, w.rank), rel_tol=1e-6
+    ):
+        problems.append(
+            f"{path}: scale {w.scale} does not follow scaling {w.scaling!r} for alpha="
+            f"{w.alpha}, rank={w.rank}; set alpha so that it does, e.g. "
+            f"w.replace(alpha={w.scale * w.rank}, scaling='lora')"
+        )
+    return True
+
+
+def _template(name_map: NameMap, path: str, w: LoraWeight, problems: list) -> str | None:
+    """The adapter's torch name template, with one '{}' field per stack axis (None: a problem)."""
+    template = name_map.torch_name(path)
+    if template is None:
+        problems.append(f"{path}: the name map gives it no torch module path; add a rule for it")
+        return None
+    fields = _stack_fields(template)
+    if fields != len(w.stack_axes):
+        problems.append(
+            f"{path}: shape {w.shape} with stack axes {w.stack_axes} maps to torch name "
+            f"{template!r} with {fields} '{{}}' fields; a stacked weight needs one field per "
+            "stack axis, e.g. 'model.layers.{}.self_attn.q_proj'"
+        )
+        return None
+    return template
+
+
+def _one_scaling(targets, problems: list) -> str | None:
+    """The scaling rule all exportable adapters share (PEFT's ``use_rslora`` holds one)."""
+    scalings = collections.defaultdict(list)
+    for path, w in targets:
+        if w.kind in _FACTORS:
+            scalings[w.scaling].append(path)
     if len(scalings) > 1 or any(s not in ("lora", "rslora") for s in scalings):
         custom = {s: p[:3] for s, p in scalings.items()}
         problems.append(
@@ -347,25 +411,22 @@ def save(
             f"(use_rslora); these adapters use {custom}. Re-express each scale s as alpha "
             "under 'lora': w.replace(alpha=w.scale * w.rank, scaling='lora')"
         )
+    return next(iter(scalings), None)
+
+
+def _one_dropout(targets, dropout: float | None, problems: list):
+    """``dropout`` when given, else the rate all adapters share (PEFT has one ``lora_dropout``)."""
     rates = sorted({w.dropout for _, w in targets})
     if dropout is None and len(rates) > 1:
         problems.append(f"PEFT has one lora_dropout, but the adapters use {rates}; pass dropout=")
-    if problems:
-        raise ValueError("save: " + "; ".join(problems))
+    return rates[0] if dropout is None else dropout
 
-    scaling = next(iter(scalings))
-    ranks = {m: w.rank for m, (_, w, _) in modules.items()}
-    alphas = {m: _number(w.alpha) for m, (_, w, _) in modules.items()}
-    r, rank_pattern = _common(ranks)
-    alpha, alpha_pattern = _common(alphas)
 
-    tensors = {}
-    for module, (path, w, index) in modules.items():
-        a, b = _host(w, index)
-        fa, fb, suffix = _FACTORS[w.kind]
-        tensors[f"{PREFIX}{module}.{fa}{suffix}"] = a
-        tensors[f"{PREFIX}{module}.{fb}{suffix}"] = np.ascontiguousarray(b.T)
-    config = {
+def _adapter_config(modules, scaling: str, rate, name_map: NameMap, base_model, task_type) -> dict[str, Any]:
+    """``adapter_config.json``: the common rank and alpha, patterns for the modules that differ."""
+    r, rank_pattern = _common({m: w.rank for m, (_, w, _) in modules.items()})
+    alpha, alpha_pattern = _common({m: _number(w.alpha) for m, (_, w, _) in modules.items()})
+    return {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model,
@@ -375,7 +436,7 @@ def save(
         "target_modules": sorted(modules),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "lora_dropout": float(rates[0] if dropout is None else dropout),
+        "lora_dropout": float(rate),
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
@@ -385,21 +446,22 @@ def save(
         "inference_mode": True,
         **dict(name_map.config),
     }
+
+
+def _tensors(modules) -> dict[str, np.ndarray]:
+    """The safetensors entries: each module's two factors under its PEFT keys."""
+    tensors = {}
+    for module, (_, w, index) in modules.items():
+        fa, fb, suffix = _FACTORS[w.kind]
+        tensors[f"{PREFIX}{module}.{fa}{suffix}"], tensors[f"{PREFIX}{module}.{fb}{suffix}"] = _to_torch(w, index)
+    return tensors
+
+
+def _write(directory, tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    return list(modules)
-
-
-def _host(w: LoraWeight, index: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """``a`` as (r, in) and ``b`` as (r, out) numpy arrays for one stack index."""
-    a, b = np.asarray(jax.device_get(w.a)), np.asarray(jax.device_get(w.b))
-    a, b = a[index], b[index]
-    return (
-        np.ascontiguousarray(a.reshape(w.rank, math.prod(w.in_shape))),
-        b.reshape(w.rank, math.prod(w.out_shape)),
-    )
 
 
 def _common(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -415,7 +477,7 @@ def _common(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         if value != default:
             pattern[module] = value
     for module in list(pattern):
-        clash = [m for m in values if m != module and re.match(rf"(.*\.)?({module})$", m)]
+        clash = [m for m in values if m != module and _peft_match(module, m)]
         if clash:
             value = pattern.pop(module)
             pattern["^" + re.escape(module)] = value
@@ -480,14 +542,73 @@ def load(
     """
     name_map = _as_name_map(name_map)
     config, tensors = _read(directory)
-    scaling = "rslora" if config.get("use_rslora", False) else "lora"
-    default_alpha = config.get("lora_alpha", 8)
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rank_pattern = config.get("rank_pattern") or {}
-    default_rank = config.get("r", 8)
-    dropout = float(config.get("lora_dropout") or 0.0)
+    settings = _settings(config)
+    found, base_copies = _sort_keys(directory, tensors)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths, arrays = [path_str(p) for p, _ in leaves], [x for _, x in leaves]
+    exact, stacked = _torch_index(name_map, paths)
+    hits = _locate(directory, found, exact, stacked, paths)
+    problems = []
+    rules, kinds = _rules(directory, config, name_map, paths, hits, found, problems, traced=apply_fn is not None)
+    _raise_any(f"load: {directory}: ", problems)
+    specs = _specs(params, treedef, rules, settings, apply_fn, args, kwargs)
+    out = [None] * len(paths)
+    for i, kind in kinds.items():
+        out[i] = _fill_weight(paths[i], specs[i], kind, hits[i], found, problems)
+    for module, copy in base_copies.items():
+        _check_copy(module, copy, exact, paths, arrays, problems)
+    _raise_any(f"load: {directory}: ", problems)
+    return jax.tree.unflatten(treedef, out)
 
-    # Group the file's tensors by module; set aside copies of base weights.
+
+def _read(directory):
+    """The adapter's config (checked for features a lora tree cannot hold) and its tensors."""
+    cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for p in (cpath, wpath):
+        if not os.path.isfile(p):
+            raise ValueError(
+                f"load: {p} does not exist; a PEFT adapter directory holds {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME} (older adapter_model.bin files need torch: convert them with "
+                "safetensors.torch first)"
+            )
+    with open(cpath) as f:
+        config = json.load(f)
+    unsupported = _unsupported(config)
+    if unsupported:
+        raise ValueError(
+            f"load: {cpath}: {'; '.join(unsupported)}; a lora tree holds low-rank factors only. "
+            "Merge those parts into the base weights with PEFT first"
+        )
+    return config, load_file(wpath)
+
+
+def _unsupported(config: Mapping[str, Any]) -> list[str]:
+    """The config's PEFT features that have no LoRA-tree equivalent."""
+    unsupported = []
+    if config.get("peft_type", "LORA") != "LORA":
+        unsupported.append(f"peft_type={config['peft_type']!r} (only 'LORA' is LoRA)")
+    if config.get("use_dora"):
+        unsupported.append("use_dora=true (DoRA's magnitude vectors)")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        unsupported.append(f"bias={config.get('bias')!r} / lora_bias={config.get('lora_bias')!r} (trained biases)")
+    if config.get("modules_to_save"):
+        unsupported.append(f"modules_to_save={config['modules_to_save']!r} (fully trained modules)")
+    for field in ("layer_replication", "trainable_token_indices"):
+        if config.get(field):
+            unsupported.append(f"{field}={config[field]!r}")
+    return unsupported
+
+
+def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`LoraConfig` fields one for all adapters: scaling rule and dropout rate."""
+    return {
+        "scaling": "rslora" if config.get("use_rslora", False) else "lora",
+        "dropout": float(config.get("lora_dropout") or 0.0),
+    }
+
+
+def _sort_keys(directory, tensors: Mapping[str, np.ndarray]):
+    """The file's factors by torch module (``{module: {factor: array}}``) and its base-weight copies."""
     found: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     base_copies, unknown = {}, []
     for key, value in tensors.items():
@@ -506,19 +627,18 @@ def load(
             "'.lora_embedding_B' (DoRA magnitudes, LoRA biases and modules_to_save weights have no "
             "LoRA-tree equivalent)"
         )
+    return found, base_copies
 
-    # Flax paths by torch module name (stacked weights: by a regex over their template).
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [path_str(p) for p, _ in leaves]
-    arrays = [x for _, x in leaves]
+
+def _torch_index(name_map: NameMap, paths: list[str]):
+    """Flax leaf indices by torch name: ``exact`` names, and ``(regex, leaf)`` for stacked templates."""
     exact, stacked = {}, []
     for i, path in enumerate(paths):
         template = name_map.torch_name(path)
         if template is None:
             continue
         if _stack_fields(template):
-            parts = [re.escape(lit) + ("" if f is None else r"(\d+)") for lit, f, _, _ in string.Formatter().parse(template)]
-            stacked.append((re.compile("".join(parts)), i, template))
+            stacked.append((_stack_regex(template), i))
         elif template in exact:
             raise ValueError(
                 f"load: the name map gives {paths[exact[template]]} and {path} the same torch name "
@@ -526,43 +646,48 @@ def load(
             )
         else:
             exact[template] = i
+    return exact, stacked
 
-    hits: dict[int, dict[tuple, str]] = collections.defaultdict(dict)  # leaf -> index -> module
-    problems = []
+
+def _locate(directory, found, exact, stacked, paths) -> dict[int, dict[tuple, str]]:
+    """Each file module's Flax leaf and stack index: ``{leaf: {index: module}}``."""
+    hits: dict[int, dict[tuple, str]] = collections.defaultdict(dict)
+    unmapped = []
     for module in found:
-        if module in exact:
-            hits[exact[module]][()] = module
-            continue
-        for regex, i, _ in stacked:
-            m = regex.fullmatch(module)
-            if m is not None:
-                hits[i][tuple(int(g) for g in m.groups())] = module
-                break
+        hit = _leaf_of(module, exact, stacked)
+        if hit is None:
+            unmapped.append(module)
         else:
-            problems.append(module)
-    if problems:
+            hits[hit[0]][hit[1]] = module
+    if unmapped:
         mapped = sorted(exact)[:6]
         raise ValueError(
-            f"load: {directory}: torch modules {fmt_paths(problems, limit=8)} map to no Flax parameter. The name "
+            f"load: {directory}: torch modules {fmt_paths(unmapped, limit=8)} map to no Flax parameter. The name "
             f"map gives torch names to {len(exact) + len(stacked)} Flax parameters (e.g. {mapped}); "
             f"Flax paths look "
             f"like {fmt_paths(paths, 4)}. Use the name map for this model family (lj.peft.GPT2, BERT, "
             "LLAMA, HF) or add a rule"
         )
+    return hits
 
-    # One Rule per adapted leaf: rank from the tensors, alpha from the config's patterns.
-    rules, meta = [], {}
+
+def _leaf_of(module: str, exact, stacked) -> tuple[int, tuple] | None:
+    """``(leaf, stack index)`` of a torch module, or None when no Flax leaf has its name."""
+    if module in exact:
+        return exact[module], ()
+    for regex, i in stacked:
+        m = regex.fullmatch(module)
+        if m is not None:
+            return i, tuple(int(g) for g in m.groups())
+    return None
+
+
+def _rules(directory, config, name_map: NameMap, paths, hits, found, problems: list, traced: bool):
+    """One :class:`Rule` per adapted leaf, and ``{leaf: factor kind}``."""
+    rules, kinds = [], {}
     for i, by_index in hits.items():
         path = paths[i]
-        specs = set()
-        for module in by_index.values():
-            kind, rank = _factor_kind_rank(directory, module, found[module])
-            want = _pattern_value(rank_pattern, module, default_rank)
-            if want != rank:
-                problems.append(
-                    f"{module}: the tensors have rank {rank} but r / rank_pattern give {want}"
-                )
-            specs.add((kind, rank, float(_pattern_value(alpha_pattern, module, default_alpha))))
+        specs = {_module_spec(directory, config, module, found[module], problems) for module in by_index.values()}
         if len(specs) > 1:
             problems.append(
                 f"{path}: one stacked Flax weight, but its torch modules differ in (kind, rank, "
@@ -570,57 +695,19 @@ def load(
             )
             continue
         kind, rank, alpha = specs.pop()
-        axes = None if apply_fn is not None else name_map.axes_for(path)
+        axes = None if traced else name_map.axes_for(path)
         rules.append(Rule(re.escape(path), rank=rank, alpha=alpha, axes=axes))
-        meta[i] = kind
-    if problems:
-        raise ValueError(f"load: {directory}: " + "; ".join(problems))
-
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
-    cfg = LoraConfig(rules=tuple(rules), scaling=scaling, dropout=dropout)
-    _, spec_tree = split(jax.random.key(0), abstract, cfg, apply_fn, args, kwargs)
-    spec_leaves = treedef.flatten_up_to(spec_tree)  # aligned with params' leaves (no None)
-
-    out = [None] * len(paths)
-    for i, kind in meta.items():
-        spec = spec_leaves[i]
-        out[i] = _fill_weight(directory, paths[i], spec, kind, hits[i], found, problems)
-    for module, copy in base_copies.items():
-        _check_copy(module, copy, exact, paths, arrays, problems)
-    if problems:
-        raise ValueError(f"load: {directory}: " + "; ".join(problems))
-    return jax.tree.unflatten(treedef, out)
+        kinds[i] = kind
+    return rules, kinds
 
 
-def _read(directory):
-    cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    for p in (cpath, wpath):
-        if not os.path.isfile(p):
-            raise ValueError(
-                f"load: {p} does not exist; a PEFT adapter directory holds {CONFIG_NAME} and "
-                f"{WEIGHTS_NAME} (older adapter_model.bin files need torch: convert them with "
-                "safetensors.torch first)"
-            )
-    with open(cpath) as f:
-        config = json.load(f)
-    unsupported = []
-    if config.get("peft_type", "LORA") != "LORA":
-        unsupported.append(f"peft_type={config['peft_type']!r} (only 'LORA' is LoRA)")
-    if config.get("use_dora"):
-        unsupported.append("use_dora=true (DoRA's magnitude vectors)")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        unsupported.append(f"bias={config.get('bias')!r} / lora_bias={config.get('lora_bias')!r} (trained biases)")
-    if config.get("modules_to_save"):
-        unsupported.append(f"modules_to_save={config['modules_to_save']!r} (fully trained modules)")
-    for field in ("layer_replication", "trainable_token_indices"):
-        if config.get(field):
-            unsupported.append(f"{field}={config[field]!r}")
-    if unsupported:
-        raise ValueError(
-            f"load: {cpath}: {'; '.join(unsupported)}; a lora tree holds low-rank factors only. "
-            "Merge those parts into the base weights with PEFT first"
-        )
-    return config, load_file(wpath)
+def _module_spec(directory, config, module: str, factors, problems: list) -> tuple[str, int, float]:
+    """``(kind, rank, alpha)`` of one torch module: rank from its tensors, alpha from the config."""
+    kind, rank = _factor_kind_rank(directory, module, factors)
+    want = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+    if want != rank:
+        problems.append(f"{module}: the tensors have rank {rank} but r / rank_pattern give {want}")
+    return kind, rank, float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
 
 
 def _factor_kind_rank(directory, module, factors):
@@ -640,7 +727,33 @@ def _factor_kind_rank(directory, module, factors):
     )
 
 
-def _fill_weight(directory, path, spec: LoraWeight, kind, by_index, found, problems):
+def _specs(params, treedef, rules, settings, apply_fn, args, kwargs) -> list:
+    """The empty :class:`LoraWeight` of each leaf of ``params`` (None: not adapted), as ``lj.split`` lays it out."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
+    cfg = LoraConfig(rules=tuple(rules), **settings)
+    _, spec_tree = split(jax.random.key(0), abstract, cfg, apply_fn, args, kwargs)
+    return treedef.flatten_up_to(spec_tree)  # aligned with params' leaves (no None)
+
+
+def _fill_weight(path, spec: LoraWeight, kind, by_index, found, problems):
+    """``spec`` with the factors of its torch modules (zeros for stack indices the file skips)."""
+    if not _fits(path, spec, kind, by_index, problems):
+        return None
+    fa, fb, _ = _FACTORS[kind]
+    a = np.zeros(spec.a_shape, spec.a.dtype)
+    b = np.zeros(spec.b_shape, spec.b.dtype)
+    for index in np.ndindex(*spec.stack_shape):
+        module = by_index.get(index)
+        if module is None:  # a layer PEFT left alone: a zero adapter changes nothing
+            continue
+        if not _shapes_fit(path, spec, fa, fb, module, found[module], problems):
+            return None
+        a[index], b[index] = _from_torch(spec, found[module][fa], found[module][fb])
+    return spec.replace(a=jnp.asarray(a), b=jnp.asarray(b))
+
+
+def _fits(path, spec: LoraWeight, kind, by_index, problems) -> bool:
+    """Whether the file's factor kind and stack indices fit the Flax weight."""
     fa, fb, _ = _FACTORS[kind]
     if (kind == "embed") != (spec.kind == "embed"):
         problems.append(
@@ -648,7 +761,7 @@ def _fill_weight(directory, path, spec: LoraWeight, kind, by_index, found, probl
             f"as {spec.kind!r}; embedding adapters belong to 'embedding' leaves (or pass apply_fn "
             "to trace the model)"
         )
-        return None
+        return False
     outside = [m for i, m in by_index.items() if len(i) != len(spec.stack_shape)
                or any(not 0 <= k < n for k, n in zip(i, spec.stack_shape))]
     if outside:
@@ -657,32 +770,29 @@ def _fill_weight(directory, path, spec: LoraWeight, kind, by_index, found, probl
             f"{spec.stack_shape} (shape {spec.shape}, stack axes {spec.stack_axes}); check the "
             "name map's '{}' fields and the model's layer count"
         )
-        return None
+        return False
+    return True
+
+
+def _shapes_fit(path, spec: LoraWeight, fa, fb, module, factors, problems) -> bool:
+    """Whether one module's factors are ``(r, in)`` and ``(out, r)`` for the Flax weight."""
     n_in, n_out = math.prod(spec.in_shape), math.prod(spec.out_shape)
-    a = np.zeros(spec.a_shape, spec.a.dtype)
-    b = np.zeros(spec.b_shape, spec.b.dtype)
-    for index in np.ndindex(*spec.stack_shape):
-        module = by_index.get(index)
-        if module is None:  # a layer PEFT left alone: a zero adapter changes nothing
-            continue
-        fa_arr, fb_arr = found[module][fa], found[module][fb]
-        if fa_arr.shape != (spec.rank, n_in) or fb_arr.shape != (n_out, spec.rank):
-            hint = ""
-            if fa_arr.shape[1] == n_out and fb_arr.shape[0] == n_in:
-                hint = (
-                    " The sizes fit with in and out swapped: the Flax weight is stored (out, in); "
-                    "give its axes in the name map (axes=) or pass apply_fn= to trace them"
-                )
-            problems.append(
-                f"{path}: Flax weight {spec.shape} with in axes {spec.in_axes} (size {n_in}) and "
-                f"out axes {spec.out_axes} (size {n_out}) needs {fa} ({spec.rank}, {n_in}) and "
-                f"{fb} ({n_out}, {spec.rank}), but {module} has {fa_arr.shape} and "
-                f"{fb_arr.shape}.{hint}"
-            )
-            return None
-        a[index] = fa_arr.reshape(spec.rank, *spec.in_shape)
-        b[index] = fb_arr.T.reshape(spec.rank, *spec.out_shape)
-    return spec.replace(a=jnp.asarray(a), b=jnp.asarray(b))
+    fa_arr, fb_arr = factors[fa], factors[fb]
+    if fa_arr.shape == (spec.rank, n_in) and fb_arr.shape == (n_out, spec.rank):
+        return True
+    hint = ""
+    if fa_arr.shape[1] == n_out and fb_arr.shape[0] == n_in:
+        hint = (
+            " The sizes fit with in and out swapped: the Flax weight is stored (out, in); "
+            "give its axes in the name map (axes=) or pass apply_fn= to trace them"
+        )
+    problems.append(
+        f"{path}: Flax weight {spec.shape} with in axes {spec.in_axes} (size {n_in}) and "
+        f"out axes {spec.out_axes} (size {n_out}) needs {fa} ({spec.rank}, {n_in}) and "
+        f"{fb} ({n_out}, {spec.rank}), but {module} has {fa_arr.shape} and "
+        f"{fb_arr.shape}.{hint}"
+    )
+    return False
 
 
 def _check_copy(module, copy, exact, paths, arrays, problems):
@@ -703,4 +813,3 @@ def _check_copy(module, copy, exact, paths, arrays, problems):
             f"differs from params ({w.shape}{diff}) (a resized vocabulary?); put it into params "
             "first"
         )
-
