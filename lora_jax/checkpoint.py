@@ -337,10 +337,11 @@ def save(path: str | os.PathLike, lora: Any, config: LoraConfig | None = None) -
     path = _path(path)
     meta, arrays = _metadata_json(lora, config)
     _check_new(path, "checkpoint path")
-    _checkpointer().save(
-        path,
-        ocp.args.Composite(**{_ARRAYS: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}),
-    )
+    with _checkpointer() as ckptr:
+        ckptr.save(
+            path,
+            ocp.args.Composite(**{_ARRAYS: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}),
+        )
 
 
 def metadata(path: str | os.PathLike) -> dict:
@@ -362,7 +363,8 @@ def metadata(path: str | os.PathLike) -> dict:
     """
     path = _path(path)
     _check_complete(path, "adapter checkpoint")
-    return _read_meta(lambda args: _checkpointer().restore(path, args), path)
+    with _checkpointer() as ckptr:
+        return _read_meta(lambda args: ckptr.restore(path, args), path)
 
 
 def _default_sharding():
@@ -463,10 +465,9 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
     """
     path = _path(path)
     _check_complete(path, "adapter checkpoint")
-    ck = _checkpointer()
-    fn = lambda args: ck.restore(path, args)
-    meta = _read_meta(fn, path)
-    return _restore_lora(meta, like, fn, path)[0]
+    with _checkpointer() as ckptr:
+        fn = lambda args: ckptr.restore(path, args)
+        return _restore_lora(_read_meta(fn, path), like, fn, path)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -528,7 +529,8 @@ def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
 def _base_tree(base_dir: epath.Path):
     """The base checkpoint's tree of array metadata (shape, dtype), without reading arrays."""
     try:
-        tree = ocp.StandardCheckpointer().metadata(base_dir).item_metadata.tree
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.metadata(base_dir).item_metadata.tree
     except (FileNotFoundError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise ValueError(
             f"base checkpoint {base_dir} is not a plain orbax PyTree checkpoint ({e}); write it "
@@ -608,7 +610,8 @@ def merge(
     >>> checkpoint.save(os.path.join(tmp, "adapter"), lora)
     >>> checkpoint.merge(os.path.join(tmp, "base"), os.path.join(tmp, "adapter"), os.path.join(tmp, "out"))
     ['w']
-    >>> merged = ocp.StandardCheckpointer().restore(os.path.join(tmp, "out"))
+    >>> with ocp.StandardCheckpointer() as ckptr:  # plain orbax reads the merged parameters
+    ...     merged = ckptr.restore(os.path.join(tmp, "out"))
     >>> bool(jnp.array_equal(merged["w"], lj.merge(base, lora)["w"]))
     True
     """
@@ -616,9 +619,7 @@ def merge(
     _check_complete(base_dir, "base checkpoint")
     _check_complete(adapter_dir, "adapter checkpoint")
     _check_new(out_dir, "output checkpoint")
-    ck = _checkpointer()
-    fn = lambda args: ck.restore(adapter_dir, args)
-    meta = _read_meta(fn, adapter_dir)
+    meta = metadata(adapter_dir)
 
     # 1. Fit check on shapes only: no base weight is read yet.
     stored = _base_tree(base_dir)
@@ -647,7 +648,8 @@ def merge(
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, base_shardings
     )
-    base = ocp.StandardCheckpointer().restore(base_dir, abstract)
+    with ocp.StandardCheckpointer() as ckptr:
+        base = ckptr.restore(base_dir, abstract)
     # each target's factors are replicated over its base weight's devices (on the same
     # mesh, axis types and device order included, when the base sharding is named)
     like = jax.tree.unflatten(treedef, [
@@ -655,13 +657,10 @@ def merge(
             lambda x, r=_replicated(s): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=r), w)
         for w, s in zip(placeholders, jax.tree.leaves(base_shardings))
     ])
-    lora, _ = _restore_lora(meta, like, fn, adapter_dir)
+    lora = restore(adapter_dir, like)
     merged = jax.jit(_merge_trees, donate_argnums=0, out_shardings=base_shardings)(base, lora)
     del base
-    out = ocp.StandardCheckpointer()
-    out.save(out_dir, merged)
-    out.wait_until_finished()
-    out.close()
+    save_params(out_dir, merged)
     return [p for p in base_paths if p in by_path]
 
 
