@@ -4,9 +4,9 @@ An adapter checkpoint is an orbax composite checkpoint directory with two items:
 
     path/
       lora/        the factors A and B of every target (orbax PyTree, a list of {"a", "b"})
-      lora_jax/    JSON metadata: every target's path, shape, dtype, axes, rank, alpha,
-                   scale, scaling rule, dropout, kind and rule; the config; the container
-                   structure of the lora tree; the library version
+      lora_jax/    JSON metadata (:mod:`lora_jax.metadata`): every target's path, shape,
+                   dtype, axes, rank, alpha, scale, scaling rule, dropout, kind and rule;
+                   the config; the container structure of the lora tree; the library version
 
 so :func:`restore` rebuilds the exact lora tree (every ``LoraWeight`` static field) from
 the directory alone. Orbax writes into a temporary directory and renames it into place
@@ -22,237 +22,28 @@ This is the only module of the library that imports orbax.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
-from flax.core import FrozenDict
 
-from .config import SCALINGS, LoraConfig, path_str
-from .tree import check_fits, is_node
+from .config import LoraConfig, path_str
+from .metadata import FORMAT, abstract_weights, check_format, encode, rebuild, restore_targets
+from .tree import check_fits, is_node, path_diff, targets
 from .tree import merge as _merge_trees
-from .version import __version__
-from .weight import LoraWeight, is_lora
 
 __all__ = ["save", "restore", "metadata", "merge", "save_params", "restore_params", "Manager", "Restored", "FORMAT"]
-
-FORMAT = "lora_jax.checkpoint/1"
 
 _ARRAYS = "lora"  # orbax item holding the factors
 _META = "lora_jax"  # orbax item holding the JSON metadata
 _OPT = "opt_state"  # orbax item holding the optimizer state (training checkpoints)
 
-_STATIC = tuple(f.name for f in dataclasses.fields(LoraWeight) if f.metadata.get("static"))
-
 
 # ---------------------------------------------------------------------------------------
-# metadata <-> lora tree
-
-
-class _Unsupported(Exception):
-    pass
-
-
-def _targets(lora: Any, what: str = "lora") -> tuple[list[tuple[str, LoraWeight]], Any]:
-    """``[(path, LoraWeight)]`` and the treedef (LoraWeight/None as leaves) of a lora tree."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)
-    out, others = [], []
-    for p, x in leaves:
-        if is_lora(x):
-            out.append((path_str(p), x))
-        elif x is not None:
-            others.append(f"{path_str(p)} ({type(x).__name__})")
-    if others:
-        raise TypeError(
-            f"{what} must hold lj.LoraWeight at targets and None elsewhere, as lj.split returns; "
-            f"found other leaves at {', '.join(others[:8])}"
-        )
-    if not out:
-        raise ValueError(f"{what} holds no lj.LoraWeight; pass the lora tree returned by lj.split")
-    seen: dict[str, int] = {}
-    for p, _ in out:
-        seen[p] = seen.get(p, 0) + 1
-    dup = [p for p, n in seen.items() if n > 1]
-    if dup:
-        raise ValueError(
-            f"{what}: several targets share the path {dup}; key names containing '/' make "
-            "paths ambiguous, rename those keys"
-        )
-    return out, treedef
-
-
-def _json_value(v):
-    if isinstance(v, tuple):
-        return [_json_value(x) for x in v]
-    return v
-
-
-def _from_json(v):
-    if isinstance(v, list):
-        return tuple(_from_json(x) for x in v)
-    return v
-
-
-def _encode(node, index: dict[int, int]):
-    """JSON form of the containers of a lora tree; LoraWeight -> {"target": i}."""
-    if node is None:
-        return None
-    if is_lora(node):
-        return {"target": index[id(node)]}
-    if isinstance(node, nnx.Variable):
-        cls = type(node)
-        if getattr(nnx, cls.__name__, None) is not cls:
-            raise _Unsupported(f"NNX variable type {cls.__qualname__} is not one of flax.nnx's")
-        meta = node.get_metadata()
-        try:
-            json.dumps(meta)
-        except TypeError:
-            raise _Unsupported(f"metadata of an nnx.{cls.__name__} is not JSON") from None
-        # the raw value is the variable's pytree child (get_value may apply hooks)
-        value = node.get_raw_value() if hasattr(node, "get_raw_value") else node.value
-        return {"nnx_variable": cls.__name__, "metadata": meta, "value": _encode(value, index)}
-    kinds = ((nnx.State, "nnx_state"), (FrozenDict, "frozen_dict"))
-    for cls, name in kinds:
-        if type(node) is cls:
-            items = node.raw_mapping.items() if cls is nnx.State else node.items()
-            return {name: _encode_items(items, index)}
-    if type(node) is dict:
-        return {"dict": _encode_items(node.items(), index)}
-    if type(node) in (list, tuple):
-        return {type(node).__name__: [_encode(x, index) for x in node]}
-    raise _Unsupported(f"container {type(node).__qualname__}")
-
-
-def _encode_items(items, index):
-    out = []
-    for k, v in items:
-        if not isinstance(k, (str, int)) or isinstance(k, bool):
-            raise _Unsupported(f"dict key {k!r}")
-        out.append([k, _encode(v, index)])
-    return out
-
-
-def _decode(node, weights: Sequence[LoraWeight]):
-    if node is None:
-        return None
-    (kind,) = (k for k in node if k not in ("metadata", "value"))
-    if kind == "target":
-        return weights[node["target"]]
-    if kind == "nnx_variable":
-        cls = getattr(nnx, node["nnx_variable"], None)
-        if not (isinstance(cls, type) and issubclass(cls, nnx.Variable)):
-            raise ValueError(f"unknown NNX variable type {node['nnx_variable']!r} in checkpoint metadata")
-        # JSON turns tuples (e.g. out_sharding's axis names) into lists: back to tuples, as
-        # for the LoraWeight fields; the trial rebuild at save time checks the result
-        metadata = {k: _from_json(v) for k, v in node["metadata"].items()}
-        return _variable(cls, _decode(node["value"], weights), metadata)
-    if kind in ("dict", "frozen_dict", "nnx_state"):
-        d = {k: _decode(v, weights) for k, v in node[kind]}
-        return {"dict": d, "frozen_dict": FrozenDict(d), "nnx_state": nnx.State(d)}[kind]
-    if kind in ("list", "tuple"):
-        items = [_decode(x, weights) for x in node[kind]]
-        return items if kind == "list" else tuple(items)
-    raise ValueError(f"unknown container {kind!r} in checkpoint metadata")
-
-
-def _variable(cls, value, metadata: dict):
-    """An ``nnx.Variable`` holding ``value`` with exactly ``metadata``, without side effects.
-
-    The constructor would run creation hooks and, for variables annotated with a sharding
-    (``nnx.with_partitioning``), shard the value eagerly, which fails on a ``LoraWeight``
-    or ``None`` value; ``from_metadata`` (what flax's own unflattening uses) does neither.
-    """
-    if hasattr(cls, "from_metadata") and "hijax" in metadata:
-        return cls.from_metadata(value, metadata)
-    return cls(value, **{**metadata, "eager_sharding": False})
-
-
-def _structure(lora, weights):
-    """The JSON structure of ``lora``, or ``(None, why)`` when it cannot be rebuilt exactly."""
-    try:
-        enc = _encode(lora, {id(w): i for i, w in enumerate(weights)})
-    except _Unsupported as e:
-        return None, str(e)
-    try:
-        rebuilt = _decode(json.loads(json.dumps(enc)), weights)
-    except Exception as e:  # noqa: BLE001 - any failure to rebuild means: restore needs like=
-        return None, f"rebuilding the containers failed ({type(e).__name__}: {e})"
-    if jax.tree.structure(rebuilt, is_leaf=is_node) != jax.tree.structure(lora, is_leaf=is_node):
-        return None, "the rebuilt containers differ from the original"
-    return enc, None
-
-
-def _config_json(config: LoraConfig | None):
-    if config is None:
-        return None
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be an lj.LoraConfig or None, got {type(config).__name__}")
-    rules = []
-    for r in config.rules:
-        axes = None if r.axes is None else [list(g) for g in r.axes]
-        rules.append(dict(pattern=r.pattern, rank=r.rank, alpha=r.alpha, axes=axes,
-                          dropout=r.dropout, linear_only=r.linear_only))
-    if isinstance(config.scaling, str):
-        scaling = config.scaling
-    else:  # a callable cannot be stored; its scales are stored per target
-        scaling = {"custom": getattr(config.scaling, "__qualname__", type(config.scaling).__name__)}
-    return dict(
-        rules=rules,
-        scaling=scaling,
-        init=config.init,
-        dropout=config.dropout,
-        exclude=list(config.exclude),
-        dtype=None if config.dtype is None else np.dtype(config.dtype).name,
-    )
-
-
-def _metadata_json(lora, config) -> tuple[dict, list]:
-    targets, _ = _targets(lora)
-    entries, arrays = [], []
-    for path, w in targets:
-        for name in ("a", "b"):
-            x = getattr(w, name)
-            if isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "dtype"):
-                raise TypeError(
-                    f"{path}: factor {name} is {type(x).__name__}, not an array; save concrete "
-                    "adapters (abstract trees are for restore(like=...))"
-                )
-        fields = {f: _json_value(getattr(w, f)) for f in _STATIC}
-        entries.append(dict(
-            path=path,
-            weight=fields,
-            # The scale is stored as applied; a custom scaling callable cannot be rebuilt
-            # from a file, so its adapters restore with this fixed scale.
-            scale_fixed=w.scaling not in SCALINGS,
-            a=dict(shape=list(np.shape(w.a)), dtype=np.dtype(w.a.dtype).name),
-            b=dict(shape=list(np.shape(w.b)), dtype=np.dtype(w.b.dtype).name),
-        ))
-        arrays.append({"a": w.a, "b": w.b})
-    structure, why = _structure(lora, [w for _, w in targets])
-    meta = dict(
-        format=FORMAT,
-        library_version=__version__,
-        targets=entries,
-        structure=structure,
-        structure_note=why,
-        config=_config_json(config),
-    )
-    return meta, arrays
-
-
-def _weight_from_json(entry, a, b) -> LoraWeight:
-    fields = {k: _from_json(v) for k, v in entry["weight"].items() if k in _STATIC}
-    return LoraWeight(a=a, b=b, **fields)
-
-
-# ---------------------------------------------------------------------------------------
-# paths
+# paths, checkpointers, restore targets
 
 
 def _path(path: str | os.PathLike) -> epath.Path:
@@ -295,12 +86,21 @@ def _read_meta(restore_fn, where) -> dict:
             f"{where} is not a lora_jax adapter checkpoint (no readable '{_META}' metadata: {e}); "
             "adapters are written by lj.checkpoint.save or lj.checkpoint.Manager.save"
         ) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{where}: metadata format {meta.get('format') if isinstance(meta, dict) else meta!r} "
-            f"is not {FORMAT!r}; it was written by another program or library version"
-        )
-    return meta
+    return check_format(meta, where)
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _abstract(x, sharding: jax.sharding.Sharding | None = None) -> jax.ShapeDtypeStruct:
+    """What orbax restores ``x`` (an array, ``ShapeDtypeStruct`` or orbax array metadata) as:
+    its shape and dtype, placed by ``sharding``, else by x's own jax sharding, else on the
+    first local device."""
+    own = getattr(x, "sharding", None)
+    own = own if isinstance(own, jax.sharding.Sharding) else None
+    sharding = sharding or own or _default_sharding()
+    return jax.ShapeDtypeStruct(tuple(np.shape(x)), x.dtype, sharding=sharding)
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,12 +135,15 @@ def save(path: str | os.PathLike, lora: Any, config: LoraConfig | None = None) -
     ['_CHECKPOINT_METADATA', 'commit_success.txt', 'lora', 'lora_jax']
     """
     path = _path(path)
-    meta, arrays = _metadata_json(lora, config)
+    meta, arrays = encode(lora, config)
     _check_new(path, "checkpoint path")
-    _checkpointer().save(
-        path,
-        ocp.args.Composite(**{_ARRAYS: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}),
-    )
+    with _checkpointer() as ckptr:
+        ckptr.save(path, ocp.args.Composite(**_adapter_items(meta, arrays)))
+
+
+def _adapter_items(meta: dict, arrays: list) -> dict:
+    """The orbax save arguments of an adapter's factors and metadata."""
+    return {_ARRAYS: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}
 
 
 def metadata(path: str | os.PathLike) -> dict:
@@ -362,73 +165,17 @@ def metadata(path: str | os.PathLike) -> dict:
     """
     path = _path(path)
     _check_complete(path, "adapter checkpoint")
-    return _read_meta(lambda args: _checkpointer().restore(path, args), path)
-
-
-def _default_sharding():
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-
-def _abstract(x, shape, dtype, default):
-    """ShapeDtypeStruct for orbax: from a like leaf (its dtype and sharding) or the stored spec."""
-    if x is None:
-        return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=default)
-    sharding = getattr(x, "sharding", None) or default
-    return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=sharding)
+    with _checkpointer() as ckptr:
+        return _read_meta(lambda args: ckptr.restore(path, args), path)
 
 
 def _restore_lora(meta: dict, like: Any, restore_fn, where, extra: dict | None = None):
     """Rebuild the lora tree from ``meta``; returns ``(lora, other restored items)``."""
-    entries = meta["targets"]
-    default = _default_sharding()
-    if like is not None:
-        like_targets, like_def = _targets(like, "like")
-        saved = [e["path"] for e in entries]
-        got = [p for p, _ in like_targets]
-        if saved != got:
-            missing = [p for p in saved if p not in got]
-            unexpected = [p for p in got if p not in saved]
-            raise ValueError(
-                f"like does not match the adapter checkpoint {where}: targets in the checkpoint "
-                f"but not in like: {missing or 'none'}; in like but not in the checkpoint: "
-                f"{unexpected or 'none'}. Build like from the same lj.split (jax.eval_shape "
-                "gives an abstract one)"
-            )
-        problems = []
-        for e, (p, w) in zip(entries, like_targets):
-            for name in ("a", "b"):
-                want, have = tuple(e[name]["shape"]), tuple(np.shape(getattr(w, name)))
-                if want != have:
-                    problems.append(f"{p}: factor {name} is {want} in the checkpoint but {have} in like")
-        if problems:
-            raise ValueError(
-                f"like does not fit the adapter checkpoint {where}: " + "; ".join(problems)
-                + ". like must come from a split with the same ranks and weight shapes"
-            )
-        likes = [w for _, w in like_targets]
-    else:
-        if meta.get("structure") is None:
-            raise ValueError(
-                f"the lora tree saved at {where} had containers that cannot be rebuilt from "
-                f"metadata ({meta.get('structure_note')}); pass like= (the lora tree, or "
-                "jax.eval_shape of the lj.split that made it)"
-            )
-        likes = [None] * len(entries)
-    abstract = [
-        {n: _abstract(None if w is None else getattr(w, n), e[n]["shape"], e[n]["dtype"], default)
-         for n in ("a", "b")}
-        for e, w in zip(entries, likes)
-    ]
-    args = {_ARRAYS: ocp.args.StandardRestore(abstract), **(extra or {})}
-    out = restore_fn(ocp.args.Composite(**args))
-    weights = [_weight_from_json(e, x["a"], x["b"]) for e, x in zip(entries, out[_ARRAYS])]
-    if like is not None:
-        leaves = jax.tree.leaves(like, is_leaf=is_node)
-        it = iter(weights)
-        lora = jax.tree.unflatten(like_def, [next(it) if is_lora(x) else None for x in leaves])
-    else:
-        lora = _decode(meta["structure"], weights)
-    return lora, {k: out[k] for k in (extra or {})}
+    weights = restore_targets(meta, like, where)
+    factors = [{"a": _abstract(w.a), "b": _abstract(w.b)} for w in weights]
+    extra = extra or {}
+    out = restore_fn(ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(factors), **extra}))
+    return rebuild(meta, out[_ARRAYS], like), {k: out[k] for k in extra}
 
 
 def restore(path: str | os.PathLike, like: Any = None) -> Any:
@@ -463,10 +210,9 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
     """
     path = _path(path)
     _check_complete(path, "adapter checkpoint")
-    ck = _checkpointer()
-    fn = lambda args: ck.restore(path, args)
-    meta = _read_meta(fn, path)
-    return _restore_lora(meta, like, fn, path)[0]
+    with _checkpointer() as ckptr:
+        fn = lambda args: ckptr.restore(path, args)
+        return _restore_lora(_read_meta(fn, path), like, fn, path)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,14 +255,7 @@ def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
     """
     path = _path(path)
     _check_complete(path, "checkpoint")
-    if like is None:
-        like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), _base_tree(path))
-    default = _default_sharding()
-    like = jax.tree.map(
-        lambda x: x if getattr(x, "sharding", None) is not None
-        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default),
-        like,
-    )
+    like = _stored_tree(path) if like is None else jax.tree.map(_abstract, like)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, like)
 
@@ -525,10 +264,12 @@ def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
 # merge
 
 
-def _base_tree(base_dir: epath.Path):
-    """The base checkpoint's tree of array metadata (shape, dtype), without reading arrays."""
+def _stored_tree(base_dir: epath.Path):
+    """The tree of a plain orbax checkpoint as ``ShapeDtypeStruct`` leaves on the first
+    local device, without reading arrays."""
     try:
-        tree = ocp.StandardCheckpointer().metadata(base_dir).item_metadata.tree
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.metadata(base_dir).item_metadata.tree
     except (FileNotFoundError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise ValueError(
             f"base checkpoint {base_dir} is not a plain orbax PyTree checkpoint ({e}); write it "
@@ -537,23 +278,21 @@ def _base_tree(base_dir: epath.Path):
         ) from None
     if tree is None:
         raise ValueError(f"base checkpoint {base_dir} has no tree metadata; is it a PyTree checkpoint?")
-    return tree
+    return jax.tree.map(_abstract, tree)
 
 
-def _shardings_for(abstract_tree, shardings, default):
-    if shardings is None:
-        return jax.tree.map(lambda _: default, abstract_tree)
-    if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda _: shardings, abstract_tree)
+def _shardings_for(abstract_tree, shardings):
+    """A tree of shardings for ``abstract_tree``, from what :func:`merge` accepts."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        one = shardings or _default_sharding()
+        return jax.tree.map(lambda _: one, abstract_tree)
     have = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
     want = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]]
-    missing = [p for p in want if p not in have]
-    if missing or len(have) != len(want):
-        extra = sorted(set(have) - set(want))
+    detail = path_diff(want, have, "the base checkpoint", "shardings")
+    if detail:
         raise ValueError(
-            f"shardings must be one jax.sharding.Sharding or a tree with a Sharding for every "
-            f"leaf of the base checkpoint; missing: {missing[:8] or 'none'}, unknown: "
-            f"{extra[:8] or 'none'}"
+            "shardings must be one jax.sharding.Sharding or a tree with a Sharding for every "
+            "leaf of the base checkpoint (" + "; ".join(detail) + ")"
         )
     bad = [p for p in want if not isinstance(have[p], jax.sharding.Sharding)]
     if bad:
@@ -608,7 +347,8 @@ def merge(
     >>> checkpoint.save(os.path.join(tmp, "adapter"), lora)
     >>> checkpoint.merge(os.path.join(tmp, "base"), os.path.join(tmp, "adapter"), os.path.join(tmp, "out"))
     ['w']
-    >>> merged = ocp.StandardCheckpointer().restore(os.path.join(tmp, "out"))
+    >>> with ocp.StandardCheckpointer() as ckptr:  # plain orbax reads the merged parameters
+    ...     merged = ckptr.restore(os.path.join(tmp, "out"))
     >>> bool(jnp.array_equal(merged["w"], lj.merge(base, lora)["w"]))
     True
     """
@@ -616,16 +356,21 @@ def merge(
     _check_complete(base_dir, "base checkpoint")
     _check_complete(adapter_dir, "adapter checkpoint")
     _check_new(out_dir, "output checkpoint")
-    ck = _checkpointer()
-    fn = lambda args: ck.restore(adapter_dir, args)
-    meta = _read_meta(fn, adapter_dir)
+    meta = metadata(adapter_dir)
+    shapes = _stored_tree(base_dir)
+    like = _fit_adapter(meta, shapes, adapter_dir, base_dir)  # shapes only: no weight is read yet
+    base_shardings = _shardings_for(shapes, shardings)
+    lora = restore(adapter_dir, _replicated_like(like, base_shardings))
+    save_params(out_dir, _merge_sharded(base_dir, shapes, lora, base_shardings))
+    return [p for p, _ in targets(like)]
 
-    # 1. Fit check on shapes only: no base weight is read yet.
-    stored = _base_tree(base_dir)
-    shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
+
+def _fit_adapter(meta: dict, shapes: Any, adapter_dir, base_dir) -> Any:
+    """The adapter as a lora tree of the base's structure (``ShapeDtypeStruct`` factors),
+    checked against the base's stored shapes."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     base_paths = [path_str(p) for p, _ in flat]
-    by_path = {e["path"]: e for e in meta["targets"]}
+    by_path = dict(zip([e["path"] for e in meta["targets"]], abstract_weights(meta)))
     unknown = [p for p in by_path if p not in set(base_paths)]
     if unknown:
         raise ValueError(
@@ -634,35 +379,28 @@ def merge(
             f"{' ...' if len(base_paths) > 12 else ''}. Save the base with the same tree the "
             "adapter was split from (e.g. the whole linen variables dict, with 'params')"
         )
-    spec = lambda e: jax.ShapeDtypeStruct(tuple(e["shape"]), np.dtype(e["dtype"]))
-    placeholders = [
-        _weight_from_json(by_path[p], spec(by_path[p]["a"]), spec(by_path[p]["b"])) if p in by_path else None
-        for p in base_paths
-    ]
-    lora_like = jax.tree.unflatten(treedef, placeholders)
-    check_fits(shapes, lora_like)
+    like = jax.tree.unflatten(treedef, [by_path.get(p) for p in base_paths])
+    check_fits(shapes, like)
+    return like
 
-    # 2. Restore base and adapter onto the same devices, merge under jit, save.
-    base_shardings = _shardings_for(shapes, shardings, _default_sharding())
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, base_shardings
-    )
-    base = ocp.StandardCheckpointer().restore(base_dir, abstract)
-    # each target's factors are replicated over its base weight's devices (on the same
-    # mesh, axis types and device order included, when the base sharding is named)
-    like = jax.tree.unflatten(treedef, [
-        None if w is None else jax.tree.map(
-            lambda x, r=_replicated(s): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=r), w)
-        for w, s in zip(placeholders, jax.tree.leaves(base_shardings))
-    ])
-    lora, _ = _restore_lora(meta, like, fn, adapter_dir)
-    merged = jax.jit(_merge_trees, donate_argnums=0, out_shardings=base_shardings)(base, lora)
-    del base
-    out = ocp.StandardCheckpointer()
-    out.save(out_dir, merged)
-    out.wait_until_finished()
-    out.close()
-    return [p for p in base_paths if p in by_path]
+
+def _replicated_like(like: Any, shardings: Any) -> Any:
+    """``like`` with each target's factors replicated over its base weight's devices (on the
+    same mesh, axis types and device order included, when the base sharding is named)."""
+    leaves, treedef = jax.tree.flatten(like, is_leaf=is_node)
+    placed = [
+        None if w is None else jax.tree.map(lambda x, r=_replicated(s): _abstract(x, r), w)
+        for w, s in zip(leaves, jax.tree.leaves(shardings))
+    ]
+    return jax.tree.unflatten(treedef, placed)
+
+
+def _merge_sharded(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any) -> Any:
+    """The base restored with ``shardings`` and ``lora`` merged in under ``jit``; the base's
+    buffers are donated to the result, which keeps the base's shardings."""
+    with ocp.StandardCheckpointer() as ckptr:
+        base = ckptr.restore(base_dir, jax.tree.map(_abstract, shapes, shardings))
+    return jax.jit(_merge_trees, donate_argnums=0, out_shardings=shardings)(base, lora)
 
 
 # ---------------------------------------------------------------------------------------
@@ -752,8 +490,7 @@ class Manager:
         """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
-        meta, arrays = _metadata_json(lora, config)
-        items = {_ARRAYS: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}
+        items = _adapter_items(*encode(lora, config))
         opt_leaves = list(jax.tree.leaves(opt_state))
         if opt_leaves:  # a state without arrays (e.g. optax.sgd's) has nothing to store
             items[_OPT] = ocp.args.StandardSave(opt_leaves)
@@ -871,12 +608,7 @@ class Manager:
                 + ". Pass tx.init(lora) (or jax.eval_shape of it) for the optimizer and adapters "
                 "that were saved"
             )
-        default = _default_sharding()
-        return [
-            jax.ShapeDtypeStruct(tuple(np.shape(x)), x.dtype,
-                                 sharding=getattr(x, "sharding", None) or default)
-            for _, x in leaves
-        ]
+        return [_abstract(x) for _, x in leaves]
 
     def wait_until_finished(self) -> None:
         """Block until a background (``async_save=True``) save is on disk.

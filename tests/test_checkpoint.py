@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from reference import np_delta, randomize
 
 import lora_jax as lj
-from lora_jax import checkpoint, cli
+from lora_jax import checkpoint, cli, metadata
 
 HERE = Path(__file__).resolve().parent
 STATIC = [f.name for f in dataclasses.fields(lj.LoraWeight) if f.metadata.get("static")]
@@ -183,7 +183,7 @@ def test_nnx_partitioned_variables_round_trip(tmp_path, monkeypatch):
     def fail(*args):
         raise RuntimeError("cannot rebuild")
 
-    monkeypatch.setattr(checkpoint, "_variable", fail)
+    monkeypatch.setattr(metadata, "_variable", fail)
     checkpoint.save(tmp_path / "fallback", lora)
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"cannot be rebuilt .*RuntimeError: cannot rebuild.*pass like="):

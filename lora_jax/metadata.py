@@ -1,0 +1,398 @@
+"""The metadata of an adapter checkpoint: its JSON schema, the lora tree's containers as
+JSON, and the checks on metadata read back.
+
+The metadata is one JSON object::
+
+    format            FORMAT
+    library_version   the lora_jax version that wrote it
+    targets           one object per target, in tree order: path; weight (the LoraWeight
+                      static fields: shape, dtype, in/out/stack axes, rank, alpha, the
+                      scale as applied, the scaling rule's name, dropout, kind, rule);
+                      scale_fixed (a custom scaling callable: the scale restores as
+                      stored); a and b (shape, dtype)
+    structure         the containers of the lora tree (None when they cannot be rebuilt)
+    structure_note    why structure is None
+    config            the LoraConfig that made the adapter (for reference), or None
+
+The factors themselves are stored beside it as a list of ``{"a", "b"}`` in target order.
+Nothing here reads or writes files: :mod:`lora_jax.checkpoint` does the orbax I/O.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import FrozenDict
+
+from .config import SCALINGS, LoraConfig, path_str
+from .tree import fmt_paths, is_node, targets
+from .version import __version__
+from .weight import LoraWeight, is_lora
+
+__all__ = [
+    "FORMAT",
+    "check_lora",
+    "encode",
+    "check_format",
+    "abstract_weights",
+    "restore_targets",
+    "rebuild",
+]
+
+FORMAT = "lora_jax.checkpoint/1"
+
+_STATIC = tuple(f.name for f in dataclasses.fields(LoraWeight) if f.metadata.get("static"))
+_FACTORS = ("a", "b")
+
+
+# ---------------------------------------------------------------------------------------
+# lora tree -> metadata
+
+
+def check_lora(lora: Any, what: str = "lora") -> list[tuple[str, LoraWeight]]:
+    """:func:`lora_jax.targets` of ``lora``, checked to be a lora tree a checkpoint can hold.
+
+    ``lora`` must hold ``LoraWeight`` at targets and ``None`` elsewhere (``TypeError``
+    otherwise), at least one target, and no two targets with the same path (``ValueError``).
+    ``what`` names the tree in the messages.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> [p for p, _ in check_lora(lora)]
+    ['w']
+    >>> check_lora({"w": jnp.ones(2)}, "like")
+    Traceback (most recent call last):
+    ...
+    TypeError: like must hold lj.LoraWeight at targets and None elsewhere, as lj.split returns; found other leaves at w (ArrayImpl)
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)[0]
+    others = [f"{path_str(p)} ({type(x).__name__})" for p, x in leaves if not is_node(x)]
+    if others:
+        raise TypeError(
+            f"{what} must hold lj.LoraWeight at targets and None elsewhere, as lj.split returns; "
+            f"found other leaves at {fmt_paths(others, 8)}"
+        )
+    found = targets(lora)
+    if not found:
+        raise ValueError(f"{what} holds no lj.LoraWeight; pass the lora tree returned by lj.split")
+    dup = [p for p, n in collections.Counter(p for p, _ in found).items() if n > 1]
+    if dup:
+        raise ValueError(
+            f"{what}: several targets share the path {dup}; key names containing '/' make "
+            "paths ambiguous, rename those keys"
+        )
+    return found
+
+
+def encode(lora: Any, config: LoraConfig | None = None) -> tuple[dict, list[dict]]:
+    """The metadata of ``lora`` (and ``config``) and the factors to store beside it.
+
+    Returns ``(metadata, [{"a": A, "b": B}, ...])`` with one factor pair per target, in the
+    order of ``metadata["targets"]``. The factors must be arrays (not ``ShapeDtypeStruct``).
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> meta, arrays = encode(lora)
+    >>> meta["format"], [t["path"] for t in meta["targets"]], meta["targets"][0]["a"]
+    ('lora_jax.checkpoint/1', ['w'], {'shape': [2, 4], 'dtype': 'float32'})
+    >>> meta["structure"]
+    {'dict': [['b', None], ['w', {'target': 0}]]}
+    """
+    found = check_lora(lora)
+    entries = [_entry(path, w) for path, w in found]
+    structure, why = _structure(lora, [w for _, w in found])
+    meta = dict(
+        format=FORMAT,
+        library_version=__version__,
+        targets=entries,
+        structure=structure,
+        structure_note=why,
+        config=_config_json(config),
+    )
+    return meta, [{n: getattr(w, n) for n in _FACTORS} for _, w in found]
+
+
+def _entry(path: str, w: LoraWeight) -> dict:
+    """The metadata of one target: its path, static fields and factor shapes and dtypes."""
+    for name in _FACTORS:
+        x = getattr(w, name)
+        if isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "dtype"):
+            raise TypeError(
+                f"{path}: factor {name} is {type(x).__name__}, not an array; save concrete "
+                "adapters (abstract trees are for restore(like=...))"
+            )
+    factor = lambda x: dict(shape=list(np.shape(x)), dtype=np.dtype(x.dtype).name)
+    return dict(
+        path=path,
+        weight={f: _json_value(getattr(w, f)) for f in _STATIC},
+        # The scale is stored as applied; a custom scaling callable cannot be rebuilt
+        # from a file, so its adapters restore with this fixed scale.
+        scale_fixed=w.scaling not in SCALINGS,
+        **{n: factor(getattr(w, n)) for n in _FACTORS},
+    )
+
+
+def _config_json(config: LoraConfig | None):
+    if config is None:
+        return None
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be an lj.LoraConfig or None, got {type(config).__name__}")
+    rules = []
+    for r in config.rules:
+        axes = None if r.axes is None else [list(g) for g in r.axes]
+        rules.append(dict(pattern=r.pattern, rank=r.rank, alpha=r.alpha, axes=axes,
+                          dropout=r.dropout, linear_only=r.linear_only))
+    if isinstance(config.scaling, str):
+        scaling = config.scaling
+    else:  # a callable cannot be stored; its scales are stored per target
+        scaling = {"custom": getattr(config.scaling, "__qualname__", type(config.scaling).__name__)}
+    return dict(
+        rules=rules,
+        scaling=scaling,
+        init=config.init,
+        dropout=config.dropout,
+        exclude=list(config.exclude),
+        dtype=None if config.dtype is None else np.dtype(config.dtype).name,
+    )
+
+
+def _json_value(v):
+    if isinstance(v, tuple):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def _from_json(v):
+    if isinstance(v, list):
+        return tuple(_from_json(x) for x in v)
+    return v
+
+
+# ---------------------------------------------------------------------------------------
+# the containers of a lora tree <-> JSON
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _structure(lora, weights):
+    """The JSON structure of ``lora``, or ``(None, why)`` when it cannot be rebuilt exactly."""
+    try:
+        enc = _encode(lora, {id(w): i for i, w in enumerate(weights)})
+    except _Unsupported as e:
+        return None, str(e)
+    try:
+        rebuilt = _decode(json.loads(json.dumps(enc)), weights)
+    except Exception as e:  # noqa: BLE001 - any failure to rebuild means: restore needs like=
+        return None, f"rebuilding the containers failed ({type(e).__name__}: {e})"
+    if jax.tree.structure(rebuilt, is_leaf=is_node) != jax.tree.structure(lora, is_leaf=is_node):
+        return None, "the rebuilt containers differ from the original"
+    return enc, None
+
+
+def _encode(node, index: dict[int, int]):
+    """JSON form of the containers of a lora tree; LoraWeight -> {"target": i}."""
+    if node is None:
+        return None
+    if is_lora(node):
+        return {"target": index[id(node)]}
+    if isinstance(node, nnx.Variable):
+        return _encode_variable(node, index)
+    kinds = ((nnx.State, "nnx_state"), (FrozenDict, "frozen_dict"))
+    for cls, name in kinds:
+        if type(node) is cls:
+            items = node.raw_mapping.items() if cls is nnx.State else node.items()
+            return {name: _encode_items(items, index)}
+    if type(node) is dict:
+        return {"dict": _encode_items(node.items(), index)}
+    if type(node) in (list, tuple):
+        return {type(node).__name__: [_encode(x, index) for x in node]}
+    raise _Unsupported(f"container {type(node).__qualname__}")
+
+
+def _encode_variable(node: nnx.Variable, index: dict[int, int]):
+    cls = type(node)
+    if getattr(nnx, cls.__name__, None) is not cls:
+        raise _Unsupported(f"NNX variable type {cls.__qualname__} is not one of flax.nnx's")
+    meta = node.get_metadata()
+    try:
+        json.dumps(meta)
+    except TypeError:
+        raise _Unsupported(f"metadata of an nnx.{cls.__name__} is not JSON") from None
+    # the raw value is the variable's pytree child (get_value may apply hooks)
+    value = node.get_raw_value() if hasattr(node, "get_raw_value") else node.value
+    return {"nnx_variable": cls.__name__, "metadata": meta, "value": _encode(value, index)}
+
+
+def _encode_items(items, index):
+    out = []
+    for k, v in items:
+        if not isinstance(k, (str, int)) or isinstance(k, bool):
+            raise _Unsupported(f"dict key {k!r}")
+        out.append([k, _encode(v, index)])
+    return out
+
+
+def _decode(node, weights: Sequence[LoraWeight]):
+    if node is None:
+        return None
+    (kind,) = (k for k in node if k not in ("metadata", "value"))
+    if kind == "target":
+        return weights[node["target"]]
+    if kind == "nnx_variable":
+        cls = getattr(nnx, node["nnx_variable"], None)
+        if not (isinstance(cls, type) and issubclass(cls, nnx.Variable)):
+            raise ValueError(f"unknown NNX variable type {node['nnx_variable']!r} in checkpoint metadata")
+        # JSON turns tuples (e.g. out_sharding's axis names) into lists: back to tuples, as
+        # for the LoraWeight fields; the trial rebuild at save time checks the result
+        metadata = {k: _from_json(v) for k, v in node["metadata"].items()}
+        return _variable(cls, _decode(node["value"], weights), metadata)
+    if kind in ("dict", "frozen_dict", "nnx_state"):
+        d = {k: _decode(v, weights) for k, v in node[kind]}
+        return {"dict": d, "frozen_dict": FrozenDict(d), "nnx_state": nnx.State(d)}[kind]
+    if kind in ("list", "tuple"):
+        items = [_decode(x, weights) for x in node[kind]]
+        return items if kind == "list" else tuple(items)
+    raise ValueError(f"unknown container {kind!r} in checkpoint metadata")
+
+
+def _variable(cls, value, metadata: dict):
+    """An ``nnx.Variable`` holding ``value`` with exactly ``metadata``, without side effects.
+
+    The constructor would run creation hooks and, for variables annotated with a sharding
+    (``nnx.with_partitioning``), shard the value eagerly, which fails on a ``LoraWeight``
+    or ``None`` value; ``from_metadata`` (what flax's own unflattening uses) does neither.
+    """
+    if hasattr(cls, "from_metadata") and "hijax" in metadata:
+        return cls.from_metadata(value, metadata)
+    return cls(value, **{**metadata, "eager_sharding": False})
+
+
+# ---------------------------------------------------------------------------------------
+# metadata read back -> lora tree
+
+
+def check_format(meta: Any, where) -> dict:
+    """``meta`` when it is metadata of this format; a ``ValueError`` naming ``where`` otherwise.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> check_format(encode(lora)[0], "adapter")["format"]
+    'lora_jax.checkpoint/1'
+    >>> check_format({"format": "other/2"}, "adapter")
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter: metadata format 'other/2' is not 'lora_jax.checkpoint/1'; it was written by another program or library version
+    """
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{where}: metadata format {meta.get('format') if isinstance(meta, dict) else meta!r} "
+            f"is not {FORMAT!r}; it was written by another program or library version"
+        )
+    return meta
+
+
+def abstract_weights(meta: dict) -> list[LoraWeight]:
+    """Every target's ``LoraWeight`` with ``jax.ShapeDtypeStruct`` factors of the stored
+    shapes and dtypes (no sharding), in the order of ``meta["targets"]``.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> w, = abstract_weights(encode(lora)[0])
+    >>> w.rank, w.a
+    (2, ShapeDtypeStruct(shape=(2, 4), dtype=float32))
+    """
+    spec = lambda f: jax.ShapeDtypeStruct(tuple(f["shape"]), np.dtype(f["dtype"]))
+    return [_weight(e, spec(e["a"]), spec(e["b"])) for e in meta["targets"]]
+
+
+def restore_targets(meta: dict, like: Any, where) -> list[LoraWeight]:
+    """The adapters whose factors a restore reads, in the order of ``meta["targets"]``.
+
+    With ``like``, its adapters, checked to have the stored targets and factor shapes;
+    without, :func:`abstract_weights`, when the stored structure can rebuild the tree.
+    Each mismatch is a ``ValueError`` naming ``where``.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> meta = encode(lora)[0]
+    >>> [w.a.shape for w in restore_targets(meta, None, "adapter")]
+    [(2, 4)]
+    >>> restore_targets(meta, {"w": None, "b": None}, "adapter")
+    Traceback (most recent call last):
+    ...
+    ValueError: like holds no lj.LoraWeight; pass the lora tree returned by lj.split
+    """
+    if like is not None:
+        return _check_like(meta, like, where)
+    if meta.get("structure") is None:
+        raise ValueError(
+            f"the lora tree saved at {where} had containers that cannot be rebuilt from "
+            f"metadata ({meta.get('structure_note')}); pass like= (the lora tree, or "
+            "jax.eval_shape of the lj.split that made it)"
+        )
+    return abstract_weights(meta)
+
+
+def _check_like(meta: dict, like: Any, where) -> list[LoraWeight]:
+    entries, found = meta["targets"], check_lora(like, "like")
+    saved, got = [e["path"] for e in entries], [p for p, _ in found]
+    if saved != got:
+        missing = [p for p in saved if p not in got]
+        unexpected = [p for p in got if p not in saved]
+        raise ValueError(
+            f"like does not match the adapter checkpoint {where}: targets in the checkpoint "
+            f"but not in like: {missing or 'none'}; in like but not in the checkpoint: "
+            f"{unexpected or 'none'}. Build like from the same lj.split (jax.eval_shape "
+            "gives an abstract one)"
+        )
+    problems = []
+    for e, (p, w) in zip(entries, found):
+        for name in _FACTORS:
+            want, have = tuple(e[name]["shape"]), tuple(np.shape(getattr(w, name)))
+            if want != have:
+                problems.append(f"{p}: factor {name} is {want} in the checkpoint but {have} in like")
+    if problems:
+        raise ValueError(
+            f"like does not fit the adapter checkpoint {where}: " + "; ".join(problems)
+            + ". like must come from a split with the same ranks and weight shapes"
+        )
+    return [w for _, w in found]
+
+
+def rebuild(meta: dict, arrays: Sequence[dict], like: Any = None) -> Any:
+    """The lora tree of the restored factors ``arrays`` (``{"a", "b"}`` per target, in the
+    order of ``meta["targets"]``): in ``like``'s containers, or in the stored structure.
+    The static fields of every ``LoraWeight`` come from ``meta``.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> meta, arrays = encode(lora)
+    >>> back = rebuild(meta, arrays)
+    >>> back["b"], back["w"].rank, back["w"].a is lora["w"].a
+    (None, 2, True)
+    """
+    weights = [_weight(e, x["a"], x["b"]) for e, x in zip(meta["targets"], arrays)]
+    if like is None:
+        return _decode(meta["structure"], weights)
+    leaves, treedef = jax.tree.flatten(like, is_leaf=is_node)
+    it = iter(weights)
+    return jax.tree.unflatten(treedef, [next(it) if is_lora(x) else None for x in leaves])
+
+
+def _weight(entry: dict, a, b) -> LoraWeight:
+    fields = {k: _from_json(v) for k, v in entry["weight"].items() if k in _STATIC}
+    return LoraWeight(a=a, b=b, **fields)
