@@ -11,12 +11,18 @@ has one rule here:
   along stack axes (an expert per token): A and B are picked alike and stay symbolic.
 * ``conv_general_dilated``: a conv with A (same window, in -> r), then B over the features.
 * shape-only ops (transpose, reshape/squeeze that regroup axes of one role, casts, copies,
-  sharding constraints) and windows (slice, dynamic_slice, split) stay symbolic.
+  sharding constraints, ``checkpoint_name``, ``optimization_barrier``) and windows (slice,
+  dynamic_slice, split) stay symbolic; ``concatenate`` pads each adapted piece's factors
+  with zeros (several adapted pieces join their ranks).
 * ``jit``, custom_jvp/custom_vjp calls are inlined; ``remat`` is re-applied with its policy;
   ``scan`` slices A and B per step for a weight stacked along the scan axis; ``cond`` and
   ``while`` recurse.
 * anything else materializes ``W + s·A⊗B`` for that use only and warns once naming the
-  primitive (:class:`MaterializeWarning`).
+  primitive (:class:`MaterializeWarning`); so do ``reduce_precision`` and casts to int or
+  bool, which round the adapted weight as a whole.
+
+The primitives with a rule here are exactly those of the table in :mod:`lora_jax._jaxpr`,
+which axis inference reads too.
 
 Adapter-input dropout (``lora_rng``) is applied where the factored product reads its input.
 """

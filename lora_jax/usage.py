@@ -9,6 +9,9 @@ on the way (a scan over a layer stack, ``W[i]``, an expert picked by a gather) a
 Where the value meets a ``dot_general``, ``gather`` or ``conv_general_dilated`` we read off
 which original axes are contracted (in), produced (out) or batched/cut (stack).
 
+Which primitive is which comes from the table in :mod:`lora_jax._jaxpr` that ``wrap``
+shares; a primitive outside it is an opaque use (:meth:`WeightUsage.unknown`).
+
 The same walk finds the output head for :meth:`LoraConfig.all_linear`: the last weight
 whose matmul output reaches the function's result without being mixed into a residual sum.
 """
@@ -112,8 +115,11 @@ class WeightUsage:
 
     def unknown(self) -> list[str]:
         """Primitives outside the walkers' shared table that consume this weight (``wrap``
-        materializes the weight for each of them)."""
-        return sorted({u.primitive for u in self.uses if kind(u.primitive) is None})
+        materializes the weight for each of them). Rows an embedding lookup read out are
+        activations to ``wrap``, so what happens to them later does not count."""
+        embed = self.kind == "embed"
+        return sorted({u.primitive for u in self.uses
+                       if kind(u.primitive) is None and not (embed and u.indexed)})
 
     def other_primitives(self) -> list[str]:
         return sorted(
@@ -285,7 +291,7 @@ class _Walker:
             rhs = p["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
             groups = ((rhs[1], *rhs[2:]), (rhs[0],), ())
         else:
-            self.usage[tid].uses.append(Use(name, cut=cut, opaque=True))
+            self.usage[tid].uses.append(Use(name, cut=cut, indexed=idx, opaque=True))
             return
         ins, outs, stack = (_roles(view, g) for g in groups)
         opaque = bool(ins & outs or ins & stack or outs & stack)  # an axis split across roles

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LoraWeight", "is_lora", "delta"]
+__all__ = ["LoraWeight", "is_lora"]
 
 
 @jax.tree_util.register_dataclass
@@ -169,13 +169,3 @@ def is_lora(x) -> bool:
     """
     return isinstance(x, LoraWeight)
 
-
-def delta(w: LoraWeight, dtype=jnp.float32) -> jax.Array:
-    """Functional form of :meth:`LoraWeight.delta`.
-
-    >>> import jax.numpy as jnp
-    >>> delta(LoraWeight(a=jnp.ones((1, 2)), b=jnp.ones((1, 2)), shape=(2, 2),
-    ...                  in_axes=(0,), out_axes=(1,))).tolist()
-    [[1.0, 1.0], [1.0, 1.0]]
-    """
-    return w.delta(dtype)

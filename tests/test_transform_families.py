@@ -34,6 +34,7 @@ from flax import nnx
 from jax import lax
 
 import lora_jax as lj
+from lora_jax.usage import trace_usage
 from reference import np_delta
 
 KEY = jax.random.key(0)
@@ -177,10 +178,27 @@ def wrapper(f):
 
 
 def split_nonzero(params, config, f=None, args=(), seed=0):
-    """``(base, lora)``: traced split (with ``f``) and adapters with a non-zero delta."""
+    """``(base, lora)``: traced split (with ``f``) and adapters with a non-zero delta.
+
+    With ``f``, also checks that every primitive meeting a target in ``f``'s jaxpr is in
+    the primitive table both walkers share (see :func:`assert_classified`)."""
     kw = dict(apply_fn=f, args=args) if f is not None else {}
     base, lora = lj.split(KEY, params, config, **kw)
+    if f is not None:
+        assert_classified(f, params, args, lora)
     return base, nonzero(base, lora, seed)
+
+
+def assert_classified(f, params, args, lora):
+    """No primitive outside ``lora_jax._jaxpr.PRIMITIVES`` consumes a targeted weight of
+    ``f(params, *args)``: a JAX upgrade that renames or adds one fails here by name."""
+    paths = [lj.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    targets = dict(lj.targets(lora))
+    index = [i for i, p in enumerate(paths) if p in targets]
+    assert len(index) == len(targets), (sorted(targets), paths)
+    usages = trace_usage(f, params, args, targets=index)
+    unknown = {paths[i]: usages[i].unknown() for i in index if usages[i].unknown()}
+    assert not unknown, f"primitives outside the shared table meet targets: {unknown}"
 
 
 def linen_check(model, args, config, variants=("jit",), rtol=FP32_RTOL, expect=None):
@@ -499,6 +517,34 @@ def _batched_einsum(p, x):
     return jnp.einsum("bi,lio->blo", x, p["w"])
 
 
+def _concat_qkv(p, x):
+    qkv = jnp.concatenate([p["q"], p["k"], p["v"]], axis=1)  # three adapted pieces, out axis
+    q, k, v = jnp.split(x @ qkv, 3, axis=1)
+    return jnp.tanh(q) * k + v
+
+
+def _concat_in_plain(p, x):
+    w = jnp.concatenate([p["w"], jnp.full((2, 5), 0.3)], axis=0)  # a plain block on the input axis
+    return jnp.concatenate([x, x[:, :2]], axis=1) @ w
+
+
+def _concat_stack_plain(p, x):
+    w = jnp.concatenate([jnp.eye(6)[None] * 0.5, p["w"]], axis=0)  # a plain layer first
+    return jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)[0]
+
+
+def _barrier(p, x):
+    w, x = jax.lax.optimization_barrier((p["w"], x))
+    return x @ w
+
+
+def _named(p, x):
+    from jax.ad_checkpoint import checkpoint_name
+
+    return jax.checkpoint(lambda w: jnp.tanh(x @ checkpoint_name(w, "w")),
+                          policy=jax.checkpoint_policies.save_only_these_names("w"))(p["w"])
+
+
 _SQ = dict(w=(6, 6))  # square weights for the loops that feed h back into h @ W
 PLAIN = {
     # name: (fn, {param: shape}, x shape, rule axes or None = traced)
@@ -519,6 +565,11 @@ PLAIN = {
     "checkpoint-policy": (_checkpoint, dict(w=(6, 5)), (3, 6), None),
     "batched-einsum": (_batched_einsum, dict(w=(3, 6, 5)), (2, 6),
                        lj.Axes(in_axes=(1,), out_axes=(2,), stack_axes=(0,))),
+    "concat-qkv": (_concat_qkv, dict(q=(6, 4), k=(6, 4), v=(6, 4)), (3, 6), None),
+    "concat-in-plain": (_concat_in_plain, dict(w=(6, 5)), (3, 6), None),
+    "concat-stack-plain": (_concat_stack_plain, dict(w=(2, 6, 6)), (2, 6), None),
+    "optimization-barrier": (_barrier, dict(w=(6, 5)), (3, 6), None),
+    "checkpoint-name": (_named, dict(w=(6, 5)), (3, 6), None),
 }
 
 
@@ -530,7 +581,7 @@ def test_plain_jax(name):
     fn, shapes, xshape, axes = PLAIN[name]
     params = {k: normal(*s, seed=i + 2, std=0.5) for i, (k, s) in enumerate(shapes.items())}
     x = jnp.abs(normal(*xshape, seed=9))  # sum(x) > 0: lax.cond's first branch
-    rule = lj.Rule(r"w|qkv", rank=2, alpha=4.0, axes=axes)
+    rule = lj.Rule(r"w|qkv|q|k|v", rank=2, alpha=4.0, axes=axes)
     base, lora = split_nonzero(params, lj.LoraConfig(rules=(rule,)), fn, (x,))
     variants = VARIANTS if name in EAGER else JITTED
     check_equal(wrapper(fn), base, lora, (x,), variants, forward_mode=name == "while")
