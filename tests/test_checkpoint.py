@@ -28,7 +28,8 @@ from jax.sharding import PartitionSpec as P
 from reference import np_delta, randomize
 
 import lora_jax as lj
-from lora_jax import checkpoint, cli
+from lora_jax import checkpoint
+from lora_jax.app import cli
 
 HERE = Path(__file__).resolve().parent
 STATIC = [f.name for f in dataclasses.fields(lj.LoraWeight) if f.metadata.get("static")]

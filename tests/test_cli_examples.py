@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_jax import cli
+from lora_jax.app import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_cli_prints_help(capsys):
 
 
 def test_cli_module_runs():
-    r = subprocess.run([sys.executable, "-m", "lora_jax.cli", "--help"], capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, "-m", "lora_jax.app.cli", "--help"], capture_output=True, text=True, check=True)
     assert "Low-rank adaptation" in r.stdout
 
 

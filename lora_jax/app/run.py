@@ -32,9 +32,9 @@ from .. import checkpoint
 from ..split import split
 from ..transform import wrap
 from ..tree import targets
-from .config import RunConfig, to_dict
 from .data import load_corpus
 from .model import TinyLM, _bar, _write_json, lm_loss, make_step, param_count, pretrained
+from .run_config import RunConfig, to_dict
 
 __all__ = ["Setup", "train_lora", "train_full", "finetune", "format_table"]
 
@@ -49,7 +49,7 @@ class Setup:
     ``evaluate(apply, params) -> {"target": loss, "source": loss}``.
 
     >>> import tempfile
-    >>> from lora_jax.finetune.config import from_dict
+    >>> from lora_jax.app.run_config import from_dict
     >>> cfg = from_dict({}, [f"output.cache_dir={tempfile.mkdtemp()}", "model.d_model=16", "model.n_layers=1",
     ...     "model.n_heads=2", "model.d_ff=32", "model.context=16", "pretrain.steps=2", "train.batch_size=2",
     ...     "train.eval_batches=1", "train.progress=false", "data.max_bytes=30000"])
@@ -126,7 +126,7 @@ def _adam(lr: float, steps: int, warmup: int):
 def lora_optimizer(cfg: RunConfig, steps: int | None = None):
     """The adapters' optimizer: global-norm clipping at 1, Adam at ``train.lr`` with warmup and cosine decay.
 
-    >>> from lora_jax.finetune.config import from_dict
+    >>> from lora_jax.app.run_config import from_dict
     >>> tx = lora_optimizer(from_dict({}, ["train.steps=10"]))
     >>> type(tx.init({"a": jnp.ones(3)})).__name__
     'tuple'
@@ -159,7 +159,7 @@ def train_lora(
     Returns ``(lora, opt, history, step_seconds)``: ``history`` the per-step losses,
     ``step_seconds`` the median step time (None when no step ran).
 
-    See :func:`finetune` for a whole run; :mod:`lora_jax.finetune.sweep` calls this once
+    See :func:`finetune` for a whole run; :mod:`lora_jax.app.sweep` calls this once
     per trial: ``s = Setup(cfg); base, lora = s.split(); lora, *_ = train_lora(s, base,
     lora, steps=100)``.
     """
@@ -288,7 +288,7 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
       FileExistsError: ``output.dir`` holds a run and neither ``resume`` nor ``overwrite``.
 
     >>> import tempfile
-    >>> from lora_jax.finetune.config import from_dict
+    >>> from lora_jax.app.run_config import from_dict
     >>> tmp = tempfile.mkdtemp()
     >>> cfg = from_dict({}, [f"output.dir={tmp}/run", f"output.cache_dir={tmp}/cache",
     ...     "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "model.context=16",

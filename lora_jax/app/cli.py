@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .version import __version__
+from ..version import __version__
 
 _DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(ns):
-    from .finetune.config import load
+    from .run_config import load
 
     path = ns.config
     if path is None and os.path.exists(_DEFAULT_CONFIG):
@@ -107,9 +107,9 @@ def inspect_adapter(path: str) -> str:
     """
     import numpy as np
 
-    from . import checkpoint
-    from .report import summary
-    from .tree import targets
+    from .. import checkpoint
+    from ..report import summary
+    from ..tree import targets
 
     meta = checkpoint.metadata(path)
     lora = checkpoint.restore(path)
@@ -179,12 +179,12 @@ def _dispatch(ns) -> int:
         print(f"lora-jax {__version__}, jax {jax.__version__}, devices: {jax.devices()}")
         return 0
     if ns.command == "finetune":
-        from .finetune.run import finetune
+        from .run import finetune
 
         finetune(_run_config(ns), compare_full=ns.compare_full, resume=ns.resume, overwrite=ns.overwrite)
         return 0
     if ns.command == "sweep":
-        from .finetune.sweep import sweep
+        from .sweep import sweep
 
         sweep(_run_config(ns), overwrite=ns.overwrite)
         return 0
@@ -192,7 +192,7 @@ def _dispatch(ns) -> int:
         print(inspect_adapter(ns.adapter))
         return 0
     if ns.command == "export-peft":
-        from . import checkpoint, peft
+        from .. import checkpoint, peft
 
         lora = checkpoint.restore(ns.adapter)
         name_map = {"hf": peft.HF, "gpt2": peft.GPT2, "bert": peft.BERT, "llama": peft.LLAMA}[ns.name_map]
@@ -200,7 +200,7 @@ def _dispatch(ns) -> int:
         print(f"wrote {len(modules)} PEFT modules to {ns.out}")
         return 0
     if ns.command == "merge":
-        from . import checkpoint
+        from .. import checkpoint
 
         paths = checkpoint.merge(ns.base, ns.adapter, ns.out)
         print(f"merged {len(paths)} adapter(s) into {ns.out}")

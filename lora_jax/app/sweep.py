@@ -29,9 +29,9 @@ from ..config import path_str, scale_for
 from ..report import delta_norms
 from ..transform import wrap
 from ..tree import targets
-from .config import RunConfig, to_dict
 from .model import _write_json, param_count
 from .run import Setup, train_lora
+from .run_config import RunConfig, to_dict
 
 __all__ = ["sweep", "COLUMNS"]
 
@@ -105,7 +105,7 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
     each row has the :data:`COLUMNS` (plus its loss and norm logs in ``sweep.json``).
 
     >>> import tempfile
-    >>> from lora_jax.finetune.config import from_dict
+    >>> from lora_jax.app.run_config import from_dict
     >>> tmp = tempfile.mkdtemp()
     >>> cfg = from_dict({}, [f"output.dir={tmp}/run", f"output.cache_dir={tmp}/cache",
     ...     "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "model.context=16",

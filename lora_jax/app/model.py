@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .config import ModelConfig, PretrainConfig
+from .run_config import ModelConfig, PretrainConfig
 
 __all__ = ["TinyLM", "cache_root", "pretrained", "lm_loss", "make_step"]
 
@@ -132,10 +132,10 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
     Returns ``(variables, checkpoint_dir, info)``: ``checkpoint_dir`` is a plain orbax
     checkpoint of ``variables`` (what :func:`lora_jax.checkpoint.merge` takes as the base),
     ``info`` the pretraining record (losses, time, settings). ``corpus`` is the
-    :class:`~lora_jax.finetune.data.Corpus` of ``pretrain.corpus``.
+    :class:`~lora_jax.app.data.Corpus` of ``pretrain.corpus``.
 
     >>> import tempfile
-    >>> from lora_jax.finetune.data import load_corpus
+    >>> from lora_jax.app.data import load_corpus
     >>> m = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, context=16)
     >>> p = PretrainConfig(steps=3, batch_size=2)
     >>> corpus = load_corpus("pydoc", max_bytes=20_000, context=16)
