@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .files import write_json
 from .run_config import ModelConfig, PretrainConfig
 
-__all__ = ["TinyLM", "cache_root", "pretrained", "lm_loss", "make_step"]
+__all__ = ["TinyLM", "cache_root", "pretrained", "lm_loss", "make_step", "progress_bar", "param_count"]
 
 VOCAB = 256
 _FORMAT = 1  # bump when the model code changes meaning: old cache entries are then ignored
@@ -168,7 +169,7 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
     step = make_step(lambda p, b, k: lm_loss(lm.apply, p, b), tx)
     opt = tx.init(variables)
     losses, start = [], time.perf_counter()
-    bar = _bar(pretrain.steps, "pretrain", progress)
+    bar = progress_bar(pretrain.steps, "pretrain", progress)
     key0 = jax.random.key(0)
     for i in range(pretrain.steps):
         batch = corpus.batch(i, pretrain.batch_size, model.context, seed=pretrain.seed)
@@ -197,20 +198,19 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
         if not os.path.isdir(ckpt):
             raise
         shutil.rmtree(tmp_ckpt, ignore_errors=True)
-    _write_json(info_path, info)  # written last: its presence marks a complete cache entry
+    write_json(info_path, info)  # written last: its presence marks a complete cache entry
     variables = checkpoint.restore_params(ckpt, like=jax.eval_shape(lambda: variables))
     return variables, ckpt, {**info, "cached": False}
 
 
-def _write_json(path: str, data) -> None:
-    """Write ``data`` as JSON atomically (a file of this process's own, then renamed)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A tqdm progress bar over ``total`` steps, starting at ``initial``; silent unless ``enabled``.
 
-
-def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    >>> bar = progress_bar(3, "train", enabled=False)
+    >>> bar.total, bar.disable
+    (3, True)
+    >>> bar.close()
+    """
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,8 @@ from ..split import split
 from ..transform import wrap
 from ..tree import targets
 from .data import load_corpus
-from .model import TinyLM, _bar, _write_json, lm_loss, make_step, param_count, pretrained
+from .files import disk_bytes, remove, write_json
+from .model import TinyLM, lm_loss, make_step, param_count, pretrained, progress_bar
 from .run_config import RunConfig, to_dict
 
 __all__ = ["Setup", "train_lora", "train_full", "finetune", "format_table"]
@@ -199,7 +199,7 @@ def _loop(s, step_fn, params, opt, *, start, steps, key, manager=None, history=N
     history = list(history or [])
     times = []
     tokens = cfg.train.batch_size * cfg.model.context
-    bar = _bar(steps, desc, cfg.train.progress, initial=start)
+    bar = progress_bar(steps, desc, cfg.train.progress, initial=start)
     for i in range(start, steps):
         batch = s.target.batch(i, cfg.train.batch_size, cfg.model.context, seed=cfg.train.seed)
         t0 = time.perf_counter()
@@ -213,21 +213,13 @@ def _loop(s, step_fn, params, opt, *, start, steps, key, manager=None, history=N
             on_step(i + 1, params, loss)
         if manager is not None and ((i + 1) % cfg.train.save_every == 0 or i + 1 == steps):
             manager.save(i + 1, params, opt, config=s.lora_config())
-            _write_json(os.path.join(manager.directory, "history.json"), {"step": i + 1, "losses": history})
+            write_json(os.path.join(manager.directory, "history.json"), {"step": i + 1, "losses": history})
     bar.close()
     if manager is not None:
         manager.wait_until_finished()
     # the median step after the first (which compiles); None when no step ran (a finished run resumed)
     step_seconds = float(np.median(times[1:])) if len(times) > 1 else (times[0] if times else None)
     return params, opt, history, step_seconds
-
-
-def _nbytes(tree) -> int:
-    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
-
-
-def _dir_bytes(path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 # keys a resumed run may change (and the output section); any other difference from the saved
@@ -237,8 +229,6 @@ _RESUMABLE = {("train", "steps"), ("train", "progress"), ("train", "save_every")
 
 def _check_out(out: str, cfg: RunConfig, resume: bool, overwrite: bool) -> list[str]:
     """The outputs already in ``out``; raises when they may not be continued or replaced."""
-    import yaml
-
     existing = [name for name in _OUTPUTS if os.path.exists(os.path.join(out, name))]
     if existing and not (resume or overwrite):
         raise FileExistsError(
@@ -247,31 +237,169 @@ def _check_out(out: str, cfg: RunConfig, resume: bool, overwrite: bool) -> list[
         )
     if resume and overwrite:
         raise ValueError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")
-    saved = os.path.join(out, "config.yaml")
-    if resume and os.path.exists(saved):
-        with open(saved) as f:
-            old = yaml.safe_load(f) or {}
-        new = to_dict(cfg)
-        changed = sorted(
-            f"{sec}.{key} ({old.get(sec, {}).get(key)!r} -> {value!r})"
-            for sec, values in new.items() for key, value in values.items()
-            if sec != "output" and (sec, key) not in _RESUMABLE and old.get(sec, {}).get(key) != value
-        )
-        if changed:
-            raise ValueError(
-                f"--resume: the config differs from the run in {out} ({saved}) in {', '.join(changed)}; "
-                f"only {', '.join(sorted(f'{a}.{b}' for a, b in _RESUMABLE))} may change on resume. Use the "
-                "same settings, or start a new output.dir"
-            )
+    if resume:
+        _check_resumable(out, cfg)
     return existing
 
 
-def _replace(path: str):
-    """Remove ``path`` (a file or directory) if it exists, so that it can be written anew."""
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
+def _check_resumable(out: str, cfg: RunConfig) -> None:
+    """Raises when ``cfg`` differs from the run saved in ``out`` in a key that may not change on resume."""
+    import yaml
+
+    saved = os.path.join(out, "config.yaml")
+    if not os.path.exists(saved):
+        return
+    with open(saved) as f:
+        old = yaml.safe_load(f) or {}
+    changed = sorted(
+        f"{sec}.{key} ({old.get(sec, {}).get(key)!r} -> {value!r})"
+        for sec, values in to_dict(cfg).items() for key, value in values.items()
+        if sec != "output" and (sec, key) not in _RESUMABLE and old.get(sec, {}).get(key) != value
+    )
+    if changed:
+        raise ValueError(
+            f"--resume: the config differs from the run in {out} ({saved}) in {', '.join(changed)}; "
+            f"only {', '.join(sorted(f'{a}.{b}' for a, b in _RESUMABLE))} may change on resume. Use the "
+            "same settings, or start a new output.dir"
+        )
+
+
+class _Start(NamedTuple):
+    """Where the adapters' training starts: the step, the adapters, optimizer state, losses so far."""
+
+    step: int
+    lora: Any
+    opt: Any = None
+    history: Sequence[float] = ()
+
+
+def _resume_point(s: Setup, out: str, lora, tx, log) -> _Start:
+    """The newest checkpoint in ``out/checkpoints`` (step 0 and ``lora`` itself when there is none)."""
+    steps, ckpt_dir = s.cfg.train.steps, os.path.join(out, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return _Start(0, lora)
+    with checkpoint.Manager(ckpt_dir, max_to_keep=s.cfg.train.keep) as mgr:
+        latest = mgr.latest_step()
+        if latest is None:
+            return _Start(0, lora)
+        if latest > steps:
+            raise ValueError(
+                f"train.steps={steps} but the checkpoints in {out} are at step {latest}; resume "
+                f"with --set train.steps={latest} or more"
+            )
+        start, lora, opt = mgr.restore(lora=lora, opt_state=jax.eval_shape(tx.init, lora))
+    history, hist_path = [], os.path.join(ckpt_dir, "history.json")
+    if start and os.path.exists(hist_path):
+        with open(hist_path) as f:
+            history = json.load(f)["losses"][:start]
+    if log and start:
+        log(f"resuming from step {start} of {steps} ({ckpt_dir})")
+    return _Start(start, lora, opt, history)
+
+
+def _begin_output(out: str, cfg: RunConfig, old: list[str]) -> None:
+    """Create ``out`` with the resolved ``config.yaml``, the ``old`` outputs removed first."""
+    import yaml
+
+    for name in old:
+        remove(os.path.join(out, name))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+class _Trained(NamedTuple):
+    """What a training run leaves: parameters, per-step losses, median step and total seconds."""
+
+    params: Any
+    history: list
+    step_seconds: float | None
+    seconds: float
+
+
+def _timed(train: Callable, *args, **kwargs) -> _Trained:
+    t0 = time.perf_counter()
+    params, _, history, step_seconds = train(*args, **kwargs)
+    return _Trained(params, history, step_seconds, time.perf_counter() - t0)
+
+
+def _train_adapters(s: Setup, out: str, base, start: _Start, tx) -> _Trained:
+    """Train from ``start`` to ``train.steps``, checkpointing to ``out/checkpoints``."""
+    with checkpoint.Manager(os.path.join(out, "checkpoints"), max_to_keep=s.cfg.train.keep) as mgr:
+        return _timed(train_lora, s, base, start.lora, steps=s.cfg.train.steps, tx=tx, manager=mgr,
+                      start=start.step, opt=start.opt, history=start.history)
+
+
+def _write_adapter(s: Setup, out: str, base, lora) -> None:
+    """``adapter/`` and ``merged/`` (written anew on resume); with PiSSA also ``base/``, the residual base."""
+    for name in ("adapter", "merged"):
+        remove(os.path.join(out, name))
+    checkpoint.save(os.path.join(out, "adapter"), lora, s.lora_config())
+    base_dir = s.base_dir
+    if s.cfg.lora.init == "pissa":  # the base is the residual W - s·A⊗B, not the pretrained weights
+        base_dir = os.path.join(out, "base")
+        if not os.path.exists(base_dir):
+            checkpoint.save_params(base_dir, base)
+    checkpoint.merge(base_dir, os.path.join(out, "adapter"), os.path.join(out, "merged"))
+
+
+def _nbytes(tree) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def _losses(before: dict, after: dict) -> dict[str, float]:
+    return {"target_before": before["target"], "target_after": after["target"],
+            "source_before": before["source"], "source_after": after["source"]}
+
+
+def _size(s: Setup, params) -> dict[str, Any]:
+    n = param_count(params)
+    return {"trainable_params": n, "trainable_percent": 100.0 * n / param_count(s.variables),
+            "adapter_bytes": _nbytes(params)}
+
+
+def _speed(s: Setup, run: _Trained) -> dict[str, Any]:
+    tokens = s.cfg.train.batch_size * s.cfg.model.context
+    return {"step_seconds": run.step_seconds, "train_seconds": run.seconds,
+            "tokens_per_second": None if run.step_seconds is None else tokens / run.step_seconds}
+
+
+def _metrics(s: Setup, out: str, start: int, before: dict, after: dict, run: _Trained) -> dict[str, Any]:
+    """Every number of the LoRA run: losses, sizes, speed, the loss curve, the base and the config."""
+    cfg = s.cfg
+    return {
+        "lora": {
+            "steps": cfg.train.steps, "resumed_from": start, **_losses(before, after), **_size(s, run.params),
+            "adapter_disk_bytes": disk_bytes(os.path.join(out, "adapter")), **_speed(s, run),
+            "targets": [p for p, _ in targets(run.params)],
+        },
+        "base": {"params": param_count(s.variables), "bytes": _nbytes(s.variables), "pretrain": {
+            k: s.pretrain_info[k] for k in ("corpus", "heldout_loss", "seconds", "cached")}},
+        "domains": {"target": cfg.data.corpus, "source": cfg.data.source},
+        "losses": {"lora": run.history},
+        "config": to_dict(cfg),
+    }
+
+
+def _add_full(s: Setup, metrics: dict, before: dict) -> None:
+    """Train the full fine-tune baseline and add its column and loss curve to ``metrics``."""
+    run = _timed(train_full, s, steps=s.cfg.train.steps)
+    after = s.evaluate(s.model.apply, run.params)
+    metrics["full"] = {"steps": s.cfg.train.steps, **_losses(before, after), **_size(s, run.params), **_speed(s, run)}
+    metrics["losses"]["full"] = run.history
+
+
+def _write_results(out: str, cfg: RunConfig, metrics: dict, log) -> None:
+    """``metrics.json`` and ``loss.png``; the table and where the outputs are go to ``log``."""
+    from .plots import loss_curves
+
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    names = {"lora": "LoRA", "full": "full fine-tune"}
+    loss_curves(os.path.join(out, "loss.png"), {names[k]: v for k, v in metrics["losses"].items()},
+                title=f"{cfg.data.source} -> {cfg.data.corpus}: training loss (nats/byte)")
+    if log:
+        log(format_table(metrics))
+        log(f"outputs in {out}: adapter/, merged/, metrics.json, loss.png, checkpoints/")
 
 
 def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False, overwrite: bool = False,
@@ -298,104 +426,22 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
     >>> m["lora"]["steps"], sorted(os.listdir(f"{tmp}/run"))
     (3, ['adapter', 'checkpoints', 'config.yaml', 'loss.png', 'merged', 'metrics.json'])
     """
-    import yaml
-
-    from .plots import loss_curves
-
     out = os.path.abspath(os.path.expanduser(cfg.output.dir))
     existing = _check_out(out, cfg, resume, overwrite)
     s = Setup(cfg, log=log)  # every config, corpus and target problem surfaces here, before any write
-    lora_config = s.lora_config()
-    base, lora = s.split(lora_config)
-    steps = cfg.train.steps
-    tx = lora_optimizer(cfg, steps)
-    ckpt_dir = os.path.join(out, "checkpoints")
-    start, opt, history = 0, None, []
-    if resume and os.path.isdir(ckpt_dir):
-        with checkpoint.Manager(ckpt_dir, max_to_keep=cfg.train.keep) as mgr:
-            latest = mgr.latest_step()
-            if latest is not None:
-                if latest > steps:
-                    raise ValueError(
-                        f"train.steps={steps} but the checkpoints in {out} are at step {latest}; resume "
-                        f"with --set train.steps={latest} or more"
-                    )
-                start, lora, opt = mgr.restore(lora=lora, opt_state=jax.eval_shape(tx.init, lora))
-        hist_path = os.path.join(ckpt_dir, "history.json")
-        if start and os.path.exists(hist_path):
-            with open(hist_path) as f:
-                history = json.load(f)["losses"][:start]
-        if log and start:
-            log(f"resuming from step {start} of {steps} ({ckpt_dir})")
-    if overwrite:
-        for name in existing:
-            _replace(os.path.join(out, name))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    base, lora = s.split()
+    tx = lora_optimizer(cfg)
+    start = _resume_point(s, out, lora, tx, log) if resume else _Start(0, lora)
+    _begin_output(out, cfg, existing if overwrite else [])
     before = s.evaluate(s.model.apply, s.variables)
-
-    with checkpoint.Manager(ckpt_dir, max_to_keep=cfg.train.keep) as mgr:
-        t0 = time.perf_counter()
-        lora, opt, history, step_s = train_lora(s, base, lora, steps=steps, tx=tx, manager=mgr, start=start,
-                                                opt=opt, history=history)
-        train_s = time.perf_counter() - t0
+    run = _train_adapters(s, out, base, start, tx)
     forward = wrap(s.model.apply)
-    after = s.evaluate(lambda p, ids: forward(p, lora, ids), base)
-
-    for name in ("adapter", "merged"):  # a resumed run writes them anew
-        _replace(os.path.join(out, name))
-    checkpoint.save(os.path.join(out, "adapter"), lora, lora_config)
-    base_dir = s.base_dir
-    if cfg.lora.init == "pissa":  # the base is the residual W - s·A⊗B, not the pretrained weights
-        base_dir = os.path.join(out, "base")
-        if not os.path.exists(base_dir):
-            checkpoint.save_params(base_dir, base)
-    checkpoint.merge(base_dir, os.path.join(out, "adapter"), os.path.join(out, "merged"))
-
-    n_base = param_count(s.variables)
-    n_lora = param_count(lora)
-    metrics: dict[str, Any] = {
-        "lora": {
-            "steps": steps,
-            "resumed_from": start,
-            "target_before": before["target"], "target_after": after["target"],
-            "source_before": before["source"], "source_after": after["source"],
-            "trainable_params": n_lora, "trainable_percent": 100.0 * n_lora / n_base,
-            "adapter_bytes": _nbytes(lora), "adapter_disk_bytes": _dir_bytes(os.path.join(out, "adapter")),
-            "step_seconds": step_s, "train_seconds": train_s,
-            "tokens_per_second": None if step_s is None else cfg.train.batch_size * cfg.model.context / step_s,
-            "targets": [p for p, _ in targets(lora)],
-        },
-        "base": {"params": n_base, "bytes": _nbytes(s.variables), "pretrain": {
-            k: s.pretrain_info[k] for k in ("corpus", "heldout_loss", "seconds", "cached")}},
-        "domains": {"target": cfg.data.corpus, "source": cfg.data.source},
-        "losses": {"lora": history},
-        "config": to_dict(cfg),
-    }
+    after = s.evaluate(lambda p, ids: forward(p, run.params, ids), base)
+    _write_adapter(s, out, base, run.params)
+    metrics = _metrics(s, out, start.step, before, after, run)
     if compare_full:
-        t0 = time.perf_counter()
-        full, _, full_hist, full_step = train_full(s, steps=steps)
-        full_s = time.perf_counter() - t0
-        full_after = s.evaluate(s.model.apply, full)
-        metrics["full"] = {
-            "steps": steps,
-            "target_before": before["target"], "target_after": full_after["target"],
-            "source_before": before["source"], "source_after": full_after["source"],
-            "trainable_params": n_base, "trainable_percent": 100.0,
-            "adapter_bytes": _nbytes(full), "step_seconds": full_step, "train_seconds": full_s,
-            "tokens_per_second": cfg.train.batch_size * cfg.model.context / full_step,
-        }
-        metrics["losses"]["full"] = full_hist
-    _write_json(os.path.join(out, "metrics.json"), metrics)
-    curves = {"LoRA": metrics["losses"]["lora"]}
-    if compare_full:
-        curves["full fine-tune"] = metrics["losses"]["full"]
-    loss_curves(os.path.join(out, "loss.png"), curves,
-                title=f"{cfg.data.source} -> {cfg.data.corpus}: training loss (nats/byte)")
-    if log:
-        log(format_table(metrics))
-        log(f"outputs in {out}: adapter/, merged/, metrics.json, loss.png, checkpoints/")
+        _add_full(s, metrics, before)
+    _write_results(out, cfg, metrics, log)
     return metrics
 
 

@@ -29,7 +29,8 @@ from ..config import path_str, scale_for
 from ..report import delta_norms
 from ..transform import wrap
 from ..tree import targets
-from .model import _write_json, param_count
+from .files import write_json
+from .model import param_count
 from .run import Setup, train_lora
 from .run_config import RunConfig, to_dict
 
@@ -158,8 +159,8 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
         writer.writerows(table)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(_markdown(table, base_loss))
-    _write_json(os.path.join(out, "sweep.json"), {"rows": rows, "best_rank": best_rank, "base": base_loss,
-                                                  "best": {c: best[c] for c in COLUMNS}, "config": to_dict(cfg)})
+    write_json(os.path.join(out, "sweep.json"), {"rows": rows, "best_rank": best_rank, "base": base_loss,
+                                                 "best": {c: best[c] for c in COLUMNS}, "config": to_dict(cfg)})
 
     stage1 = [x for x in rows if x["stage"] == "rank"]
     series = {}
