@@ -2,13 +2,10 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from lora_jax.app import cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_prints_help(capsys):
@@ -27,11 +24,8 @@ def test_cli_module_runs():
 
 
 def test_linen_quickstart_learns_and_merges(capsys):
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import linen_quickstart
-    finally:
-        sys.path.pop(0)
+    import linen_quickstart
+
     result = linen_quickstart.main(steps=60)
     assert result["after"] < 0.7 * result["before"]
     assert abs(result["merged"] - result["after"]) < 0.1 * result["before"]
