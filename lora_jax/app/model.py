@@ -152,9 +152,8 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
     root = os.path.join(cache_root(cache_dir), "pretrained", f"tinylm-{key}")
     ckpt, info_path = os.path.join(root, "params"), os.path.join(root, "info.json")
     lm = TinyLM(model)
-    ids = jnp.zeros((1, model.context), jnp.int32)
     if os.path.exists(info_path) and os.path.isdir(ckpt):
-        abstract = jax.eval_shape(lm.init, jax.random.key(0), ids)
+        abstract = jax.eval_shape(lm.init, jax.random.key(0), jnp.zeros((1, model.context), jnp.int32))
         variables = checkpoint.restore_params(ckpt, like=abstract)
         with open(info_path) as f:
             info = json.load(f)
@@ -162,7 +161,16 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
 
     if log:
         log(f"pretraining the default model on {corpus.name} ({pretrain.steps} steps, once; cached in {root})")
-    variables = jax.jit(lm.init)(jax.random.key(pretrain.seed), ids)
+    variables, info = _pretrain(lm, pretrain, corpus, progress)
+    _store(root, variables, info)
+    variables = checkpoint.restore_params(ckpt, like=jax.eval_shape(lambda: variables))
+    return variables, ckpt, {**info, "cached": False}
+
+
+def _pretrain(lm: TinyLM, pretrain: PretrainConfig, corpus, progress: bool):
+    """Train ``lm`` from scratch on ``corpus``; returns the variables and the pretraining record."""
+    model = lm.cfg
+    variables = jax.jit(lm.init)(jax.random.key(pretrain.seed), jnp.zeros((1, model.context), jnp.int32))
     schedule = optax.warmup_cosine_decay_schedule(0.0, pretrain.lr, min(100, pretrain.steps // 10 + 1),
                                                   pretrain.steps, pretrain.lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -187,6 +195,14 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
         "heldout_loss": float(jax.jit(lambda p, w: lm_loss(lm.apply, p, w))(variables, held)),
         "seconds": time.perf_counter() - start,
     }
+    return variables, info
+
+
+def _store(root: str, variables, info: dict) -> None:
+    """Write the cache entry ``root``: ``params/`` (plain orbax), then ``info.json``."""
+    from .. import checkpoint
+
+    ckpt = os.path.join(root, "params")
     os.makedirs(root, exist_ok=True)
     # written under a name of its own, then renamed: when several processes pretrain the same
     # entry at once, the first rename wins and the others (same settings, same weights) use it
@@ -198,9 +214,7 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
         if not os.path.isdir(ckpt):
             raise
         shutil.rmtree(tmp_ckpt, ignore_errors=True)
-    write_json(info_path, info)  # written last: its presence marks a complete cache entry
-    variables = checkpoint.restore_params(ckpt, like=jax.eval_shape(lambda: variables))
-    return variables, ckpt, {**info, "cached": False}
+    write_json(os.path.join(root, "info.json"), info)  # written last: its presence marks a complete cache entry
 
 
 def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
