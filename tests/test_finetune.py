@@ -404,7 +404,7 @@ def test_resuming_a_finished_run_rewrites_its_outputs_with_valid_json(tmp_path, 
 
 
 def test_one_step_without_warmup_trains():
-    from lora_jax.app.run import _schedule
+    from lora_jax.app.train import _schedule
 
     assert float(_schedule(0.01, 1, 0)(0)) == pytest.approx(0.01)
     assert float(_schedule(0.01, 10, 4)(0)) == 0.0 and float(_schedule(0.01, 10, 4)(4)) == pytest.approx(0.01)

@@ -31,8 +31,8 @@ from ..transform import wrap
 from ..tree import targets
 from .files import write_json
 from .model import param_count
-from .run import Setup, train_lora
 from .run_config import RunConfig, to_dict
+from .train import Setup, train_lora
 
 __all__ = ["sweep", "COLUMNS"]
 
