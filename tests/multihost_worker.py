@@ -8,7 +8,6 @@ model) mesh; process 0 writes the losses, the merged model's loss and the traine
 
 import os
 import sys
-from pathlib import Path
 
 if __name__ == "__main__":
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -16,11 +15,7 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import sharded_train  # noqa: E402
-
-sys.path.pop(0)
 
 # The example's command line for both the 2-process run and the 1-process reference: a
 # (data=2, model=4) mesh over 8 devices and a model small enough to compile quickly.

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import checkpoint_worker as worker
 import chex
 import flax.linen as nn
 import jax
@@ -28,7 +29,8 @@ from jax.sharding import PartitionSpec as P
 from reference import np_delta, randomize
 
 import lora_jax as lj
-from lora_jax import checkpoint, cli, metadata
+from lora_jax import checkpoint, metadata
+from lora_jax.app import cli
 
 HERE = Path(__file__).resolve().parent
 STATIC = [f.name for f in dataclasses.fields(lj.LoraWeight) if f.metadata.get("static")]
@@ -395,9 +397,6 @@ def test_cli_merge(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------
 # crash safety
 
-sys.path.insert(0, str(HERE))
-import checkpoint_worker as worker  # noqa: E402
-
 
 def start_worker(directory, mode):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(HERE.parent))
@@ -595,11 +594,8 @@ def test_manager_optimizer_state_without_arrays(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_resumes_from_checkpoints(tmp_path, capsys):
-    sys.path.insert(0, str(HERE.parent / "examples"))
-    try:
-        import linen_quickstart
-    finally:
-        sys.path.pop(0)
+    import linen_quickstart
+
     plain = linen_quickstart.main(steps=8)
     run = tmp_path / "run"
     assert linen_quickstart.main(steps=8, ckpt_dir=str(run)) == plain

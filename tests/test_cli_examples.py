@@ -2,13 +2,10 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from lora_jax import cli
-
-ROOT = Path(__file__).resolve().parents[1]
+from lora_jax.app import cli
 
 
 def test_cli_prints_help(capsys):
@@ -22,16 +19,13 @@ def test_cli_prints_help(capsys):
 
 
 def test_cli_module_runs():
-    r = subprocess.run([sys.executable, "-m", "lora_jax.cli", "--help"], capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, "-m", "lora_jax.app.cli", "--help"], capture_output=True, text=True, check=True)
     assert "Low-rank adaptation" in r.stdout
 
 
 def test_linen_quickstart_learns_and_merges(capsys):
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import linen_quickstart
-    finally:
-        sys.path.pop(0)
+    import linen_quickstart
+
     result = linen_quickstart.main(steps=60)
     assert result["after"] < 0.7 * result["before"]
     assert abs(result["merged"] - result["after"]) < 0.1 * result["before"]

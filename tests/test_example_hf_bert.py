@@ -5,22 +5,14 @@ without them these tests fail with the example's message saying what to install.
 """
 
 import importlib.util
-import sys
-from pathlib import Path
 
+import hf_flax_bert as ex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lora_jax as lj
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-try:
-    import hf_flax_bert as ex
-finally:
-    sys.path.pop(0)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,5 @@
 """examples/nnx_quickstart.py: adapters learn, the merged NNX module matches, the base stays put."""
 
-import sys
-from pathlib import Path
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,15 +8,10 @@ from flax import nnx
 
 import lora_jax as lj
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _example():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import nnx_quickstart
-    finally:
-        sys.path.pop(0)
+    import nnx_quickstart
+
     return nnx_quickstart
 
 

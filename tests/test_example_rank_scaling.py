@@ -1,18 +1,10 @@
 """examples/rank_scaling.py: smoke run on a reduced config, and the rsLoRA claim itself."""
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-try:
-    import rank_scaling
-finally:
-    sys.path.pop(0)
+import rank_scaling
 
 ALPHA = 8.0
 

@@ -20,10 +20,10 @@ import yaml
 from safetensors.numpy import load_file
 
 import lora_jax as lj
-from lora_jax import checkpoint, cli, peft
-from lora_jax.finetune import config as run_config
-from lora_jax.finetune.model import TinyLM
-from lora_jax.finetune.run import format_table
+from lora_jax import checkpoint, peft
+from lora_jax.app import cli, run_config
+from lora_jax.app.model import TinyLM
+from lora_jax.app.run import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -404,7 +404,7 @@ def test_resuming_a_finished_run_rewrites_its_outputs_with_valid_json(tmp_path, 
 
 
 def test_one_step_without_warmup_trains():
-    from lora_jax.finetune.run import _schedule
+    from lora_jax.app.train import _schedule
 
     assert float(_schedule(0.01, 1, 0)(0)) == pytest.approx(0.01)
     assert float(_schedule(0.01, 10, 4)(0)) == 0.0 and float(_schedule(0.01, 10, 4)(4)) == pytest.approx(0.01)
@@ -412,7 +412,7 @@ def test_one_step_without_warmup_trains():
 
 
 def test_the_cache_key_covers_the_training_text():
-    from lora_jax.finetune.model import _cache_key
+    from lora_jax.app.model import _cache_key
 
     m, p = run_config.ModelConfig(), run_config.PretrainConfig()
     text = np.frombuffer(b"some text " * 100, np.uint8)
@@ -431,9 +431,9 @@ def test_processes_pretraining_one_cache_entry_at_once_agree(tmp_path):
 
     script = (
         "import sys, jax, numpy as np\n"
-        "from lora_jax.finetune.config import ModelConfig, PretrainConfig\n"
-        "from lora_jax.finetune.data import load_corpus\n"
-        "from lora_jax.finetune.model import pretrained\n"
+        "from lora_jax.app.run_config import ModelConfig, PretrainConfig\n"
+        "from lora_jax.app.data import load_corpus\n"
+        "from lora_jax.app.model import pretrained\n"
         "m = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, context=16)\n"
         "c = load_corpus('pydoc', max_bytes=30000, context=16)\n"
         "v, where, info = pretrained(m, PretrainConfig(steps=20, batch_size=4), c, cache_dir=sys.argv[1],"

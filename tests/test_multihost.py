@@ -25,6 +25,8 @@ def test_two_processes_train_like_one(tmp_path, capsys):
     out = tmp_path / "two_processes.npz"
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    # the worker imports this checkout's lora_jax and examples/sharded_train.py
+    env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parents[1]), str(WORKER.parents[1] / "examples")])
     procs = [
         subprocess.Popen([sys.executable, "-W", "error", str(WORKER), str(i), str(port), str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

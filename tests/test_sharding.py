@@ -2,8 +2,6 @@
 
 import math
 import re
-import sys
-from pathlib import Path
 
 import chex
 import flax.linen as nn
@@ -12,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import sharded_train as ex
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,11 +20,6 @@ from jax.sharding import PartitionSpec as P
 import lora_jax as lj
 from lora_jax import sharding
 from reference import np_delta_of, randomize
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import sharded_train as ex  # noqa: E402
-
-sys.path.pop(0)
 
 SIZES = ex.Sizes(vocab=64, d_model=32, heads=8, head_dim=4, mlp=64, layers=1, seq=6, batch=16)
 STEPS = 10

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import lora_jax as lj
 from lora_jax.transform import MaterializeWarning
-from tests.reference import np_delta_of
+from reference import np_delta_of
 
 
 def _randomize_b(lora, key=3, scale=1.0):

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .version import __version__
+from ..version import __version__
 
 _DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -23,6 +23,12 @@ def _add_run_args(p: argparse.ArgumentParser, config_required: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lora-jax`` argument parser: one subcommand each for the jobs and the checkpoint tools.
+
+    >>> ns = build_parser().parse_args(["finetune", "--set", "lora.rank=16", "--resume"])
+    >>> ns.command, ns.config, ns.overrides, ns.resume
+    ('finetune', None, ['lora.rank=16'], True)
+    """
     parser = argparse.ArgumentParser(
         prog="lora-jax",
         description="Low-rank adaptation (LoRA) for JAX/Flax models.",
@@ -30,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lora-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="print the library version and the JAX devices it sees")
+    _add_jobs(sub)
+    _add_checkpoint_tools(sub)
+    return parser
 
+
+def _add_jobs(sub) -> None:
+    """``finetune`` and ``sweep``: the training jobs, configured by a YAML file and ``--set``."""
     ft = sub.add_parser(
         "finetune",
         help="LoRA-adapt the embedded pretrained model (or your config's) to a new text domain",
@@ -51,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_args(sw, config_required=True)
 
+
+def _add_checkpoint_tools(sub) -> None:
+    """``inspect``, ``export-peft`` and ``merge``: commands on saved adapter checkpoints."""
     ins = sub.add_parser("inspect", help="summary table of a saved adapter",
                          description="Print an adapter checkpoint's targets (shape, rank, alpha, scale, "
                          "parameters), its config and each target's ||s·A⊗B||_F.")
@@ -78,68 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("base", metavar="BASE", help="orbax checkpoint of the base parameters")
     merge.add_argument("adapter", metavar="ADAPTER", help="adapter checkpoint directory")
     merge.add_argument("out", metavar="OUT", help="output directory (must not exist)")
-    return parser
 
 
 def _run_config(ns):
-    from .finetune.config import load
+    from .run_config import load
 
     path = ns.config
     if path is None and os.path.exists(_DEFAULT_CONFIG):
         path = _DEFAULT_CONFIG
     return load(path, ns.overrides)
-
-
-def inspect_adapter(path: str) -> str:
-    """The text ``lora-jax inspect`` prints for the adapter checkpoint at ``path``.
-
-    >>> import os, tempfile, jax, jax.numpy as jnp, lora_jax as lj
-    >>> cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2, alpha=4.0),))
-    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((8, 6))}, cfg)
-    >>> path = os.path.join(tempfile.mkdtemp(), "adapter")
-    >>> lj.checkpoint.save(path, lora, cfg)
-    >>> print(inspect_adapter(path))  # doctest: +ELLIPSIS
-    adapter .../adapter (lora_jax 0.1.0)
-    config: scaling=lora, init=default, dropout=0.0, rules: w (rank 2, alpha 4)
-    path  shape   kind    rank  alpha  scale  params  ||s·A⊗B||_F
-    w     (8, 6)  linear     2      4      2      28      0
-    trainable params: 28; 112 B of factors (float32)
-    """
-    import numpy as np
-
-    from . import checkpoint
-    from .report import summary
-    from .tree import targets
-
-    meta = checkpoint.metadata(path)
-    lora = checkpoint.restore(path)
-    lines = [f"adapter {path} (lora_jax {meta.get('library_version', '?')})"]
-    config = meta.get("config")
-    if config:
-        rules = ", ".join(
-            f"{r.get('pattern')}{' [linear weights]' if r.get('linear_only') else ''} "
-            f"(rank {r.get('rank')}, alpha {r.get('alpha'):g})"
-            for r in config.get("rules", [])
-        )
-        scaling = config.get("scaling")
-        lines.append(
-            f"config: scaling={scaling if isinstance(scaling, str) else 'custom'}, init={config.get('init')}, "
-            f"dropout={config.get('dropout')}, rules: {rules or 'none'}"
-        )
-        if config.get("init") == "pissa":
-            lines.append("PiSSA: the adapter belongs to the residual base (W - s·A⊗B at init), not the "
-                         "pretrained weights; merge it into that base (a finetune run's output.dir/base)")
-    table = summary(lora).splitlines()
-    norms = [f"{float(w.delta_norm()):.4g}" for _, w in targets(lora)]
-    width = max([len("||s·A⊗B||_F")] + [len(n) for n in norms])
-    lines.append(f"{table[0]}  {'||s·A⊗B||_F':>{width}}")
-    for row, norm in zip(table[1 : 1 + len(norms)], norms):
-        lines.append(f"{row}  {norm:>{width}}")
-    n_bytes = sum(np.asarray(x).nbytes for _, w in targets(lora) for x in (w.a, w.b))
-    dtypes = sorted({str(x.dtype) for _, w in targets(lora) for x in (w.a, w.b)})
-    total = sum(w.num_params for _, w in targets(lora))
-    lines.append(f"trainable params: {total:,}; {n_bytes:,} B of factors ({', '.join(dtypes)})")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -179,20 +141,22 @@ def _dispatch(ns) -> int:
         print(f"lora-jax {__version__}, jax {jax.__version__}, devices: {jax.devices()}")
         return 0
     if ns.command == "finetune":
-        from .finetune.run import finetune
+        from .run import finetune
 
         finetune(_run_config(ns), compare_full=ns.compare_full, resume=ns.resume, overwrite=ns.overwrite)
         return 0
     if ns.command == "sweep":
-        from .finetune.sweep import sweep
+        from .sweep import sweep
 
         sweep(_run_config(ns), overwrite=ns.overwrite)
         return 0
     if ns.command == "inspect":
+        from .inspection import inspect_adapter
+
         print(inspect_adapter(ns.adapter))
         return 0
     if ns.command == "export-peft":
-        from . import checkpoint, peft
+        from .. import checkpoint, peft
 
         lora = checkpoint.restore(ns.adapter)
         name_map = {"hf": peft.HF, "gpt2": peft.GPT2, "bert": peft.BERT, "llama": peft.LLAMA}[ns.name_map]
@@ -200,7 +164,7 @@ def _dispatch(ns) -> int:
         print(f"wrote {len(modules)} PEFT modules to {ns.out}")
         return 0
     if ns.command == "merge":
-        from . import checkpoint
+        from .. import checkpoint
 
         paths = checkpoint.merge(ns.base, ns.adapter, ns.out)
         print(f"merged {len(paths)} adapter(s) into {ns.out}")

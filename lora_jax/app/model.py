@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .config import ModelConfig, PretrainConfig
+from .files import write_json
+from .run_config import ModelConfig, PretrainConfig
 
-__all__ = ["TinyLM", "cache_root", "pretrained", "lm_loss", "make_step"]
+__all__ = ["TinyLM", "cache_root", "pretrained", "lm_loss", "make_step", "progress_bar", "param_count"]
 
 VOCAB = 256
 _FORMAT = 1  # bump when the model code changes meaning: old cache entries are then ignored
@@ -132,10 +133,10 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
     Returns ``(variables, checkpoint_dir, info)``: ``checkpoint_dir`` is a plain orbax
     checkpoint of ``variables`` (what :func:`lora_jax.checkpoint.merge` takes as the base),
     ``info`` the pretraining record (losses, time, settings). ``corpus`` is the
-    :class:`~lora_jax.finetune.data.Corpus` of ``pretrain.corpus``.
+    :class:`~lora_jax.app.data.Corpus` of ``pretrain.corpus``.
 
     >>> import tempfile
-    >>> from lora_jax.finetune.data import load_corpus
+    >>> from lora_jax.app.data import load_corpus
     >>> m = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, context=16)
     >>> p = PretrainConfig(steps=3, batch_size=2)
     >>> corpus = load_corpus("pydoc", max_bytes=20_000, context=16)
@@ -151,9 +152,8 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
     root = os.path.join(cache_root(cache_dir), "pretrained", f"tinylm-{key}")
     ckpt, info_path = os.path.join(root, "params"), os.path.join(root, "info.json")
     lm = TinyLM(model)
-    ids = jnp.zeros((1, model.context), jnp.int32)
     if os.path.exists(info_path) and os.path.isdir(ckpt):
-        abstract = jax.eval_shape(lm.init, jax.random.key(0), ids)
+        abstract = jax.eval_shape(lm.init, jax.random.key(0), jnp.zeros((1, model.context), jnp.int32))
         variables = checkpoint.restore_params(ckpt, like=abstract)
         with open(info_path) as f:
             info = json.load(f)
@@ -161,14 +161,23 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
 
     if log:
         log(f"pretraining the default model on {corpus.name} ({pretrain.steps} steps, once; cached in {root})")
-    variables = jax.jit(lm.init)(jax.random.key(pretrain.seed), ids)
+    variables, info = _pretrain(lm, pretrain, corpus, progress)
+    _store(root, variables, info)
+    variables = checkpoint.restore_params(ckpt, like=jax.eval_shape(lambda: variables))
+    return variables, ckpt, {**info, "cached": False}
+
+
+def _pretrain(lm: TinyLM, pretrain: PretrainConfig, corpus, progress: bool):
+    """Train ``lm`` from scratch on ``corpus``; returns the variables and the pretraining record."""
+    model = lm.cfg
+    variables = jax.jit(lm.init)(jax.random.key(pretrain.seed), jnp.zeros((1, model.context), jnp.int32))
     schedule = optax.warmup_cosine_decay_schedule(0.0, pretrain.lr, min(100, pretrain.steps // 10 + 1),
                                                   pretrain.steps, pretrain.lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     step = make_step(lambda p, b, k: lm_loss(lm.apply, p, b), tx)
     opt = tx.init(variables)
     losses, start = [], time.perf_counter()
-    bar = _bar(pretrain.steps, "pretrain", progress)
+    bar = progress_bar(pretrain.steps, "pretrain", progress)
     key0 = jax.random.key(0)
     for i in range(pretrain.steps):
         batch = corpus.batch(i, pretrain.batch_size, model.context, seed=pretrain.seed)
@@ -186,6 +195,14 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
         "heldout_loss": float(jax.jit(lambda p, w: lm_loss(lm.apply, p, w))(variables, held)),
         "seconds": time.perf_counter() - start,
     }
+    return variables, info
+
+
+def _store(root: str, variables, info: dict) -> None:
+    """Write the cache entry ``root``: ``params/`` (plain orbax), then ``info.json``."""
+    from .. import checkpoint
+
+    ckpt = os.path.join(root, "params")
     os.makedirs(root, exist_ok=True)
     # written under a name of its own, then renamed: when several processes pretrain the same
     # entry at once, the first rename wins and the others (same settings, same weights) use it
@@ -197,20 +214,17 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
         if not os.path.isdir(ckpt):
             raise
         shutil.rmtree(tmp_ckpt, ignore_errors=True)
-    _write_json(info_path, info)  # written last: its presence marks a complete cache entry
-    variables = checkpoint.restore_params(ckpt, like=jax.eval_shape(lambda: variables))
-    return variables, ckpt, {**info, "cached": False}
+    write_json(os.path.join(root, "info.json"), info)  # written last: its presence marks a complete cache entry
 
 
-def _write_json(path: str, data) -> None:
-    """Write ``data`` as JSON atomically (a file of this process's own, then renamed)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A tqdm progress bar over ``total`` steps, starting at ``initial``; silent unless ``enabled``.
 
-
-def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    >>> bar = progress_bar(3, "train", enabled=False)
+    >>> bar.total, bar.disable
+    (3, True)
+    >>> bar.close()
+    """
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)

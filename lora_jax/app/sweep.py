@@ -29,9 +29,10 @@ from ..config import path_str, scale_for
 from ..report import delta_norms
 from ..transform import wrap
 from ..tree import targets
-from .config import RunConfig, to_dict
-from .model import _write_json, param_count
-from .run import Setup, train_lora
+from .files import write_json
+from .model import param_count
+from .run_config import RunConfig, to_dict
+from .train import Setup, train_lora
 
 __all__ = ["sweep", "COLUMNS"]
 
@@ -98,46 +99,17 @@ def _markdown(rows, base_loss) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = False) -> dict[str, Any]:
-    """Run the rank then alpha sweep of ``cfg`` and write the tables and plots.
-
-    Returns ``{"rows": [...], "best_rank": r, "best": row, "base": losses, "dir": path}``;
-    each row has the :data:`COLUMNS` (plus its loss and norm logs in ``sweep.json``).
-
-    >>> import tempfile
-    >>> from lora_jax.finetune.config import from_dict
-    >>> tmp = tempfile.mkdtemp()
-    >>> cfg = from_dict({}, [f"output.dir={tmp}/run", f"output.cache_dir={tmp}/cache",
-    ...     "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "model.context=16",
-    ...     "pretrain.steps=2", "train.batch_size=2", "train.eval_batches=1", "train.progress=false",
-    ...     "data.max_bytes=30000", "sweep.ranks=[1]", "sweep.alpha_ratios=[1]", "sweep.steps=2"])
-    >>> result = sweep(cfg, log=None)
-    >>> [(r["stage"], r["scaling"], r["rank"], r["alpha"]) for r in result["rows"]]
-    [('rank', 'lora', 1, 1.0), ('rank', 'rslora', 1, 8.0), ('alpha', 'lora', 1, 1.0)]
-    >>> sorted(os.listdir(result["dir"]))
-    ['delta_norms.png', 'loss_vs_rank.png', 'results.csv', 'results.md', 'sweep.json']
-    """
-    from .plots import lines
-
-    out = os.path.join(cfg.output.dir, "sweep")
-    if os.path.exists(os.path.join(out, "sweep.json")) and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a sweep; pass --overwrite to replace it or --set output.dir=<new dir>"
-        )
-    os.makedirs(out, exist_ok=True)
-    s = Setup(cfg, log=log)
-    for r in cfg.sweep.ranks:  # every rank fits every target, before the first trial runs
-        s.check(s.lora_config(rank=r, alpha=float(r)))
-    base_loss = s.evaluate(s.model.apply, s.variables)
-    # ||W||_F of every weight the adapters target (the same paths at every rank)
+def _base_norms(s: Setup) -> dict[str, Any]:
+    """``||W||_F`` of every weight the adapters target (the same paths at every rank)."""
     _, probe = s.split(s.lora_config(rank=1, alpha=1.0))
     weights = {path_str(p): w for p, w in jax.tree_util.tree_flatten_with_path(s.variables)[0]}
-    base_norms = {p: jnp.linalg.norm(weights[p].astype(jnp.float32)) for p, _ in targets(probe)}
-    if log:
-        log(f"base model: target ({cfg.data.corpus}) loss {base_loss['target']:.4f}, "
-            f"source ({cfg.data.source}) loss {base_loss['source']:.4f}; {len(base_norms)} targets, "
-            f"{cfg.sweep.steps} steps per trial")
+    return {p: jnp.linalg.norm(weights[p].astype(jnp.float32)) for p, _ in targets(probe)}
 
+
+def _trials(s: Setup, base_norms, log) -> tuple[list[dict], int]:
+    """Stage 1 over ``sweep.ranks``, then stage 2 over ``sweep.alpha_ratios`` at the best rank
+    (a trial stage 1 already ran is reused); returns the rows and the best rank."""
+    cfg = s.cfg
     trial = lambda **kw: _trial(s, base_norms=base_norms, log=log, **kw)
     rows = []
     for r in cfg.sweep.ranks:
@@ -149,8 +121,11 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
         same = [x for x in rows if x["scaling"] == "lora" and x["rank"] == best_rank and x["alpha"] == alpha]
         rows.append({**same[0], "stage": "alpha"} if same else
                     trial(stage="alpha", scaling="lora", rank=best_rank, alpha=alpha))
-    best = _best(rows)
+    return rows, best_rank
 
+
+def _write_tables(out: str, cfg: RunConfig, rows, best_rank: int, best, base_loss) -> list[dict]:
+    """``results.csv``, ``results.md`` and ``sweep.json``; returns the table (the :data:`COLUMNS` of each row)."""
     table = [{c: x[c] for c in COLUMNS} for x in rows]
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -158,8 +133,14 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
         writer.writerows(table)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(_markdown(table, base_loss))
-    _write_json(os.path.join(out, "sweep.json"), {"rows": rows, "best_rank": best_rank, "base": base_loss,
-                                                  "best": {c: best[c] for c in COLUMNS}, "config": to_dict(cfg)})
+    write_json(os.path.join(out, "sweep.json"), {"rows": rows, "best_rank": best_rank, "base": base_loss,
+                                                 "best": {c: best[c] for c in COLUMNS}, "config": to_dict(cfg)})
+    return table
+
+
+def _plot_ranks(out: str, cfg: RunConfig, rows, base_loss) -> None:
+    """``loss_vs_rank.png``: stage 1's held-out target loss per rank, LoRA vs rsLoRA, and the base's."""
+    from .plots import lines
 
     stage1 = [x for x in rows if x["stage"] == "rank"]
     series = {}
@@ -170,6 +151,12 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
     series["base model"] = (list(cfg.sweep.ranks), [base_loss["target"]] * len(cfg.sweep.ranks))
     lines(os.path.join(out, "loss_vs_rank.png"), series, xlabel="rank r", ylabel="held-out target loss (nats/byte)",
           title=f"{cfg.sweep.steps} steps on {cfg.data.corpus}", logx=True)
+
+
+def _plot_norms(out: str, rows, best_rank: int) -> None:
+    """``delta_norms.png``: the largest ``||s·A⊗B||_F / ||W||_F`` over steps, one line per trial run."""
+    from .plots import lines
+
     norm_series, styles = {}, {}
     runs = [x for x in rows if not (x["stage"] == "alpha" and x["alpha"] == float(best_rank))]  # no repeats
     for i, x in enumerate(runs):
@@ -180,6 +167,47 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
                          "linestyle": "--" if x["scaling"] == "rslora" else ":" if x["stage"] == "alpha" else "-"}
     lines(os.path.join(out, "delta_norms.png"), norm_series, xlabel="step", styles=styles,
           ylabel="max over targets of ||s·A⊗B||_F / ||W||_F", title="adapter delta norms", logy=True, markers=False)
+
+
+def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = False) -> dict[str, Any]:
+    """Run the rank then alpha sweep of ``cfg`` and write the tables and plots.
+
+    Returns ``{"rows": [...], "best_rank": r, "best": row, "base": losses, "dir": path}``;
+    each row has the :data:`COLUMNS` (plus its loss and norm logs in ``sweep.json``).
+
+    >>> import tempfile
+    >>> from lora_jax.app.run_config import from_dict
+    >>> tmp = tempfile.mkdtemp()
+    >>> cfg = from_dict({}, [f"output.dir={tmp}/run", f"output.cache_dir={tmp}/cache",
+    ...     "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "model.context=16",
+    ...     "pretrain.steps=2", "train.batch_size=2", "train.eval_batches=1", "train.progress=false",
+    ...     "data.max_bytes=30000", "sweep.ranks=[1]", "sweep.alpha_ratios=[1]", "sweep.steps=2"])
+    >>> result = sweep(cfg, log=None)
+    >>> [(r["stage"], r["scaling"], r["rank"], r["alpha"]) for r in result["rows"]]
+    [('rank', 'lora', 1, 1.0), ('rank', 'rslora', 1, 8.0), ('alpha', 'lora', 1, 1.0)]
+    >>> sorted(os.listdir(result["dir"]))
+    ['delta_norms.png', 'loss_vs_rank.png', 'results.csv', 'results.md', 'sweep.json']
+    """
+    out = os.path.join(cfg.output.dir, "sweep")
+    if os.path.exists(os.path.join(out, "sweep.json")) and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a sweep; pass --overwrite to replace it or --set output.dir=<new dir>"
+        )
+    os.makedirs(out, exist_ok=True)
+    s = Setup(cfg, log=log)
+    for r in cfg.sweep.ranks:  # every rank fits every target, before the first trial runs
+        s.check(s.lora_config(rank=r, alpha=float(r)))
+    base_loss = s.evaluate(s.model.apply, s.variables)
+    base_norms = _base_norms(s)
+    if log:
+        log(f"base model: target ({cfg.data.corpus}) loss {base_loss['target']:.4f}, "
+            f"source ({cfg.data.source}) loss {base_loss['source']:.4f}; {len(base_norms)} targets, "
+            f"{cfg.sweep.steps} steps per trial")
+    rows, best_rank = _trials(s, base_norms, log)
+    best = _best(rows)
+    table = _write_tables(out, cfg, rows, best_rank, best, base_loss)
+    _plot_ranks(out, cfg, rows, base_loss)
+    _plot_norms(out, rows, best_rank)
     if log:
         log(_markdown(table, base_loss))
         log(f"best: {best['scaling']} r={best['rank']} alpha={best['alpha']:g} (target loss {best['target_loss']:.4f}); "

@@ -1,0 +1,309 @@
+"""``lora-jax finetune``: adapt the pretrained default model to a new domain with LoRA.
+
+One run: load (or pretrain once and cache) the default model, measure its loss on the
+target and source domains, train LoRA adapters on the target domain (orbax checkpoints
+every ``train.save_every`` steps, resumable), measure again, and write
+
+- ``adapter/``   the adapter (:func:`lora_jax.checkpoint.save`, with its config),
+- ``merged/``    the base with the adapter merged in (plain orbax, loads into ``TinyLM``),
+- ``base/``      only with ``lora.init: pissa``: the residual base the adapter belongs to,
+- ``metrics.json`` every number of the final table, the loss curves and the config,
+- ``loss.png``   the training loss curves (LoRA, and the full fine-tune when compared),
+- ``config.yaml`` the resolved config, ``checkpoints/`` the training checkpoints.
+
+With ``compare_full=True`` a full fine-tune of the same model on the same batches is the
+baseline ("LoRA learns less and forgets less", Biderman et al. 2024).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+
+from .. import checkpoint
+from ..transform import wrap
+from ..tree import targets
+from .files import disk_bytes, remove, write_json
+from .model import param_count
+from .run_config import RunConfig, to_dict
+from .train import Setup, lora_optimizer, train_full, train_lora
+
+__all__ = ["finetune", "format_table"]
+
+_OUTPUTS = ("adapter", "merged", "base", "metrics.json", "loss.png", "config.yaml", "checkpoints")
+
+
+# keys a resumed run may change (and the output section); any other difference from the saved
+# config.yaml is refused
+_RESUMABLE = {("train", "steps"), ("train", "progress"), ("train", "save_every"), ("train", "keep")}
+
+
+def _check_out(out: str, cfg: RunConfig, resume: bool, overwrite: bool) -> list[str]:
+    """The outputs already in ``out``; raises when they may not be continued or replaced."""
+    existing = [name for name in _OUTPUTS if os.path.exists(os.path.join(out, name))]
+    if existing and not (resume or overwrite):
+        raise FileExistsError(
+            f"output.dir {out} already holds a run ({', '.join(existing)}); pass --resume to continue "
+            f"it, --overwrite to start over, or --set output.dir=<new dir>"
+        )
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")
+    if resume:
+        _check_resumable(out, cfg)
+    return existing
+
+
+def _check_resumable(out: str, cfg: RunConfig) -> None:
+    """Raises when ``cfg`` differs from the run saved in ``out`` in a key that may not change on resume."""
+    import yaml
+
+    saved = os.path.join(out, "config.yaml")
+    if not os.path.exists(saved):
+        return
+    with open(saved) as f:
+        old = yaml.safe_load(f) or {}
+    changed = sorted(
+        f"{sec}.{key} ({old.get(sec, {}).get(key)!r} -> {value!r})"
+        for sec, values in to_dict(cfg).items() for key, value in values.items()
+        if sec != "output" and (sec, key) not in _RESUMABLE and old.get(sec, {}).get(key) != value
+    )
+    if changed:
+        raise ValueError(
+            f"--resume: the config differs from the run in {out} ({saved}) in {', '.join(changed)}; "
+            f"only {', '.join(sorted(f'{a}.{b}' for a, b in _RESUMABLE))} may change on resume. Use the "
+            "same settings, or start a new output.dir"
+        )
+
+
+class _Start(NamedTuple):
+    """Where the adapters' training starts: the step, the adapters, optimizer state, losses so far."""
+
+    step: int
+    lora: Any
+    opt: Any = None
+    history: Sequence[float] = ()
+
+
+def _resume_point(s: Setup, out: str, lora, tx, log) -> _Start:
+    """The newest checkpoint in ``out/checkpoints`` (step 0 and ``lora`` itself when there is none)."""
+    steps, ckpt_dir = s.cfg.train.steps, os.path.join(out, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return _Start(0, lora)
+    with checkpoint.Manager(ckpt_dir, max_to_keep=s.cfg.train.keep) as mgr:
+        latest = mgr.latest_step()
+        if latest is None:
+            return _Start(0, lora)
+        if latest > steps:
+            raise ValueError(
+                f"train.steps={steps} but the checkpoints in {out} are at step {latest}; resume "
+                f"with --set train.steps={latest} or more"
+            )
+        start, lora, opt = mgr.restore(lora=lora, opt_state=jax.eval_shape(tx.init, lora))
+    history, hist_path = [], os.path.join(ckpt_dir, "history.json")
+    if start and os.path.exists(hist_path):
+        with open(hist_path) as f:
+            history = json.load(f)["losses"][:start]
+    if log and start:
+        log(f"resuming from step {start} of {steps} ({ckpt_dir})")
+    return _Start(start, lora, opt, history)
+
+
+def _begin_output(out: str, cfg: RunConfig, old: list[str]) -> None:
+    """Create ``out`` with the resolved ``config.yaml``, the ``old`` outputs removed first."""
+    import yaml
+
+    for name in old:
+        remove(os.path.join(out, name))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+class _Trained(NamedTuple):
+    """What a training run leaves: parameters, per-step losses, median step and total seconds."""
+
+    params: Any
+    history: list
+    step_seconds: float | None
+    seconds: float
+
+
+def _timed(train: Callable, *args, **kwargs) -> _Trained:
+    t0 = time.perf_counter()
+    params, _, history, step_seconds = train(*args, **kwargs)
+    return _Trained(params, history, step_seconds, time.perf_counter() - t0)
+
+
+def _train_adapters(s: Setup, out: str, base, start: _Start, tx) -> _Trained:
+    """Train from ``start`` to ``train.steps``, checkpointing to ``out/checkpoints``."""
+    with checkpoint.Manager(os.path.join(out, "checkpoints"), max_to_keep=s.cfg.train.keep) as mgr:
+        return _timed(train_lora, s, base, start.lora, steps=s.cfg.train.steps, tx=tx, manager=mgr,
+                      start=start.step, opt=start.opt, history=start.history)
+
+
+def _write_adapter(s: Setup, out: str, base, lora) -> None:
+    """``adapter/`` and ``merged/`` (written anew on resume); with PiSSA also ``base/``, the residual base."""
+    for name in ("adapter", "merged"):
+        remove(os.path.join(out, name))
+    checkpoint.save(os.path.join(out, "adapter"), lora, s.lora_config())
+    base_dir = s.base_dir
+    if s.cfg.lora.init == "pissa":  # the base is the residual W - s·A⊗B, not the pretrained weights
+        base_dir = os.path.join(out, "base")
+        if not os.path.exists(base_dir):
+            checkpoint.save_params(base_dir, base)
+    checkpoint.merge(base_dir, os.path.join(out, "adapter"), os.path.join(out, "merged"))
+
+
+def _nbytes(tree) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def _losses(before: dict, after: dict) -> dict[str, float]:
+    return {"target_before": before["target"], "target_after": after["target"],
+            "source_before": before["source"], "source_after": after["source"]}
+
+
+def _size(s: Setup, params) -> dict[str, Any]:
+    n = param_count(params)
+    return {"trainable_params": n, "trainable_percent": 100.0 * n / param_count(s.variables),
+            "adapter_bytes": _nbytes(params)}
+
+
+def _speed(s: Setup, run: _Trained) -> dict[str, Any]:
+    tokens = s.cfg.train.batch_size * s.cfg.model.context
+    return {"step_seconds": run.step_seconds, "train_seconds": run.seconds,
+            "tokens_per_second": None if run.step_seconds is None else tokens / run.step_seconds}
+
+
+def _metrics(s: Setup, out: str, start: int, before: dict, after: dict, run: _Trained) -> dict[str, Any]:
+    """Every number of the LoRA run: losses, sizes, speed, the loss curve, the base and the config."""
+    cfg = s.cfg
+    return {
+        "lora": {
+            "steps": cfg.train.steps, "resumed_from": start, **_losses(before, after), **_size(s, run.params),
+            "adapter_disk_bytes": disk_bytes(os.path.join(out, "adapter")), **_speed(s, run),
+            "targets": [p for p, _ in targets(run.params)],
+        },
+        "base": {"params": param_count(s.variables), "bytes": _nbytes(s.variables), "pretrain": {
+            k: s.pretrain_info[k] for k in ("corpus", "heldout_loss", "seconds", "cached")}},
+        "domains": {"target": cfg.data.corpus, "source": cfg.data.source},
+        "losses": {"lora": run.history},
+        "config": to_dict(cfg),
+    }
+
+
+def _add_full(s: Setup, metrics: dict, before: dict) -> None:
+    """Train the full fine-tune baseline and add its column and loss curve to ``metrics``."""
+    run = _timed(train_full, s, steps=s.cfg.train.steps)
+    after = s.evaluate(s.model.apply, run.params)
+    metrics["full"] = {"steps": s.cfg.train.steps, **_losses(before, after), **_size(s, run.params), **_speed(s, run)}
+    metrics["losses"]["full"] = run.history
+
+
+def _write_results(out: str, cfg: RunConfig, metrics: dict, log) -> None:
+    """``metrics.json`` and ``loss.png``; the table and where the outputs are go to ``log``."""
+    from .plots import loss_curves
+
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    names = {"lora": "LoRA", "full": "full fine-tune"}
+    loss_curves(os.path.join(out, "loss.png"), {names[k]: v for k, v in metrics["losses"].items()},
+                title=f"{cfg.data.source} -> {cfg.data.corpus}: training loss (nats/byte)")
+    if log:
+        log(format_table(metrics))
+        log(f"outputs in {out}: adapter/, merged/, metrics.json, loss.png, checkpoints/")
+
+
+def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False, overwrite: bool = False,
+             log: Callable | None = print) -> dict[str, Any]:
+    """Run the whole fine-tune described by ``cfg`` and write its outputs; returns the metrics.
+
+    Args:
+      compare_full: also train a full fine-tune baseline and report it side by side.
+      resume: continue from the newest checkpoint in ``output.dir/checkpoints`` (the
+        step count continues; the result equals an uninterrupted run).
+      overwrite: delete a previous run's outputs in ``output.dir`` first.
+
+    Raises:
+      FileExistsError: ``output.dir`` holds a run and neither ``resume`` nor ``overwrite``.
+
+    >>> import tempfile
+    >>> from lora_jax.app.run_config import from_dict
+    >>> tmp = tempfile.mkdtemp()
+    >>> cfg = from_dict({}, [f"output.dir={tmp}/run", f"output.cache_dir={tmp}/cache",
+    ...     "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "model.context=16",
+    ...     "pretrain.steps=2", "train.steps=3", "train.warmup=1", "train.batch_size=2", "train.eval_batches=1",
+    ...     "train.progress=false", "data.max_bytes=30000", "lora.rank=2"])
+    >>> m = finetune(cfg, log=None)
+    >>> m["lora"]["steps"], sorted(os.listdir(f"{tmp}/run"))
+    (3, ['adapter', 'checkpoints', 'config.yaml', 'loss.png', 'merged', 'metrics.json'])
+    """
+    out = os.path.abspath(os.path.expanduser(cfg.output.dir))
+    existing = _check_out(out, cfg, resume, overwrite)
+    s = Setup(cfg, log=log)  # every config, corpus and target problem surfaces here, before any write
+    base, lora = s.split()
+    tx = lora_optimizer(cfg)
+    start = _resume_point(s, out, lora, tx, log) if resume else _Start(0, lora)
+    _begin_output(out, cfg, existing if overwrite else [])
+    before = s.evaluate(s.model.apply, s.variables)
+    run = _train_adapters(s, out, base, start, tx)
+    forward = wrap(s.model.apply)
+    after = s.evaluate(lambda p, ids: forward(p, run.params, ids), base)
+    _write_adapter(s, out, base, run.params)
+    metrics = _metrics(s, out, start.step, before, after, run)
+    if compare_full:
+        _add_full(s, metrics, before)
+    _write_results(out, cfg, metrics, log)
+    return metrics
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def format_table(metrics: dict) -> str:
+    """The end-of-run table: losses before/after per domain, parameters, bytes, step time.
+
+    >>> m = {"domains": {"target": "stdlib", "source": "pydoc"}, "base": {"params": 1000, "bytes": 4000},
+    ...      "lora": {"target_before": 3.0, "target_after": 2.0, "source_before": 1.0, "source_after": 1.1,
+    ...               "trainable_params": 50, "trainable_percent": 5.0, "adapter_bytes": 200,
+    ...               "step_seconds": 0.01, "tokens_per_second": 1e5}}
+    >>> print(format_table(m))
+                                    LoRA
+    target (stdlib) loss before    3.000
+    target (stdlib) loss after     2.000
+    source (pydoc) loss before     1.000
+    source (pydoc) loss after      1.100
+    trainable params            50 (5.00%)
+    trained bytes vs base      200 B / 3.9 KiB
+    step time                     10.0 ms
+    tokens/s                     100,000
+    """
+    cols = [k for k in ("lora", "full") if k in metrics]
+    names = {"lora": "LoRA", "full": "full FT"}
+    t, src = metrics["domains"]["target"], metrics["domains"]["source"]
+    base_bytes = metrics["base"]["bytes"]
+    rows = [
+        (f"target ({t}) loss before", lambda m: f"{m['target_before']:.3f}"),
+        (f"target ({t}) loss after", lambda m: f"{m['target_after']:.3f}"),
+        (f"source ({src}) loss before", lambda m: f"{m['source_before']:.3f}"),
+        (f"source ({src}) loss after", lambda m: f"{m['source_after']:.3f}"),
+        ("trainable params", lambda m: f"{m['trainable_params']:,} ({m['trainable_percent']:.2f}%)"),
+        ("trained bytes vs base", lambda m: f"{_human_bytes(m['adapter_bytes'])} / {_human_bytes(base_bytes)}"),
+        ("step time", lambda m: "n/a" if m["step_seconds"] is None else f"{1e3 * m['step_seconds']:.1f} ms"),
+        ("tokens/s", lambda m: "n/a" if m["tokens_per_second"] is None else f"{m['tokens_per_second']:,.0f}"),
+    ]
+    cells = [[fmt(metrics[c]) for c in cols] for _, fmt in rows]
+    w0 = max(len(label) for label, _ in rows)
+    widths = [max(len(names[c]), *(len(r[j]) for r in cells)) for j, c in enumerate(cols)]
+    lines = [" " * w0 + "".join(f"  {names[c]:>{w}}" for c, w in zip(cols, widths))]
+    for (label, _), row in zip(rows, cells):
+        lines.append(f"{label:<{w0}}" + "".join(f"  {v:>{w}}" for v, w in zip(row, widths)))
+    return "\n".join(line.rstrip() for line in lines)

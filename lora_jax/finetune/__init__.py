@@ -1,1 +1,0 @@
-"""The ``lora-jax finetune`` / ``sweep`` jobs: an embedded pretrained model, corpora, training loop."""
