@@ -152,52 +152,21 @@ def _check_all_used(config: LoraConfig, paths, hits, heads=()):
         )
 
 
-def _make_weight(path, w, rule: Rule, config: LoraConfig, usage) -> LoraWeight:
+def _make_weight(path, w, rule: Rule, config: LoraConfig, usage) -> tuple[LoraWeight, Any]:
+    """The adapter's metadata (factors still None) for target ``w``, and its factors' dtype."""
     shape, dtype = tuple(jnp.shape(w)), jnp.result_type(w)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"{path}: target has dtype {dtype}, but LoRA adapts floating-point weights only; "
             f"narrow rule {rule.pattern!r} or add the path to exclude="
         )
-    kind = _untraced_kind(path)
     if len(shape) < 2 and rule.axes is None:
         raise ValueError(
             f"{path}: target has shape {shape}; LoRA needs a weight with at least an input "
             f"and an output axis. Narrow rule {rule.pattern!r} (e.g. to '.*/kernel')"
         )
-    if rule.axes is not None:
-        axes = rule.axes.normalized(len(shape), f"{path}: rule {rule.pattern!r}: ")
-        if usage is not None and usage.kind is not None:
-            kind = usage.kind
-    elif usage is not None:
-        found = usage.axes(len(shape))
-        if found is None:
-            others = usage.other_primitives()
-            used = f"it is only used by {others}" if others else "the traced function never uses it"
-            raise ValueError(
-                f"{path}: shape {shape} matched rule {rule.pattern!r}, but no dot_general, "
-                f"gather or conv consumes it ({used}). Narrow the rule, or give "
-                "Rule(axes=...) if it really is a matmul weight"
-            )
-        ins, outs, stack = found
-        if not ins or not outs:
-            raise ValueError(
-                f"{path}: shape {shape} is used by a matmul with input axes {ins} and output "
-                f"axes {outs}; one side is empty, so no low-rank update fits. Give "
-                "Rule(axes=...) or narrow the rule"
-            )
-        axes = Axes(ins, outs, stack).normalized(len(shape), f"{path}: ")
-        kind = usage.kind
-    else:
-        axes = Axes.default(len(shape))
-    in_size = math.prod(shape[i] for i in axes.in_axes)
-    out_size = math.prod(shape[i] for i in axes.out_axes)
-    if rule.rank > min(in_size, out_size):
-        raise ValueError(
-            f"{path}: rank {rule.rank} exceeds min(in, out) = min({in_size}, {out_size}) of the "
-            f"weight of shape {shape} (in axes {axes.in_axes}, out axes {axes.out_axes}); use "
-            f"rank <= {min(in_size, out_size)} in rule {rule.pattern!r}"
-        )
+    axes, kind = _target_axes(path, shape, rule, usage)
+    _check_rank(path, shape, axes, rule)
     adapter_dtype = config.dtype if config.dtype is not None else jnp.promote_types(dtype, jnp.float32)
     spec = LoraWeight(
         a=None,
@@ -216,6 +185,45 @@ def _make_weight(path, w, rule: Rule, config: LoraConfig, usage) -> LoraWeight:
         rule=rule.pattern,
     )
     return spec, jnp.dtype(adapter_dtype)
+
+
+def _target_axes(path, shape, rule: Rule, usage) -> tuple[Axes, str]:
+    """The target's axes and kind: the rule's ``axes=``, else what tracing found, else
+    Flax's convention (kind from the path's last name)."""
+    if rule.axes is not None:
+        axes = rule.axes.normalized(len(shape), f"{path}: rule {rule.pattern!r}: ")
+        traced = usage.kind if usage is not None else None
+        return axes, traced if traced is not None else _untraced_kind(path)
+    if usage is None:
+        return Axes.default(len(shape)), _untraced_kind(path)
+    found = usage.axes(len(shape))
+    if found is None:
+        others = usage.other_primitives()
+        used = f"it is only used by {others}" if others else "the traced function never uses it"
+        raise ValueError(
+            f"{path}: shape {shape} matched rule {rule.pattern!r}, but no dot_general, "
+            f"gather or conv consumes it ({used}). Narrow the rule, or give "
+            "Rule(axes=...) if it really is a matmul weight"
+        )
+    ins, outs, stack = found
+    if not ins or not outs:
+        raise ValueError(
+            f"{path}: shape {shape} is used by a matmul with input axes {ins} and output "
+            f"axes {outs}; one side is empty, so no low-rank update fits. Give "
+            "Rule(axes=...) or narrow the rule"
+        )
+    return Axes(ins, outs, stack).normalized(len(shape), f"{path}: "), usage.kind
+
+
+def _check_rank(path, shape, axes: Axes, rule: Rule):
+    in_size = math.prod(shape[i] for i in axes.in_axes)
+    out_size = math.prod(shape[i] for i in axes.out_axes)
+    if rule.rank > min(in_size, out_size):
+        raise ValueError(
+            f"{path}: rank {rule.rank} exceeds min(in, out) = min({in_size}, {out_size}) of the "
+            f"weight of shape {shape} (in axes {axes.in_axes}, out axes {axes.out_axes}); use "
+            f"rank <= {min(in_size, out_size)} in rule {rule.pattern!r}"
+        )
 
 
 def _init(key, w, spec: LoraWeight, dtype, init: str):
