@@ -12,9 +12,14 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# What the tests and the docstring examples write through tempfile (the examples use
+# mkdtemp) goes under one folder per test process, removed when the process exits.
+_TMP = tempfile.mkdtemp(prefix="lora_jax_test_")
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+tempfile.tempdir = _TMP
+
 # Many tests compile the same programs again (each CLI run builds its own jitted steps):
 # a compilation cache for this test process, in a fresh directory, compiles each once.
-_XLA_CACHE = tempfile.mkdtemp(prefix="lora_jax_test_xla_")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+_XLA_CACHE = tempfile.mkdtemp(prefix="xla_")
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
