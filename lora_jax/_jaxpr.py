@@ -139,29 +139,35 @@ def reshape_groups(old: tuple[int, ...], new: tuple[int, ...]) -> list[tuple[lis
     """How a reshape from ``old`` to ``new`` regroups dimensions.
 
     Returns ``(old_dims, new_dims)`` pairs, in order, of the smallest runs of dimensions
-    whose sizes multiply to the same number; size-1 dimensions belong to no group (they
-    appear or vanish without moving data).
+    whose sizes multiply to the same number. A size-1 dimension inside such a run belongs to
+    it, and one that meets a size-1 dimension on the other side pairs with it; any other
+    size-1 dimension belongs to no group (it appears or vanishes without moving data).
 
     >>> reshape_groups((6, 4), (2, 3, 4))
     [([0], [0, 1]), ([1], [2])]
-    >>> reshape_groups((2, 1, 3), (6,))
-    [([0, 2], [0])]
+    >>> reshape_groups((2, 1, 3), (6, 1))
+    [([0, 1, 2], [0])]
     """
-    od = [d for d, n in enumerate(old) if n != 1]
-    nd = [d for d, n in enumerate(new) if n != 1]
     groups, i, j = [], 0, 0
-    while i < len(od):
-        gi, gj = [od[i]], [nd[j]]
-        pi, pj = old[od[i]], new[nd[j]]
+    n_old, n_new = len(old), len(new)
+    while i < n_old or j < n_new:
+        if i < n_old and old[i] == 1 and (j >= n_new or new[j] != 1):
+            i += 1
+            continue
+        if j < n_new and new[j] == 1 and (i >= n_old or old[i] != 1):
+            j += 1
+            continue
+        gi, gj = [i], [j]
+        pi, pj = old[i], new[j]
         while pi != pj:
             if pi < pj:
                 i += 1
-                gi.append(od[i])
-                pi *= old[od[i]]
+                gi.append(i)
+                pi *= old[i]
             else:
                 j += 1
-                gj.append(nd[j])
-                pj *= new[nd[j]]
+                gj.append(j)
+                pj *= new[j]
         groups.append((gi, gj))
         i, j = i + 1, j + 1
     return groups

@@ -32,7 +32,7 @@ from etils import epath
 
 from .config import LoraConfig, path_str
 from .metadata import FORMAT, abstract_weights, check_format, encode, rebuild, restore_targets
-from .tree import check_fits, is_node, path_diff, targets
+from .tree import check_fits, is_node, targets
 from .tree import merge as _merge_trees
 
 __all__ = ["save", "restore", "metadata", "merge", "save_params", "restore_params", "Manager", "Restored", "FORMAT"]
@@ -288,11 +288,13 @@ def _shardings_for(abstract_tree, shardings):
         return jax.tree.map(lambda _: one, abstract_tree)
     have = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
     want = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]]
-    detail = path_diff(want, have, "the base checkpoint", "shardings")
-    if detail:
+    missing = [p for p in want if p not in have]
+    if missing or len(have) != len(want):  # (the lengths differ too when paths repeat)
+        extra = sorted(set(have) - set(want))
         raise ValueError(
-            "shardings must be one jax.sharding.Sharding or a tree with a Sharding for every "
-            "leaf of the base checkpoint (" + "; ".join(detail) + ")"
+            f"shardings must be one jax.sharding.Sharding or a tree with a Sharding for every "
+            f"leaf of the base checkpoint; missing: {missing[:8] or 'none'}, unknown: "
+            f"{extra[:8] or 'none'}"
         )
     bad = [p for p in want if not isinstance(have[p], jax.sharding.Sharding)]
     if bad:

@@ -153,11 +153,12 @@ class Adapted:
         v = self.normalized()
         kinds: dict[int, str] = {d: _S for d, n in enumerate(new) if n == 1}
         for gi, gj in reshape_groups(old, new):
-            group = {v.roles[d][0] for d in gi}
-            if len(group) != 1:
+            group = {v.roles[d][0] for d in gi if old[d] != 1}
+            if len(group) > 1:
                 return None
-            kind = group.pop()
-            kinds.update((d, kind) for d in gj)
+            if group:  # (size-1 dimensions on their own stay stack axes)
+                kind = group.pop()
+                kinds.update((d, kind) for d in gj if new[d] != 1)
         roles, count = [], {_S: 0, _I: 0, _O: 0}
         for d in range(len(new)):
             roles.append((kinds[d], count[kinds[d]]))

@@ -86,3 +86,22 @@ def test_axis_split_across_roles_is_opaque_not_wrong():
     # an explicit rule still works
     base, lora = _split(W, f, jnp.ones((2, 8, 2)), axes=((0,), (1,)))
     assert lora["w"].a.shape == (2, 8)
+
+
+@pytest.mark.parametrize(
+    "shape, f, x_shape, in_axes, out_axes",
+    [
+        # a size-1 axis inside a merged group takes that group's role
+        ((2, 1, 4, 8), lambda p, x: x @ p["w"].reshape(8, 8), (3, 8), (0, 1, 2), (3,)),
+        # a size-1 axis that meets a size-1 axis keeps its place (here: contracted)
+        ((4, 1, 8), lambda p, x: jnp.einsum("bijk,ijkl->bl", x, p["w"].reshape(2, 2, 1, 8)),
+         (3, 2, 2, 1), (0, 1), (2,)),
+    ],
+)
+def test_size_one_axes_through_reshapes_keep_their_group(shape, f, x_shape, in_axes, out_axes):
+    W = jax.random.normal(KEY, shape)
+    x = jnp.ones(x_shape)
+    base, lora = _split(W, f, x, rank=1)
+    assert (lora["w"].in_axes, lora["w"].out_axes) == (in_axes, out_axes)
+    lora = randomize(lora)
+    chex.assert_trees_all_close(lj.wrap(f)(base, lora, x), lj.wrap(f, "merge")(base, lora, x), rtol=1e-5)
