@@ -362,7 +362,9 @@ def merge(
     shapes = _stored_tree(base_dir)
     like = _fit_adapter(meta, shapes, adapter_dir, base_dir)  # shapes only: no weight is read yet
     base_shardings = _shardings_for(shapes, shardings)
-    lora = restore(adapter_dir, _replicated_like(like, base_shardings))
+    with _checkpointer() as ckptr:  # (the metadata above is already read and checked)
+        fn = lambda args: ckptr.restore(adapter_dir, args)
+        lora = _restore_lora(meta, _replicated_like(like, base_shardings), fn, adapter_dir)[0]
     save_params(out_dir, _merge_sharded(base_dir, shapes, lora, base_shardings))
     return [p for p, _ in targets(like)]
 

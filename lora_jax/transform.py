@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from ._jaxpr import bind, reshape_groups, scan_counts, subcalls
+from ._jaxpr import bind, closed, reshape_groups, scan_counts, subcalls
 from .tree import check_fits, merge
 from .weight import LoraWeight, is_lora
 
@@ -232,8 +232,8 @@ class _Interpreter:
                 found.append((other, v))
         return found
 
-    def run_closed(self, closed, args) -> list:
-        return self.run(closed.jaxpr, closed.consts, args)
+    def run_closed(self, sub, args) -> list:
+        return self.run(sub.jaxpr, sub.consts, args)
 
     def adapted(self, eqn, invals) -> list:
         rule = _RULES.get(eqn.primitive.name)
@@ -609,19 +609,17 @@ def _inline(interp, eqn, invals):
     subs = subcalls(eqn)
     if len(subs) != 1:
         return None
-    (closed, _, _), = subs
-    return interp.run_closed(closed, invals)
+    (sub, _, _), = subs
+    return interp.run_closed(sub, invals)
 
 
 @_rule("remat2", "checkpoint", "remat")
 def _remat(interp, eqn, invals):
     p = eqn.params
-    inner = p["jaxpr"]
-    consts = inner.consts if isinstance(inner, jcore.ClosedJaxpr) else ()
-    inner = inner.jaxpr if isinstance(inner, jcore.ClosedJaxpr) else inner
+    inner = closed(p["jaxpr"])
 
     def body(*args):
-        return interp.run(inner, consts, list(args))
+        return interp.run_closed(inner, list(args))
 
     return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
 
