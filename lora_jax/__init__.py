@@ -3,8 +3,9 @@
 from . import checkpoint, nnx, peft, sharding
 from .config import Axes, LoraConfig, Rule, path_str, scale_for
 from .optim import apply_updates, labels, optimizer
+from .quant import QuantizedWeight, dequantize, is_quantized
 from .report import delta_norms, summary
-from .split import split
+from .split import quantize, split
 from .transform import wrap
 from .tree import merge, targets, unmerge
 from .version import __version__
@@ -15,16 +16,20 @@ __all__ = [
     "Axes",
     "LoraConfig",
     "LoraWeight",
+    "QuantizedWeight",
     "Rule",
     "apply_updates",
     "checkpoint",
     "delta_norms",
+    "dequantize",
     "is_lora",
+    "is_quantized",
     "labels",
     "merge",
     "nnx",
     "optimizer",
     "peft",
+    "quantize",
     "path_str",
     "scale_for",
     "sharding",

@@ -1,4 +1,6 @@
-"""``split`` a parameter tree into a frozen base and LoRA adapters, and the adapter inits."""
+"""``split`` a parameter tree into a frozen base and LoRA adapters, the adapter inits, and
+``quantize`` (the frozen base's targets as block-quantized weights): both pick weights with
+the same rules and infer their axes the same way."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from .config import HEAD_NAMES, Axes, LoraConfig, Rule, path_str, scaling_name
+from .quant import check_qtype, is_quantized, quantize_array
 from .tree import apply_delta, fmt_paths
 from .usage import trace_usage
 from .weight import LoraWeight
 
-__all__ = ["split"]
+__all__ = ["split", "quantize"]
 
 
 def _is_abstract(x) -> bool:
@@ -76,7 +79,7 @@ def split(
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be an lj.LoraConfig, got {type(config).__name__}")
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
     if any(_is_abstract(x) for _, x in leaves):
         if any(not _is_abstract(x) for _, x in leaves):
             raise TypeError(
@@ -84,16 +87,32 @@ def split(
                 "abstract (jax.eval_shape) or all concrete"
             )
         return jax.eval_shape(lambda k, p: split(k, p, config, apply_fn, args, kwargs), key, params)
+    paths, arrays, hits, usages = _select(params, config, apply_fn, args, kwargs)
+
+    # one adapter per target
+    lora_leaves: list = [None] * len(arrays)
+    base_leaves = list(arrays)
+    for i, rule in hits.items():
+        path, w = paths[i], arrays[i]
+        usage = usages[i] if usages is not None else None
+        spec, dtype = _make_weight(path, w, rule, config, usage)
+        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        lora_leaves[i], base_leaves[i] = _init(k, w, spec, dtype, config.init)
+    treedef = jax.tree.structure(params, is_leaf=is_quantized)
+    return jax.tree.unflatten(treedef, base_leaves), jax.tree.unflatten(treedef, lora_leaves)
+
+
+def _select(params, config: LoraConfig, apply_fn, args, kwargs):
+    """The leaves' paths and values, ``{leaf index: rule}`` of the targets (first matching
+    rule wins; unmatched rules and excludes are errors), and what tracing found per leaf
+    (None without ``apply_fn``)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
     paths = [path_str(p) for p, _ in leaves]
     arrays = [x for _, x in leaves]
-
-    # 1. Which leaves could be targets at all (a rule matches the path, not excluded).
     candidates = [i for i, p in enumerate(paths) if any(r.matches(p) for r in config.rules)]
     usages = None
     if apply_fn is not None:
         usages = trace_usage(apply_fn, params, args, kwargs, targets=candidates)
-
-    # 2. First matching rule wins; unmatched rules and excludes are errors.
     hits: dict[int, Rule] = {}
     heads = [paths[i] for i in candidates if usages is not None and usages[i].head]
     for i in candidates:
@@ -106,18 +125,84 @@ def split(
         if rule is not None:
             hits[i] = rule
     _check_all_used(config, paths, hits, heads)
+    return paths, arrays, hits, usages
 
-    # 3. Build one adapter per target.
-    lora_leaves: list = [None] * len(arrays)
-    base_leaves = list(arrays)
+
+def quantize(
+    base: Any,
+    qtype: str = "nf4",
+    *,
+    block_size: int = 64,
+    double_quant: bool = True,
+    pattern: str | None = None,
+    apply_fn: Callable | None = None,
+    args: Sequence[Any] = (),
+    kwargs: dict | None = None,
+) -> Any:
+    """The same tree with its matmul weights as :class:`~lora_jax.QuantizedWeight` leaves (QLoRA).
+
+    Each chosen weight is stored as codes plus one scale per ``block_size`` consecutive
+    inputs of one output (see :mod:`lora_jax.quant`): ``"nf4"`` (QLoRA's NormalFloat-4,
+    two codes per byte), ``"int8"`` (symmetric absmax) or ``"fp8"`` (e4m3 with a block
+    scale). ``double_quant`` quantizes the float32 block scales again (int8, one float32
+    per 256 scales): NF4 then stores about 0.516 bytes per parameter.
+
+    The result goes where the float base went: ``lj.split(key, qbase, config, ...)``,
+    ``lj.wrap(f)(qbase, lora, x)`` (each quantized weight is dequantized at its use, and
+    again in the backward pass: no dequantized weight is kept between them),
+    ``lj.merge(qbase, lora)`` (a float tree), ``lj.sharding``, ``lj.checkpoint``.
+
+    Args:
+      base: the parameter tree (float leaves; leaves already quantized are an error).
+      qtype: ``"nf4"``, ``"int8"`` or ``"fp8"``.
+      block_size: inputs per scale; when a weight's inputs are not a multiple of it, each
+        output's inputs are zero-padded to whole blocks.
+      double_quant: quantize the block scales again.
+      pattern: None quantizes every weight that :meth:`LoraConfig.all_linear` would target
+        (the output head, embeddings, norms and biases keep their dtype); a regex
+        (``re.fullmatch`` on the '/'-joined path) picks the weights instead.
+      apply_fn, args, kwargs: as for :func:`split`: tracing ``apply_fn(base, *args)`` tells
+        each weight's input axes (and the head); without it, Flax's convention (the last
+        axis is the output) applies.
+
+    Raises:
+      ValueError: an unknown qtype, a bad block size, a pattern that matches nothing, a
+        chosen weight with fewer than 2 dimensions or already quantized.
+      TypeError: a chosen weight that is not floating-point.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> params = {"dense": {"kernel": jnp.ones((128, 32)), "bias": jnp.zeros(32)}}
+    >>> qbase = lj.quantize(params, "nf4")
+    >>> q = qbase["dense"]["kernel"]
+    >>> q.shape, q.codes.shape, qbase["dense"]["bias"].shape
+    ((128, 32), (32, 64), (32,))
+    >>> float(jnp.abs(lj.dequantize(qbase)["dense"]["kernel"] - 1).max())
+    0.0
+    """
+    check_qtype(qtype, block_size)
+    if any(_is_abstract(x) for x in jax.tree.leaves(base, is_leaf=is_quantized)):
+        return jax.eval_shape(lambda b: quantize(b, qtype, block_size=block_size, double_quant=double_quant,
+                                                 pattern=pattern, apply_fn=apply_fn, args=args, kwargs=kwargs), base)
+    if pattern is None:
+        config = LoraConfig.all_linear(rank=1)
+    else:
+        config = LoraConfig(rules=(Rule(pattern, rank=1),))
+    paths, arrays, hits, usages = _select(base, config, apply_fn, args, kwargs)
+    leaves = list(arrays)
+    done = [f"{paths[i]} ({arrays[i].qtype})" for i in hits if is_quantized(arrays[i])]
+    if done:
+        raise ValueError(f"already quantized: {fmt_paths(done)}; give lj.quantize a float tree "
+                         "(lj.dequantize first), or narrow pattern= to leave them out")
     for i, rule in hits.items():
         path, w = paths[i], arrays[i]
-        usage = usages[i] if usages is not None else None
-        spec, dtype = _make_weight(path, w, rule, config, usage)
-        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        lora_leaves[i], base_leaves[i] = _init(k, w, spec, dtype, config.init)
-    treedef = jax.tree.structure(params)
-    return jax.tree.unflatten(treedef, base_leaves), jax.tree.unflatten(treedef, lora_leaves)
+        shape = tuple(jnp.shape(w))
+        if len(shape) < 2:
+            raise ValueError(f"{path}: shape {shape} has no input and output axes to quantize in "
+                             f"blocks; narrow pattern={pattern!r} (e.g. to '.*/kernel')")
+        axes, _ = _target_axes(path, shape, rule, usages[i] if usages is not None else None)
+        leaves[i] = quantize_array(w, qtype, in_axes=axes.in_axes, block_size=block_size,
+                                   double_quant=double_quant, path=path)
+    return jax.tree.unflatten(jax.tree.structure(base, is_leaf=is_quantized), leaves)
 
 
 def _head_by_name(path: str) -> bool:
@@ -231,6 +316,12 @@ def _init(key, w, spec: LoraWeight, dtype, init: str):
     ka, kb = jax.random.split(key)
     fan_in = math.prod(spec.in_shape)
     if init == "pissa":
+        if is_quantized(w):
+            raise ValueError(
+                f"{spec.rule!r}: init='pissa' needs the float weight to move its top singular "
+                "directions into the adapter, but the target is quantized; split the float "
+                "base with init='pissa' and quantize the residual base afterwards"
+            )
         return _pissa(w, spec, dtype)
     if spec.kind == "embed":
         # PEFT / loralib: the lookup side starts at zero, the other gaussian.

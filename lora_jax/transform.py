@@ -41,7 +41,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from ._jaxpr import bind, closed, reshape_groups, scan_counts, subcalls
+from ._jaxpr import HIGHER, PRIMITIVES, SHAPE, WINDOW, bind, closed, reshape_groups, scan_counts, subcalls
+from .quant import QuantizedWeight, is_quantized
 from .tree import check_fits, merge
 from .weight import LoraWeight, is_lora
 
@@ -87,7 +88,7 @@ class Adapted:
     @classmethod
     def of(cls, w, lw: LoraWeight, key):
         roles = []
-        for d in range(jnp.ndim(w)):
+        for d in range(w.ndim):
             for kind, axes in ((_S, lw.stack_axes), (_I, lw.in_axes), (_O, lw.out_axes)):
                 if d in axes:
                     roles.append((kind, axes.index(d)))
@@ -120,12 +121,13 @@ class Adapted:
 
     def materialize(self):
         """``w + scale·a⊗b`` in w's view: float32 (or wider) accumulation, w's dtype."""
-        acc = jnp.promote_types(jnp.result_type(self.a, self.b, self.w), jnp.float32)
-        wl = _LETTERS[: jnp.ndim(self.w)]
+        w = _value(self.w)
+        acc = jnp.promote_types(jnp.result_type(self.a, self.b, w), jnp.float32)
+        wl = _LETTERS[: w.ndim]
         la, lb = self.letters(wl)
         d = jnp.einsum(f"{la},{lb}->{wl}", self.a.astype(acc), self.b.astype(acc),
                        precision=lax.Precision.HIGHEST)
-        return (self.w.astype(acc) + self.scale * d).astype(jnp.result_type(self.w))
+        return (w.astype(acc) + self.scale * d).astype(w.dtype)
 
     def normalized(self) -> "Adapted":
         """The same value with each role's factor axes in the order of w's dimensions."""
@@ -149,7 +151,7 @@ class Adapted:
 
     def reshaped(self, w_new) -> "Adapted | None":
         """Follow a reshape of ``w`` to ``w_new``; None when a new dimension would mix roles."""
-        old, new = jnp.shape(self.w), jnp.shape(w_new)
+        old, new = self.w.shape, w_new.shape
         v = self.normalized()
         kinds: dict[int, str] = {d: _S for d, n in enumerate(new) if n == 1}
         for gi, gj in reshape_groups(old, new):
@@ -172,6 +174,118 @@ class Adapted:
 
 def _is_adapted(x) -> bool:
     return isinstance(x, Adapted)
+
+
+def _dequantize(q: QuantizedWeight):
+    return q.dequantize()
+
+
+@jax.tree_util.register_pytree_node_class
+class Dequantized:
+    """A quantized weight, or a view of one (transposed, reshaped, sliced, cast, joined with
+    other arrays), that is dequantized only where a primitive other than a view uses it.
+
+    ``parts`` (the children) are :class:`~lora_jax.QuantizedWeight` nodes and arrays;
+    ``build`` (static) computes the value from them; ``aval`` is its shape and dtype.
+    """
+
+    def __init__(self, parts, build, aval):
+        self.parts, self.build, self.aval = tuple(parts), build, aval
+
+    def tree_flatten(self):
+        return self.parts, (self.build, self.aval)
+
+    @classmethod
+    def tree_unflatten(cls, aux, parts):
+        return cls(parts, *aux)
+
+    @classmethod
+    def of(cls, q: QuantizedWeight) -> "Dequantized":
+        return cls((q,), _dequantize, q.abstract())
+
+    shape = property(lambda self: tuple(self.aval.shape))
+    dtype = property(lambda self: self.aval.dtype)
+    ndim = property(lambda self: len(self.aval.shape))
+
+    @property
+    def source(self) -> QuantizedWeight | None:
+        """The quantized weight when this is exactly its dequantized value (no view)."""
+        return self.parts[0] if self.build is _dequantize else None
+
+    def value(self):
+        return self.build(*self.parts)
+
+
+def _is_deq(x) -> bool:
+    return isinstance(x, Dequantized)
+
+
+def _value(x):
+    """``x`` as an array (a :class:`Dequantized` is dequantized)."""
+    return x.value() if _is_deq(x) else x
+
+
+# Primitives that only move, cast or cut a quantized weight: they stay lazy (Dequantized).
+_VIEWS = frozenset(n for n, k in PRIMITIVES.items() if k in (SHAPE, WINDOW)) - {"gather", "optimization_barrier"}
+
+
+def _eval(eqn, invals) -> list:
+    """Evaluate ``eqn``. With quantized operands a view stays lazy, and any other use
+    dequantizes inside ``jax.checkpoint`` saving nothing, so the backward pass dequantizes
+    again rather than keep the float weight alive between the passes."""
+    if not any(map(_is_deq, invals)):
+        return bind(eqn, invals)
+    if eqn.primitive.name in _VIEWS:
+        return _view(eqn, invals)
+
+    def use(vals):
+        return bind(eqn, [_value(v) for v in vals])
+
+    return jax.checkpoint(use, policy=jax.checkpoint_policies.nothing_saveable)(list(invals))
+
+
+def _view(eqn, invals) -> list:
+    spans, parts = [], []
+    for x in invals:
+        n = len(x.parts) if _is_deq(x) else 1
+        spans.append((len(parts), n, x.build if _is_deq(x) else None))
+        parts += x.parts if _is_deq(x) else [x]
+
+    def output(k):
+        def build(*ps):
+            vals = [ps[i] if b is None else b(*ps[i: i + n]) for i, n, b in spans]
+            return bind(eqn, vals)[k]
+
+        return build
+
+    return [Dequantized(parts, output(k), jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype))
+            for k, v in enumerate(eqn.outvars)]
+
+
+def _scan_slices(w, length: int):
+    """``(xs, step)`` for scanning over axis 0 of ``w``: what ``lax.scan`` slices, and the
+    function giving one step's value from its slice.
+
+    A quantized weight whose axis 0 is a stack axis stays whole (a loop constant) and the
+    scan steps over the layer index instead: each step picks its layer's codes and scales
+    inside the dequantization, so neither float weights nor per-step copies of the codes
+    are kept for the backward pass. Other views of quantized weights are dequantized whole
+    first."""
+    if not _is_deq(w):
+        return w, lambda x: x
+    q = w.source
+    if q is None or 0 in q.in_axes:
+        return w.value(), lambda x: x
+    step, whole = q.sliced_rows(0)
+
+    def pick(whole, i):
+        return step.replace(**{k: lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in whole.items()}
+                            ).dequantize()
+
+    def at(i):
+        return Dequantized((whole, i), pick, step.abstract())
+
+    return jnp.arange(length), at
 
 
 _RULES: dict[str, Callable] = {}
@@ -210,6 +324,8 @@ class _Interpreter:
                 self.frame = (jaxpr.eqns, env, pos)
                 outs = self.adapted(eqn, invals)
                 self.frame = outer
+            elif any(map(_is_deq, invals)):
+                outs = self.dequantized(eqn, invals)
             else:
                 outs = bind(eqn, invals)
             env.update(zip(eqn.outvars, outs))
@@ -242,8 +358,21 @@ class _Interpreter:
             return out
         return bind(eqn, [self.concrete(x, eqn.primitive.name) for x in invals])
 
+    def dequantized(self, eqn, invals) -> list:
+        """An equation reading quantized weights but no adapted one: higher-order primitives
+        (and barriers) pass them on to their bodies; anything else goes to :func:`_eval`."""
+        name = eqn.primitive.name
+        if PRIMITIVES.get(name) == HIGHER or name == "optimization_barrier":
+            out = _RULES[name](self, eqn, invals)
+            if out is not None:
+                return out
+        return _eval(eqn, invals)
+
     def concrete(self, x, why: str):
-        """A plain array for ``x``: materializes an :class:`Adapted` (warning once per why)."""
+        """A plain array for ``x``: materializes an :class:`Adapted` (warning once per why)
+        and dequantizes a :class:`Dequantized`."""
+        if _is_deq(x):
+            return x.value()
         if not _is_adapted(x):
             return x
         if why not in self.warned:
@@ -273,7 +402,7 @@ class _Interpreter:
 @_rule("transpose")
 def _transpose(interp, eqn, invals):
     (v,) = invals
-    (w,) = bind(eqn, [v.w])
+    (w,) = _eval(eqn, [v.w])
     return [v.replace(w=w, roles=[v.roles[d] for d in eqn.params["permutation"]])]
 
 
@@ -283,9 +412,9 @@ def _reshape(interp, eqn, invals):
     if len(invals) > 1 or (eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None):
         return None  # dynamic shapes / a reshape that transposes first
     out_shape = eqn.outvars[0].aval.shape
-    if math.prod(out_shape) != math.prod(jnp.shape(v.w)):
+    if math.prod(out_shape) != math.prod(v.w.shape):
         return None  # a real broadcast
-    (w,) = bind(eqn, [v.w])
+    (w,) = _eval(eqn, [v.w])
     new = v.reshaped(w)
     return None if new is None else [new]
 
@@ -297,7 +426,7 @@ def _elementwise_view(interp, eqn, invals):
     new_dtype = eqn.params.get("new_dtype")
     if new_dtype is not None and not jnp.issubdtype(new_dtype, jnp.inexact):
         return None  # a cast to int/bool rounds W + s·A⊗B as a whole: materialize first
-    (w,) = bind(eqn, [v.w])
+    (w,) = _eval(eqn, [v.w])
     return [v.replace(w=w)]
 
 
@@ -334,7 +463,7 @@ def _factor_slicer(v: Adapted, d: int, fn):
 @_rule("slice")
 def _slice(interp, eqn, invals):
     (v,) = invals
-    (w,) = bind(eqn, [v.w])
+    (w,) = _eval(eqn, [v.w])
     p = eqn.params
     strides = p["strides"] or (1,) * w.ndim
     for d, (lo, hi, st) in enumerate(zip(p["start_indices"], p["limit_indices"], strides)):
@@ -349,7 +478,7 @@ def _dynamic_slice(interp, eqn, invals):
     v, *starts = invals
     if any(map(_is_adapted, starts)):
         return None
-    (w,) = bind(eqn, [v.w, *starts])
+    (w,) = _eval(eqn, [v.w, *starts])
     for d, size in enumerate(eqn.params["slice_sizes"]):
         if size != v.w.shape[d]:
             a, b = _factor_slicer(v, d, lambda x, ax: lax.dynamic_slice_in_dim(x, starts[d], size, ax))
@@ -360,7 +489,7 @@ def _dynamic_slice(interp, eqn, invals):
 @_rule("split")
 def _split(interp, eqn, invals):
     (v,) = invals
-    ws = bind(eqn, [v.w])
+    ws = _eval(eqn, [v.w])
     d, sizes = eqn.params["axis"], eqn.params["sizes"]
     bounds = np.cumsum((0, *sizes))
     outs = []
@@ -384,8 +513,8 @@ def _concatenate(interp, eqn, invals):
         return None
     if len(adapted) > 1 and any(x.key is not None for x in adapted):
         return None
-    (w,) = bind(eqn, [x.w if _is_adapted(x) else x for x in invals])
-    bounds = np.cumsum([0] + [jnp.shape(x)[d] if not _is_adapted(x) else x.w.shape[d] for x in invals])
+    (w,) = _eval(eqn, [x.w if _is_adapted(x) else x for x in invals])
+    bounds = np.cumsum([0] + [(x.w if _is_adapted(x) else x).shape[d] for x in invals])
     pieces = []
     for x, lo, hi in zip(invals, bounds[:-1], bounds[1:]):
         if _is_adapted(x):
@@ -410,7 +539,7 @@ def _pad_axis(f, ax: int, pad: tuple[int, int]):
 # -- the products -----------------------------------------------------------------------------
 def _cast_factors(v: Adapted, first: str):
     """(first factor, second factor · scale) in the weight's current dtype."""
-    dt = jnp.result_type(v.w)
+    dt = v.w.dtype
     f1, f2 = (v.a, v.b) if first == _I else (v.b, v.a)
     return f1.astype(dt), (f2 * jnp.asarray(v.scale, f2.dtype)).astype(dt)
 
@@ -425,7 +554,7 @@ def _dot_general(interp, eqn, invals):
     p = eqn.params
     (lc, rc), (lb, rb) = p["dimension_numbers"]
     wc, xc, wb, xb = (lc, rc, lb, rb) if v_lhs else (rc, lc, rb, lb)
-    (base,) = bind(eqn, [v.w, x] if v_lhs else [x, v.w])
+    (base,) = _eval(eqn, [v.w, x] if v_lhs else [x, v.w])
 
     wl = _LETTERS[: v.w.ndim]
     n = _LETTERS[v.w.ndim]  # x's free dimensions, flattened into one
@@ -474,7 +603,7 @@ def _shared_input_product(interp, eqn, v: Adapted, x_pos: int, wc, f1, xin, subs
     group = interp.siblings(eqn, x_pos, lambda u: (
         u.key is None and u.n_stack == 0 and len(u.dims(_I)) == len(wc)
         and [u.roles[d] for d in wc] == pairing and u.a.shape[1:] == v.a.shape[1:]
-        and jnp.result_type(u.w) == jnp.result_type(v.w)))
+        and u.w.dtype == v.w.dtype))
     if not group:
         return None
     factors = [f1] + [_cast_factors(u, _I)[0] for _, u in group]
@@ -500,7 +629,7 @@ def _gather(interp, eqn, invals):
     (kind,) = kinds
     if kind == _S:
         return [_pick_from_stack(v, eqn, idx)]
-    (base,) = bind(eqn, [v.w, idx])
+    (base,) = _eval(eqn, [v.w, idx])
     f, h = _cast_factors(v, kind)
     wl = _LETTERS[: v.w.ndim]
     la, lb_ = v.letters(wl)
@@ -539,7 +668,7 @@ def _pick_from_stack(v: Adapted, eqn, idx) -> Adapted:
     stack axes, so the product that follows batches over them."""
     p = eqn.params
     dn = p["dimension_numbers"]
-    (w,) = bind(eqn, [v.w, idx])
+    (w,) = _eval(eqn, [v.w, idx])
     n_batch = idx.ndim - 1
     collapsed_k = {v.roles[d][1] for d in dn.collapsed_slice_dims}
     kept_k = [k for k in range(v.n_stack) if k not in collapsed_k]
@@ -581,7 +710,7 @@ def _conv(interp, eqn, invals):
     rhs, out_spec = p["dimension_numbers"].rhs_spec, p["dimension_numbers"].out_spec
     if v.roles[rhs[0]][0] != _O or any(v.roles[d][0] != _I for d in rhs[1:]):
         return None
-    (base,) = bind(eqn, [x, v.w])
+    (base,) = _eval(eqn, [x, v.w])
     groups = p["feature_group_count"]
     a, b = _cast_factors(v, _I)
     rank = a.shape[0]
@@ -647,12 +776,14 @@ def _scan(interp, eqn, invals):
             plans.append(("const", x))
     for x in xs_in:
         if not _is_adapted(x):
-            xs.append(x)
-            plans.append(("x", None))
+            piece, step = _scan_slices(x, length)
+            xs.append(piece)
+            plans.append(("x", step))
             continue
         kind = x.roles[0][0]
         ax = x.axis(0)
-        piece = {"w": x.w}
+        piece, step = _scan_slices(x.w, length)
+        piece = {"w": piece}
         if kind in (_S, _I):
             piece["a"] = jnp.moveaxis(x.a, ax, 0)
         if kind in (_S, _O):
@@ -660,7 +791,7 @@ def _scan(interp, eqn, invals):
         if x.key is not None:
             piece["key"] = jax.random.split(x.key, length)
         xs.append(piece)
-        plans.append(("x-adapted", x))
+        plans.append(("x-adapted", (x, step)))
 
     def body(carry, step):
         step = iter(step)
@@ -668,14 +799,15 @@ def _scan(interp, eqn, invals):
         for what, x in plans[:nc]:
             args.append(x.replace(key=next(step)) if what == "const-key" else x)
         args += list(carry)
-        for what, x in plans[nc:]:
+        for what, plan in plans[nc:]:
             piece = next(step)
             if what == "x":
-                args.append(piece)
+                args.append(plan(piece))
                 continue
+            x, w_step = plan
             kind, k = x.roles[0]
             roles = [(r, j - (r == kind and j > k)) for r, j in x.roles[1:]]
-            args.append(x.replace(w=piece["w"], a=piece.get("a", x.a), b=piece.get("b", x.b),
+            args.append(x.replace(w=w_step(piece["w"]), a=piece.get("a", x.a), b=piece.get("b", x.b),
                                   key=piece.get("key"), roles=roles))
         outs = interp.run_closed(p["jaxpr"], args)
         outs = [interp.concrete(o, "scan output") for o in outs]
@@ -720,10 +852,17 @@ def _is_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+def _leaf_signature(x):
+    if _is_array(x):
+        return jax.typeof(x)
+    if is_quantized(x):
+        return jax.tree.structure(x), tuple(jax.typeof(c) for c in jax.tree.leaves(x))
+    return "static", type(x), x
+
+
 def _signature(base_def, base_leaves, arg_def, arg_leaves):
     try:
-        key = (base_def, arg_def) + tuple(
-            jax.typeof(x) if _is_array(x) else ("static", type(x), x) for x in (*base_leaves, *arg_leaves))
+        key = (base_def, arg_def) + tuple(map(_leaf_signature, (*base_leaves, *arg_leaves)))
         hash(key)
         return key
     except TypeError:
@@ -780,7 +919,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
         if key is not None and key in cache:
             return cache[key]
         # non-array leaves (flags, sizes kept in a params tree) are static
-        is_arr = [_is_array(x) for x in (*base_leaves, *arg_leaves)]
+        is_arr = [_is_array(x) or is_quantized(x) for x in (*base_leaves, *arg_leaves)]
         n_base = len(base_leaves)
 
         def flat(arrays):
@@ -789,8 +928,8 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
             a, kw = jax.tree.unflatten(arg_def, leaves[n_base:])
             return f(jax.tree.unflatten(base_def, leaves[:n_base]), *a, **kw)
 
-        closed, shape = jax.make_jaxpr(flat, return_shape=True)(
-            [x for x, arr in zip((*base_leaves, *arg_leaves), is_arr) if arr]
+        closed, shape = jax.make_jaxpr(flat, return_shape=True)(  # f sees the float weights
+            [x.abstract() if is_quantized(x) else x for x, arr in zip((*base_leaves, *arg_leaves), is_arr) if arr]
         )
         out = (closed, jax.tree.structure(shape), is_arr)
         if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
@@ -810,12 +949,14 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
                     )
             return f(merge(base, lora), *args, **kwargs)
         check_fits(base, lora)
-        base_leaves, base_def = jax.tree.flatten(base)
+        base_leaves, base_def = jax.tree.flatten(base, is_leaf=is_quantized)
         targets = base_def.flatten_up_to(lora)
         arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
         closed, out_tree, is_arr = trace(base_def, base_leaves, arg_def, arg_leaves)
         inputs = []
         for i, (w, lw, arr) in enumerate(zip(base_leaves, targets, is_arr)):
+            if is_quantized(w):
+                w = Dequantized.of(w)
             if is_lora(lw):
                 key = None if lora_rng is None or lw.dropout <= 0 else jax.random.fold_in(lora_rng, i)
                 w = Adapted.of(w, lw, key)

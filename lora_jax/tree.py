@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import path_str
+from .quant import is_quantized, quantize_array
 from .weight import LoraWeight, is_lora
 
 __all__ = [
@@ -34,8 +35,9 @@ def is_node(x) -> bool:
 
 
 def is_none(x) -> bool:
-    """``is_leaf`` for base trees that hold ``None`` entries (a layer without bias)."""
-    return x is None
+    """``is_leaf`` for base trees: ``None`` entries (a layer without bias) and quantized
+    weights (one :class:`~lora_jax.QuantizedWeight` stands for one weight) are leaves."""
+    return x is None or is_quantized(x)
 
 
 def fmt_paths(paths: Iterable, limit: int = 12) -> str:
@@ -151,16 +153,25 @@ def apply_delta(x, w: LoraWeight, sign: int):
     return (jnp.asarray(x, acc) + sign * w.delta(acc)).astype(jnp.result_type(x))
 
 
-def merge(base: Any, lora: Any, safe: bool = False) -> Any:
+def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) -> Any:
     """The plain parameter tree with every adapter folded in: ``W + s·A⊗B``.
 
     Accumulates in float32 and casts back to each base leaf's dtype. Works under ``jit``
     (pass ``donate_argnums=0`` to reuse the base's memory).
 
+    A quantized base (:func:`lj.quantize <lora_jax.quantize>`) gives a float tree: every
+    :class:`~lora_jax.QuantizedWeight` is dequantized and targets become
+    ``deq(W) + s·A⊗B``. A QLoRA adapter was trained against ``deq(W)``, not against the
+    original weights, so merge it into the dequantized base (this), not into the float
+    checkpoint the quantized base was made from.
+
     Args:
       base, lora: the pair from :func:`split` (or restored from a checkpoint).
       safe: check the merged targets for NaN/Inf and raise a ``ValueError`` naming every
         bad path. Needs concrete arrays (call it outside ``jit``).
+      requantize: quantize the merged weights that were quantized again, with the same
+        qtype, block size and double quantization (non-targets stay as they were). The
+        result is a quantized tree again, with a second rounding on the targets.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> params = {"w": jnp.arange(12.0).reshape(3, 4)}
@@ -169,7 +180,16 @@ def merge(base: Any, lora: Any, safe: bool = False) -> Any:
     True
     """
     triples = check_fits(base, lora)
-    merged = [x if w is None else apply_delta(x, w, +1) for _, x, w in triples]
+    merged = []
+    for _, x, w in triples:
+        q = x if is_quantized(x) else None
+        m = x.dequantize() if q is not None else x
+        if w is not None:
+            m = apply_delta(m, w, +1)
+        if q is not None and requantize:
+            m = q if w is None else quantize_array(m, q.qtype, in_axes=q.in_axes, block_size=q.block_size,
+                                                    double_quant=q.double_quant)
+        merged.append(m)
     if safe:
         _check_finite([(p, m) for (p, _, w), m in zip(triples, merged) if w is not None])
     return jax.tree.unflatten(jax.tree.structure(base, is_leaf=is_none), merged)
@@ -183,7 +203,7 @@ def _check_finite(named):
             "merge(safe=True) inspects values and cannot run under jit/grad tracing; call it "
             "on concrete arrays, or use safe=False inside jit"
         )
-    flags = jax.device_get([jnp.isfinite(m).all() for _, m in named])
+    flags = jax.device_get([jnp.isfinite(m.dequantize() if is_quantized(m) else m).all() for _, m in named])
     bad = [p for (p, _), ok in zip(named, flags) if not ok]
     if bad:
         raise ValueError(
@@ -195,6 +215,8 @@ def _check_finite(named):
 def unmerge(merged: Any, lora: Any) -> Any:
     """Inverse of :func:`merge`: subtract ``s·A⊗B`` again (float32, cast back).
 
+    A quantized target in ``merged`` is dequantized first; other leaves are kept as they are.
+
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> params = {"w": jnp.ones((3, 4))}
     >>> cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2),), init="pissa")
@@ -203,5 +225,6 @@ def unmerge(merged: Any, lora: Any) -> Any:
     True
     """
     triples = check_fits(merged, lora)
-    out = [x if w is None else apply_delta(x, w, -1) for _, x, w in triples]
+    out = [x if w is None else apply_delta(x.dequantize() if is_quantized(x) else x, w, -1)
+           for _, x, w in triples]
     return jax.tree.unflatten(jax.tree.structure(merged, is_leaf=is_none), out)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from ._jaxpr import HIGHER, PRODUCT, SHAPE, WINDOW, kind, reshape_groups, subcalls
+from .quant import is_quantized
 
 __all__ = ["Use", "WeightUsage", "trace_usage"]
 
@@ -303,6 +304,8 @@ class _Walker:
 def _abstract(x):
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
+    if is_quantized(x):
+        return x.abstract()  # the trace sees the float weight it stands for
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
     return x
@@ -326,7 +329,7 @@ def trace_usage(
     ((1,), (0,), ())
     """
     kwargs = kwargs or {}
-    p_leaves, p_def = jax.tree.flatten(params)
+    p_leaves, p_def = jax.tree.flatten(params, is_leaf=is_quantized)
     a_leaves, a_def = jax.tree.flatten((tuple(args), kwargs))
     is_arr = [hasattr(x, "shape") and hasattr(x, "dtype") for x in a_leaves]
     traced_args = [_abstract(x) for x, arr in zip(a_leaves, is_arr) if arr]
