@@ -32,6 +32,7 @@ from etils import epath
 
 from .config import LoraConfig, path_str
 from .metadata import FORMAT, abstract_weights, check_format, encode, rebuild, restore_targets
+from . import quant
 from .tree import check_fits, is_node, targets
 from .tree import merge as _merge_trees
 
@@ -39,6 +40,7 @@ __all__ = ["save", "restore", "metadata", "merge", "save_params", "restore_param
 
 _ARRAYS = "lora"  # orbax item holding the factors
 _META = "lora_jax"  # orbax item holding the JSON metadata
+_QUANTIZED = "lora_jax_quantized"  # custom metadata of a params checkpoint: its quantized weights
 _OPT = "opt_state"  # orbax item holding the optimizer state (training checkpoints)
 
 
@@ -222,6 +224,11 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
 def save_params(path: str | os.PathLike, params: Any) -> None:
     """Save a plain parameter tree as an orbax PyTree checkpoint (what :func:`merge` reads).
 
+    A quantized tree (:func:`lora_jax.quantize`) is stored exactly: each
+    :class:`~lora_jax.QuantizedWeight`'s codes and scales as arrays, and its static fields
+    (qtype, shape, dtype, block size, input axes) in the checkpoint's custom metadata, so
+    :func:`restore_params` gives the quantized tree back (plain orbax gives the arrays).
+
     The directory must not exist yet; the save is atomic (written to a temporary name,
     then renamed). Plain ``orbax.checkpoint.StandardCheckpointer().restore(path)`` or
     :func:`restore_params` reads it back.
@@ -234,8 +241,9 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
     """
     path = _path(path)
     _check_new(path, "checkpoint")
+    recorded = quant.records(params)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, params)
+        ckptr.save(path, params, custom_metadata={_QUANTIZED: recorded} if recorded else None)
         ckptr.wait_until_finished()
 
 
@@ -269,7 +277,8 @@ def _stored_tree(base_dir: epath.Path):
     local device, without reading arrays."""
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.metadata(base_dir).item_metadata.tree
+            meta = ckptr.metadata(base_dir)
+            tree, custom = meta.item_metadata.tree, meta.custom_metadata or {}
     except (FileNotFoundError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise ValueError(
             f"base checkpoint {base_dir} is not a plain orbax PyTree checkpoint ({e}); write it "
@@ -278,7 +287,7 @@ def _stored_tree(base_dir: epath.Path):
         ) from None
     if tree is None:
         raise ValueError(f"base checkpoint {base_dir} has no tree metadata; is it a PyTree checkpoint?")
-    return jax.tree.map(_abstract, tree)
+    return quant.rebuild(jax.tree.map(_abstract, tree), custom.get(_QUANTIZED), f"checkpoint {base_dir}")
 
 
 def _shardings_for(abstract_tree, shardings):

@@ -30,8 +30,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-__all__ = ["QTYPES", "NF4_VALUES", "QuantizedWeight", "is_quantized", "quantize_array", "dequantize"]
+from .config import path_str
+
+__all__ = ["QTYPES", "NF4_VALUES", "QuantizedWeight", "is_quantized", "quantize_array", "dequantize",
+           "records", "rebuild"]
 
 QTYPES = ("nf4", "int8", "fp8")
 SCALE_BLOCK = 256  # double quantization: block scales per second-level scale
@@ -148,7 +152,7 @@ class QuantizedWeight:
         vals = vals.reshape(*rows, nb * self.block_size)[..., : self.n_in]
         w = vals.reshape(*rows, *(self.shape[d] for d in self.in_axes))
         w = jnp.transpose(w, np.argsort((*self.row_axes, *self.in_axes)))
-        return jax.lax.stop_gradient(w.astype(self.dtype))
+        return lax.stop_gradient(w.astype(self.dtype))
 
     def sliced_rows(self, d: int) -> tuple["QuantizedWeight", dict]:
         """For stepping over W's axis ``d`` (a scan over stacked layers): the static part of one
@@ -190,16 +194,25 @@ def _encode(qtype: str, x):
         q = jnp.clip(jnp.round(x / safe * 127.0), -127, 127).astype(jnp.int8)
         return q, absmax / 127.0
     scale = absmax / _FP8_MAX
-    q = (x / jnp.where(scale > 0, scale, 1.0)[..., None]).astype(jnp.float8_e4m3fn)
-    return q, scale
+    return _round_e4m3(x / jnp.where(scale > 0, scale, 1.0)[..., None]).astype(jnp.float8_e4m3fn), scale
+
+
+def _round_e4m3(v):
+    """``v`` (float32, |v| <= 448) rounded to the nearest float8 e4m3 value, ties to even
+    (done here: XLA's own conversion may round twice, through float16)."""
+    e = jnp.floor(jnp.log2(jnp.maximum(jnp.abs(v), 2.0**-6)))  # subnormals share 2^-6's spacing
+    step = jnp.exp2(e - 3)  # 3 mantissa bits
+    return jnp.clip(jnp.round(v / step) * step, -_FP8_MAX, _FP8_MAX)
 
 
 def _decode(qtype: str, codes):
     """Float32 code values, ``(*rows, n_pad)``."""
     if qtype == "nf4":
         hi, lo = codes >> 4, codes & 0xF
-        idx = jnp.stack([hi, lo], axis=-1).reshape(*codes.shape[:-1], -1)
-        return jnp.take(jnp.asarray(NF4_VALUES), idx.astype(jnp.int32), mode="clip")
+        idx = jnp.stack([hi, lo], axis=-1).reshape(*codes.shape[:-1], -1).astype(jnp.int32)
+        # a tree of selects rather than a gather: elementwise, so it fuses with the scaling
+        # and follows any sharding of the codes
+        return lax.select_n(idx, *(jnp.full(idx.shape, v, jnp.float32) for v in NF4_VALUES))
     return codes.astype(jnp.float32)
 
 
@@ -284,3 +297,82 @@ def dequantize(tree: Any) -> Any:
     (0.5, (8,))
     """
     return jax.tree.map(lambda x: x.dequantize() if is_quantized(x) else x, tree, is_leaf=is_quantized)
+
+
+# -- checkpoints: the static part as JSON ----------------------------------------------------
+_CHILDREN = ("codes", "scale", "scale2", "offset")
+
+
+def records(tree: Any) -> dict[str, dict]:
+    """``{path: static fields}`` of every :class:`QuantizedWeight` in ``tree`` (JSON-able),
+    what a checkpoint stores beside the arrays so they restore as quantized weights.
+
+    >>> import jax.numpy as jnp, lora_jax as lj
+    >>> records(lj.quantize({"kernel": jnp.ones((64, 2))}, "int8"))["kernel"]["qtype"]
+    'int8'
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
+    return {path_str(p): dict(qtype=q.qtype, shape=list(q.shape), dtype=jnp.dtype(q.dtype).name,
+                              block_size=q.block_size, in_axes=list(q.in_axes))
+            for p, q in leaves if is_quantized(q)}
+
+
+def rebuild(tree: Any, recorded: dict | None, where: str) -> Any:
+    """``tree`` (as stored: a dict of codes and scales at each quantized path) with those
+    dicts turned back into :class:`QuantizedWeight` nodes, checked against ``recorded``.
+
+    >>> import jax.numpy as jnp, lora_jax as lj
+    >>> q = lj.quantize({"kernel": jnp.ones((64, 2))}, "int8")
+    >>> stored = {"kernel": {"codes": q["kernel"].codes, "scale": q["kernel"].scale,
+    ...                      "scale2": q["kernel"].scale2, "offset": q["kernel"].offset}}
+    >>> rebuild(stored, records(q), "ckpt")["kernel"].shape
+    (64, 2)
+    """
+    if not recorded:
+        return tree
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{where}: the quantization record is a {type(recorded).__name__}, not a "
+                         "mapping of paths; the checkpoint's metadata is damaged")
+    found: set = set()
+
+    def node(x) -> bool:
+        return isinstance(x, dict) and "codes" in x and set(x) <= set(_CHILDREN)
+
+    def one(p, x):
+        path = path_str(p)
+        if not node(x) or path not in recorded:
+            return x
+        found.add(path)
+        return _from_record(path, recorded[path], x, where)
+
+    out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=node)
+    missing = sorted(set(recorded) - found)
+    if missing:
+        raise ValueError(f"{where}: the metadata records quantized weights that the stored arrays "
+                         f"lack: {', '.join(missing[:8])}; the checkpoint is damaged or incomplete")
+    return out
+
+
+def _from_record(path, rec, children: dict, where) -> QuantizedWeight:
+    def bad(why):
+        return ValueError(f"{where}: quantized weight {path}: {why}; the checkpoint's metadata is damaged")
+
+    if not isinstance(rec, dict):
+        raise bad(f"record is {rec!r}, not a mapping")
+    try:
+        qtype, block = rec["qtype"], rec["block_size"]
+        shape, in_axes = tuple(rec["shape"]), tuple(rec["in_axes"])
+        dtype = jnp.dtype(rec["dtype"])
+    except (KeyError, TypeError) as e:
+        raise bad(f"record {rec!r} lacks or mistypes {e}") from None
+    if qtype not in QTYPES or not isinstance(block, int) or not all(isinstance(n, int) for n in (*shape, *in_axes)):
+        raise bad(f"record {rec!r} has an unknown qtype or non-integer sizes")
+    q = QuantizedWeight(**{k: children.get(k) for k in _CHILDREN}, qtype=qtype, shape=shape, dtype=dtype,
+                        block_size=block, in_axes=in_axes)
+    rows = tuple(shape[d] for d in q.row_axes if d < len(shape))
+    n_pad = -(-q.n_in // block) * block if in_axes and max(in_axes) < len(shape) else -1
+    want = (*rows, n_pad // 2 if qtype == "nf4" else n_pad)
+    if tuple(jnp.shape(q.codes)) != want or tuple(jnp.shape(q.scale)) != (*rows, max(n_pad, 0) // block):
+        raise bad(f"codes {tuple(jnp.shape(q.codes))} and scale {tuple(jnp.shape(q.scale))} do not fit "
+                  f"shape {shape}, in_axes {in_axes}, block_size {block} (codes {want} expected)")
+    return q

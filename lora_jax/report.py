@@ -6,7 +6,9 @@ import math
 from typing import Any
 
 import jax
+import numpy as np
 
+from .quant import is_quantized
 from .tree import targets
 
 __all__ = ["summary", "delta_norms"]
@@ -16,11 +18,17 @@ def _size(x) -> int:
     return math.prod(getattr(x, "shape", ()))
 
 
+def _nbytes(x) -> int:
+    return x.nbytes if is_quantized(x) else _size(x) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
+
+
 def summary(lora: Any, base: Any = None) -> str:
     """A table of the adapters (path, weight shape, rank, alpha, scale, params) and totals.
 
     With ``base`` the totals also give the trainable share of all parameters, like PEFT's
-    ``print_trainable_parameters``: ``trainable / (base + trainable)``.
+    ``print_trainable_parameters``: ``trainable / (base + trainable)``; a quantized base
+    (:func:`lora_jax.quantize`) adds a line with its bytes as stored and as the original
+    float weights.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> params = {"q": jnp.ones((64, 64)), "v": jnp.ones((64, 64))}
@@ -44,12 +52,23 @@ def summary(lora: Any, base: Any = None) -> str:
         for k, r in enumerate(rows)
     ]
     if base is not None:
-        base_n = sum(_size(x) for x in jax.tree.leaves(base))
+        leaves = jax.tree.leaves(base, is_leaf=is_quantized)
+        base_n = sum(_size(x) for x in leaves)
         all_n = base_n + total
         lines.append(
             f"trainable params: {total:,} || all params: {all_n:,} || "
             f"trainable%: {100.0 * total / max(all_n, 1):.4f}"
         )
+        quantized = [x for x in leaves if is_quantized(x)]
+        if quantized:
+            stored = sum(_nbytes(x) for x in leaves)
+            original = sum(_size(x) * np.dtype(x.dtype).itemsize for x in leaves)
+            kinds = "/".join(sorted({q.qtype for q in quantized}))
+            lines.append(
+                f"base bytes: {stored:,} stored ({kinds}: {len(quantized)} quantized weights, "
+                f"{8 * sum(q.nbytes for q in quantized) / sum(q.size for q in quantized):.3f} bits/param) "
+                f"|| {original:,} as float ({stored / max(original, 1):.3f}x)"
+            )
     else:
         lines.append(f"trainable params: {total:,} in {len(rows) - 1} adapters")
     return "\n".join(lines)

@@ -33,12 +33,13 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from .config import LoraConfig, path_str
+from .quant import QuantizedWeight, is_quantized
 from .split import split as _split
 from .tree import is_node, path_diff
 from .tree import merge as _merge
 from .weight import LoraWeight, is_lora
 
-__all__ = ["specs", "shardings", "shard", "split", "merge", "state_shardings"]
+__all__ = ["specs", "shardings", "shard", "split", "merge", "state_shardings", "quantized_specs"]
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -47,6 +48,7 @@ def _is_spec_leaf(x) -> bool:
     return (
         x is None
         or is_lora(x)
+        or is_quantized(x)
         or isinstance(x, (PartitionSpec, Sharding, flax_meta.AxisMetadata, nnx.Variable))
     )
 
@@ -121,6 +123,8 @@ def _spec_of(path: str, leaf, rules) -> PartitionSpec:
     """The base's mesh-level ``PartitionSpec`` from one leaf of ``base_specs``."""
     if leaf is None:
         return PartitionSpec()
+    if is_quantized(leaf):  # the layout of a quantized weight's codes: the weight's own
+        return _weight_spec(path, leaf, rules)
     if is_lora(leaf):
         raise TypeError(
             f"base_specs: {path} holds an lj.LoraWeight; base_specs describes the base "
@@ -172,7 +176,8 @@ def _spec_table(lora, base_specs, rules) -> dict[str, PartitionSpec]:
         raise TypeError(
             f"rules must be a sequence of (logical_name, mesh_axes) pairs, got {type(rules).__name__}"
         )
-    l_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)[0]]
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: is_node(x) or is_quantized(x))[0]
+    l_paths = [path_str(p) for p, _ in leaves]
     s_leaves = jax.tree_util.tree_flatten_with_path(base_specs, is_leaf=_is_spec_leaf)[0]
     s_paths = [path_str(p) for p, _ in s_leaves]
     detail = path_diff(l_paths, s_paths, "lora", "base_specs")
@@ -196,19 +201,96 @@ def _spec_table(lora, base_specs, rules) -> dict[str, PartitionSpec]:
 
 
 def _derive(path: str, w: LoraWeight, spec: PartitionSpec) -> tuple[PartitionSpec, PartitionSpec]:
-    ndim = len(w.shape)
-    entries = tuple(spec)
-    if len(entries) > ndim:
-        raise ValueError(
-            f"{path}: the base spec {spec} has {len(entries)} entries but the weight has shape "
-            f"{tuple(w.shape)} ({ndim} axes); give at most one entry per axis, e.g. "
-            f"{PartitionSpec(*entries[-ndim:])}"
-        )
-    entries = entries + (None,) * (ndim - len(entries))
+    entries = _entries(path, w.shape, spec)
     stack = [entries[i] for i in w.stack_axes]
     a = PartitionSpec(*stack, None, *(entries[i] for i in w.in_axes))
     b = PartitionSpec(*stack, None, *(entries[i] for i in w.out_axes))
     return a, b
+
+
+def _entries(path: str, shape, spec: PartitionSpec) -> tuple:
+    entries = tuple(spec)
+    ndim = len(shape)
+    if len(entries) > ndim:
+        raise ValueError(
+            f"{path}: the base spec {spec} has {len(entries)} entries but the weight has shape "
+            f"{tuple(shape)} ({ndim} axes); give at most one entry per axis, e.g. "
+            f"{PartitionSpec(*entries[-ndim:])}"
+        )
+    return entries + (None,) * (ndim - len(entries))
+
+
+def _codes_specs(path: str, q: QuantizedWeight, spec: PartitionSpec) -> QuantizedWeight:
+    """The specs of ``q``'s children from its weight's spec: the codes and block scales keep
+    the entries of the weight's non-input axes, and their last (flattened input) axis takes
+    the first input axis's entry; the second-level scales are replicated."""
+    entries = _entries(path, q.shape, spec)
+    ins = [entries[d] for d in q.in_axes]
+    if any(e is not None for e in ins[1:]):
+        raise ValueError(
+            f"{path}: spec {spec} splits input axis {q.in_axes[1 + [e is not None for e in ins[1:]].index(True)]} "
+            f"of the quantized weight {q.shape} (input axes {q.in_axes}); its inputs are "
+            "flattened into one codes axis, which can follow only the first input axis's split"
+        )
+    rows = [entries[d] for d in q.row_axes]
+    second = PartitionSpec() if q.double_quant else None
+    return q.replace(codes=PartitionSpec(*rows, ins[0]), scale=PartitionSpec(*rows, ins[0]),
+                     scale2=second, offset=second)
+
+
+def _weight_spec(path: str, leaf: QuantizedWeight, rules) -> PartitionSpec:
+    """The weight's spec from a quantized weight whose children are specs or shardings."""
+    codes = tuple(_spec_of(path, leaf.codes, rules))
+    codes = codes + (None,) * (len(leaf.row_axes) + 1 - len(codes))
+    entries = [None] * leaf.ndim
+    for k, d in enumerate(leaf.row_axes):
+        entries[d] = codes[k]
+    entries[leaf.in_axes[0]] = codes[-1]
+    return PartitionSpec(*entries)
+
+
+def quantized_specs(qbase: Any, base_specs: Any, *, rules: Rules | None = None) -> Any:
+    """``PartitionSpec`` s for a quantized base tree, from the float base's specs.
+
+    Each :class:`~lora_jax.QuantizedWeight` gets a ``QuantizedWeight`` of specs: codes and
+    block scales split like the weight along the axes they keep (its non-input axes, and
+    the first input axis for their last axis); second-level scales are replicated. Other
+    leaves keep their spec. Place the tree with
+    ``jax.device_put(qbase, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))``.
+
+    Args:
+      qbase: the tree from :func:`lora_jax.quantize`.
+      base_specs: the float base's layout, as for :func:`specs`.
+      rules: logical axis rules, as for :func:`specs`.
+
+    Raises:
+      ValueError: a spec that splits an input axis other than the first of a quantized
+        weight (its inputs are flattened into one codes axis); mismatched paths.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> from jax.sharding import PartitionSpec as P
+    >>> qbase = lj.quantize({"w": {"kernel": jnp.ones((128, 64))}}, "nf4")
+    >>> s = lj.sharding.quantized_specs(qbase, {"w": {"kernel": P("data", "model")}})["w"]["kernel"]
+    >>> s.codes, s.scale, s.scale2
+    (P('model', 'data'), P('model', 'data'), P())
+    """
+    table = _spec_table(qbase, base_specs, rules)
+    problems = []
+
+    def one(p, x):
+        path = path_str(p)
+        if not is_quantized(x):
+            return table[path]
+        try:
+            return _codes_specs(path, x, table[path])
+        except ValueError as e:
+            problems.append(str(e))
+            return None
+
+    out = jax.tree_util.tree_map_with_path(one, qbase, is_leaf=is_quantized)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return out
 
 
 def specs(lora: Any, base_specs: Any, *, rules: Rules | None = None) -> Any:
