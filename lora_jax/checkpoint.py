@@ -334,7 +334,9 @@ def merge(
     stored shapes before any weight is read; then the base is restored (with
     ``shardings``), merged under ``jit`` (float32 accumulation, the base donated, outputs
     keeping the base's shardings) and saved to ``out_dir`` with
-    ``StandardCheckpointer``, so plain orbax restores it into the original model.
+    ``StandardCheckpointer``, so plain orbax restores it into the original model. A
+    quantized base (saved by :func:`save_params`) is merged into its dequantized weights
+    (one device) and written as a float checkpoint.
 
     Args:
       shardings: ``None`` (one local device), one ``jax.sharding.Sharding`` for every
@@ -370,6 +372,17 @@ def merge(
     meta = metadata(adapter_dir)
     shapes = _stored_tree(base_dir)
     like = _fit_adapter(meta, shapes, adapter_dir, base_dir)  # shapes only: no weight is read yet
+    if quant.records(shapes):  # a quantized base: merged into its dequantized weights
+        if shardings is not None:
+            raise ValueError(
+                f"base checkpoint {base_dir} holds quantized weights; merge it on one device "
+                "(shardings=None): the merged float weights are written as a plain checkpoint"
+            )
+        with _checkpointer() as ckptr:
+            fn = lambda args: ckptr.restore(adapter_dir, args)
+            lora = _restore_lora(meta, like, fn, adapter_dir)[0]
+        save_params(out_dir, _merge_trees(restore_params(base_dir, shapes), lora))
+        return [p for p, _ in targets(like)]
     base_shardings = _shardings_for(shapes, shardings)
     with _checkpointer() as ckptr:  # (the metadata above is already read and checked)
         fn = lambda args: ckptr.restore(adapter_dir, args)
@@ -381,7 +394,7 @@ def merge(
 def _fit_adapter(meta: dict, shapes: Any, adapter_dir, base_dir) -> Any:
     """The adapter as a lora tree of the base's structure (``ShapeDtypeStruct`` factors),
     checked against the base's stored shapes."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=quant.is_quantized)
     base_paths = [path_str(p) for p, _ in flat]
     by_path = dict(zip([e["path"] for e in meta["targets"]], abstract_weights(meta)))
     unknown = [p for p in by_path if p not in set(base_paths)]

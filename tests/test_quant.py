@@ -428,3 +428,30 @@ def test_checkpoint_round_trip_and_summary(tmp_path):
     assert f"nf4: 2 quantized weights, {8 * stored / n_q:.3f} bits/param" in text
     params_n = sum(v.size for v in jax.tree.leaves(params))
     assert f"all params: {params_n + sum(w.num_params for _, w in lj.targets(lora)):,}" in text
+
+
+@pytest.mark.slow
+def test_finetune_with_a_quantized_base(tmp_path):
+    """``lora.quantize=nf4``: the run trains on the quantized base, merges into its
+    dequantized weights, and reports the float-base run and the base bytes beside it."""
+    from lora_jax.app.run import finetune, format_table
+    from lora_jax.app.run_config import from_dict
+
+    cfg = from_dict({}, [f"output.dir={tmp_path}/run", f"output.cache_dir={tmp_path}/cache",
+                         "model.d_model=64", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
+                         "model.context=16", "pretrain.steps=2", "train.steps=3", "train.warmup=1",
+                         "train.batch_size=2", "train.eval_batches=1", "train.progress=false",
+                         "data.max_bytes=30000", "lora.rank=2", "lora.quantize=nf4"])
+    m = finetune(cfg, log=None)
+    assert m["base"]["quantize"] == "nf4" and m["base"]["stored_bytes"] < 0.5 * m["base"]["bytes"]
+    assert {"lora", "float_base"} <= set(m) and m["float_base"]["steps"] == 3
+    assert m["lora"]["target_before"] != m["float_base"]["target_before"]  # deq(W) is not W
+    assert "base bytes (nf4 vs float)" in format_table(m) and "LoRA, nf4 base" in format_table(m)
+    qbase = lj.checkpoint.restore_params(tmp_path / "run" / "base")
+    adapter = lj.checkpoint.restore(tmp_path / "run" / "adapter")
+    merged = lj.checkpoint.restore_params(tmp_path / "run" / "merged")
+    want = lj.merge(qbase, adapter)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"lora.quantize"):
+        from_dict({}, ["lora.quantize=nf3"])

@@ -26,6 +26,7 @@ import jax
 
 from .. import checkpoint
 from ..transform import wrap
+from ..quant import dequantize, is_quantized
 from ..tree import targets
 from .files import disk_bytes, remove, write_json
 from .model import param_count
@@ -146,12 +147,15 @@ def _train_adapters(s: Setup, out: str, base, start: _Start, tx) -> _Trained:
 
 
 def _write_adapter(s: Setup, out: str, base, lora) -> None:
-    """``adapter/`` and ``merged/`` (written anew on resume); with PiSSA also ``base/``, the residual base."""
+    """``adapter/`` and ``merged/`` (written anew on resume); with PiSSA also ``base/``, the
+    residual base, and with ``lora.quantize`` the quantized base."""
     for name in ("adapter", "merged"):
         remove(os.path.join(out, name))
     checkpoint.save(os.path.join(out, "adapter"), lora, s.lora_config())
     base_dir = s.base_dir
-    if s.cfg.lora.init == "pissa":  # the base is the residual W - s·A⊗B, not the pretrained weights
+    # the adapter belongs to the residual W - s·A⊗B (PiSSA) or to the quantized weights
+    # deq(W) (QLoRA), not to the pretrained weights: merge into that base
+    if s.cfg.lora.init == "pissa" or s.cfg.lora.quantize != "none":
         base_dir = os.path.join(out, "base")
         if not os.path.exists(base_dir):
             checkpoint.save_params(base_dir, base)
@@ -159,7 +163,7 @@ def _write_adapter(s: Setup, out: str, base, lora) -> None:
 
 
 def _nbytes(tree) -> int:
-    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree, is_leaf=is_quantized)))
 
 
 def _losses(before: dict, after: dict) -> dict[str, float]:
@@ -179,7 +183,7 @@ def _speed(s: Setup, run: _Trained) -> dict[str, Any]:
             "tokens_per_second": None if run.step_seconds is None else tokens / run.step_seconds}
 
 
-def _metrics(s: Setup, out: str, start: int, before: dict, after: dict, run: _Trained) -> dict[str, Any]:
+def _metrics(s: Setup, out: str, start: int, before: dict, after: dict, run: _Trained, base) -> dict[str, Any]:
     """Every number of the LoRA run: losses, sizes, speed, the loss curve, the base and the config."""
     cfg = s.cfg
     return {
@@ -188,7 +192,8 @@ def _metrics(s: Setup, out: str, start: int, before: dict, after: dict, run: _Tr
             "adapter_disk_bytes": disk_bytes(os.path.join(out, "adapter")), **_speed(s, run),
             "targets": [p for p, _ in targets(run.params)],
         },
-        "base": {"params": param_count(s.variables), "bytes": _nbytes(s.variables), "pretrain": {
+        "base": {"params": param_count(s.variables), "bytes": _nbytes(s.variables),
+                 "stored_bytes": _nbytes(base), "quantize": cfg.lora.quantize, "pretrain": {
             k: s.pretrain_info[k] for k in ("corpus", "heldout_loss", "seconds", "cached")}},
         "domains": {"target": cfg.data.corpus, "source": cfg.data.source},
         "losses": {"lora": run.history},
@@ -204,12 +209,23 @@ def _add_full(s: Setup, metrics: dict, before: dict) -> None:
     metrics["losses"]["full"] = run.history
 
 
+def _add_float_base(s: Setup, metrics: dict, before: dict) -> None:
+    """With a quantized base: the same LoRA run on the float base, for the table's
+    side-by-side column (what quantizing the base cost in target loss)."""
+    base, lora = s.split(quantize="none")
+    run = _timed(train_lora, s, base, lora, steps=s.cfg.train.steps, tx=lora_optimizer(s.cfg), desc="LoRA, float base")
+    forward = wrap(s.model.apply)
+    after = s.evaluate(lambda p, ids: forward(p, run.params, ids), base)
+    metrics["float_base"] = {"steps": s.cfg.train.steps, **_losses(before, after), **_size(s, run.params), **_speed(s, run)}
+    metrics["losses"]["float_base"] = run.history
+
+
 def _write_results(out: str, cfg: RunConfig, metrics: dict, log) -> None:
     """``metrics.json`` and ``loss.png``; the table and where the outputs are go to ``log``."""
     from .plots import loss_curves
 
     write_json(os.path.join(out, "metrics.json"), metrics)
-    names = {"lora": "LoRA", "full": "full fine-tune"}
+    names = {"lora": "LoRA", "full": "full fine-tune", "float_base": "LoRA, float base"}
     loss_curves(os.path.join(out, "loss.png"), {names[k]: v for k, v in metrics["losses"].items()},
                 title=f"{cfg.data.source} -> {cfg.data.corpus}: training loss (nats/byte)")
     if log:
@@ -250,10 +266,15 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
     _begin_output(out, cfg, existing if overwrite else [])
     before = s.evaluate(s.model.apply, s.variables)
     run = _train_adapters(s, out, base, start, tx)
+    float_before = before
+    if cfg.lora.quantize != "none":  # the run starts from the dequantized weights
+        before = s.evaluate(s.model.apply, dequantize(base))
     forward = wrap(s.model.apply)
     after = s.evaluate(lambda p, ids: forward(p, run.params, ids), base)
     _write_adapter(s, out, base, run.params)
-    metrics = _metrics(s, out, start.step, before, after, run)
+    metrics = _metrics(s, out, start.step, before, after, run, base)
+    if cfg.lora.quantize != "none":
+        _add_float_base(s, metrics, float_before)
     if compare_full:
         _add_full(s, metrics, before)
     _write_results(out, cfg, metrics, log)
@@ -286,8 +307,10 @@ def format_table(metrics: dict) -> str:
     step time                     10.0 ms
     tokens/s                     100,000
     """
-    cols = [k for k in ("lora", "full") if k in metrics]
-    names = {"lora": "LoRA", "full": "full FT"}
+    cols = [k for k in ("lora", "float_base", "full") if k in metrics]
+    names = {"lora": "LoRA", "full": "full FT", "float_base": "float base"}
+    if metrics["base"].get("quantize", "none") != "none":
+        names["lora"] = f"LoRA, {metrics['base']['quantize']} base"
     t, src = metrics["domains"]["target"], metrics["domains"]["source"]
     base_bytes = metrics["base"]["bytes"]
     rows = [
@@ -306,4 +329,8 @@ def format_table(metrics: dict) -> str:
     lines = [" " * w0 + "".join(f"  {names[c]:>{w}}" for c, w in zip(cols, widths))]
     for (label, _), row in zip(rows, cells):
         lines.append(f"{label:<{w0}}" + "".join(f"  {v:>{w}}" for v, w in zip(row, widths)))
+    if metrics["base"].get("quantize", "none") != "none":
+        stored = metrics["base"]["stored_bytes"]
+        lines.append(f"base bytes ({metrics['base']['quantize']} vs float): {_human_bytes(stored)} / "
+                     f"{_human_bytes(base_bytes)} ({stored / base_bytes:.3f}x)")
     return "\n".join(line.rstrip() for line in lines)

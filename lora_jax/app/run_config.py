@@ -116,9 +116,11 @@ class AdapterConfig:
     scaling: str = "lora"
     init: str = "default"
     dropout: float = 0.0
+    quantize: str = "none"
 
     def validate(self, prefix: str = "lora"):
         from ..config import INITS, SCALINGS
+        from ..quant import QTYPES
 
         _check(len(self.targets) > 0, f"{prefix}.targets", self.targets, "at least one regex or 'all_linear'")
         _check(
@@ -135,6 +137,9 @@ class AdapterConfig:
         _check(self.scaling in SCALINGS, f"{prefix}.scaling", self.scaling, f"one of {tuple(SCALINGS)}")
         _check(self.init in INITS, f"{prefix}.init", self.init, f"one of {INITS}")
         _check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "a rate in [0, 1)")
+        _check(self.quantize in ("none", *QTYPES), f"{prefix}.quantize", self.quantize, f"one of {('none', *QTYPES)}")
+        _check(self.quantize == "none" or self.init != "pissa", f"{prefix}.init", self.init,
+               "'default' or 'gaussian' with a quantized base (pissa needs the float weights)")
 
     def lora_config(self, *, rank: int | None = None, alpha: float | None = None, scaling: str | None = None):
         """The :class:`lora_jax.LoraConfig` these settings describe (optionally with another rank/alpha/scaling)."""
@@ -220,7 +225,7 @@ class RunConfig:
     >>> from_dict({"lora": {"rnak": 4}})
     Traceback (most recent call last):
     ...
-    ValueError: config key lora.rnak is unknown (did you mean lora.rank?); lora accepts: targets, rank, alpha, scaling, init, dropout
+    ValueError: config key lora.rnak is unknown (did you mean lora.rank?); lora accepts: targets, rank, alpha, scaling, init, dropout, quantize
     """
 
     model: ModelConfig = ModelConfig()

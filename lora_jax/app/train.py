@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..split import quantize as lj_quantize
 from ..split import split
 from ..transform import wrap
 from .data import load_corpus
@@ -92,10 +93,16 @@ class Setup:
             a = self.cfg.lora
             raise type(e)(f"lora settings (targets {list(a.targets)}, rank {lora_config.rules[0].rank}): {e}") from None
 
-    def split(self, lora_config=None, seed: int | None = None):
-        """``(base, lora)`` of the pretrained variables, axes inferred by tracing the model."""
+    def split(self, lora_config=None, seed: int | None = None, quantize: str | None = None):
+        """``(base, lora)`` of the pretrained variables, axes inferred by tracing the model;
+        the base's matmul weights quantized as ``lora.quantize`` (or ``quantize``) says."""
         seed = self.cfg.train.seed if seed is None else seed
-        return self._split(self.variables, lora_config or self.lora_config(), seed)
+        qtype = self.cfg.lora.quantize if quantize is None else quantize
+        variables = self.variables
+        if qtype != "none":
+            ids = jax.ShapeDtypeStruct((1, self.cfg.model.context), jnp.int32)
+            variables = lj_quantize(variables, qtype, apply_fn=self.model.apply, args=(ids,))
+        return self._split(variables, lora_config or self.lora_config(), seed)
 
 
 def _schedule(lr: float, steps: int, warmup: int):
