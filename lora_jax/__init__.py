@@ -1,6 +1,7 @@
 """lora_jax: functional low-rank adaptation (LoRA) for JAX and Flax."""
 
 from . import checkpoint, nnx, peft, sharding
+from .combine import combine, pissa_to_lora
 from .config import Axes, LoraConfig, Rule, path_str, scale_for
 from .optim import apply_updates, labels, optimizer
 from .report import delta_norms, summary
@@ -18,6 +19,7 @@ __all__ = [
     "Rule",
     "apply_updates",
     "checkpoint",
+    "combine",
     "delta_norms",
     "is_lora",
     "labels",
@@ -26,6 +28,7 @@ __all__ = [
     "optimizer",
     "peft",
     "path_str",
+    "pissa_to_lora",
     "scale_for",
     "sharding",
     "split",
