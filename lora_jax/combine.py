@@ -11,6 +11,7 @@ rate, rule pattern) come from the first adapter that has the target.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import zlib
@@ -76,11 +77,11 @@ def combine(
       whatever the inputs' rule (PEFT gives the result the first adapter's ``use_rslora``
       with ``lora_alpha = r``, a scale of sqrt(r) after folding the scales in).
 
-    DARE's masks: target ``path``, adapter ``i`` draw
-    ``ka, kb = jax.random.split(jax.random.fold_in(jax.random.fold_in(key,
-    zlib.crc32(path.encode()) & 0x7FFFFFFF), i))`` and
-    ``jax.random.bernoulli(ka, density, a.shape)`` (``kb`` for ``b``), so a mask can be
-    reproduced and a target's masks do not depend on the other targets.
+    DARE's masks: adapter ``i`` (its index in ``loras``) at target ``path`` keeps the entries
+    where ``jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key,
+    zlib.crc32(path.encode()) & 0x7FFFFFFF), i), density, (a.size + b.size,))`` is True:
+    the first ``a.size`` entries in ``a``'s shape for ``a``, the rest for ``b``. So a mask
+    can be reproduced, and no target's or adapter's masks depend on the others.
 
     Args:
       loras: a list of lora trees (from :func:`split`, a checkpoint, PEFT).
@@ -125,19 +126,21 @@ def combine(
         if not group:
             out.append(None)
             continue
-        first = group[0][1]
-        coef = [(i, weights[i] * w.scale, w) for i, w in group]
-        dtype = jnp.result_type(*(x for _, w in group for x in (w.a, w.b)))
-        acc = first.accumulation_dtype(*(x for _, w in group for x in (w.a, w.b)))
-        if method == "cat":
-            a, b = _cat(coef, acc)
-        elif method == "svd":
-            _check_rank(path, first, rank)
-            a, b = _svd(coef, acc, rank)
-        else:
+        if method == "svd":
+            _check_rank(path, group[0][1], rank)
+        elif method != "cat":
             _check_same_rank(path, group, method)
-            a, b = _elementwise(path, coef, acc, method, density, majority_sign_method, key)
-        out.append(_scale_one(first, a, b, dtype))
+        first = group[0][1]
+        dare = method.startswith("dare")
+        a, b = _combine_factors(
+            tuple((w.a, w.b) for _, w in group),
+            jnp.asarray([weights[i] * w.scale for i, w in group]),
+            jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF) if dare else None,
+            jnp.asarray([i for i, _ in group], jnp.int32),
+            method=method, rank=rank, density=density, sign_method=majority_sign_method,
+            layout=_layout_of(first),
+        )
+        out.append(_scale_one(first, a, b))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -184,15 +187,9 @@ def pissa_to_lora(lora: Any, pissa_base: Any, base: Any) -> Any:
         if w is None:
             out.append(None)
             continue
-        acc = w.accumulation_dtype(x, res)
-        diff = _matrix(jnp.asarray(x, acc) - jnp.asarray(res, acc), w)
-        u, sv, vh = jnp.linalg.svd(diff, full_matrices=False)
-        root = jnp.sqrt(sv[..., : w.rank])[..., :, None]
-        a0 = root * jnp.swapaxes(u[..., :, : w.rank], -1, -2)
-        b0 = root * vh[..., : w.rank, :]
-        a, b = w.matrices(acc)
-        a, b = _concat([(w.scale, a, b), (-1.0, a0, b0)])
-        out.append(_scale_one(w, a, b, jnp.result_type(w.a, w.b)))
+        perm = (*w.stack_axes, *w.in_axes, *w.out_axes)
+        a, b = _pissa_factors(x, res, w.a, w.b, jnp.asarray(w.scale), layout=_layout_of(w), perm=perm)
+        out.append(_scale_one(w, a, b))
     return jax.tree.unflatten(jax.tree.structure(lora, is_leaf=is_node), out)
 
 
@@ -276,7 +273,7 @@ def _gather(loras):
     return paths, groups, flat[0][1]
 
 
-def _layout(w: LoraWeight):
+def _weight_fields(w: LoraWeight):
     return dict(shape=tuple(w.shape), in_axes=w.in_axes, out_axes=w.out_axes, stack_axes=w.stack_axes,
                 kind=w.kind)
 
@@ -286,10 +283,10 @@ def _check_same_weight(path, group):
         return
     i0, w0 = group[0]
     for i, w in group[1:]:
-        if _layout(w) != _layout(w0):
+        if _weight_fields(w) != _weight_fields(w0):
             raise ValueError(
-                f"{path}: the adapters are for different weights: loras[{i0}] has {_layout(w0)} "
-                f"but loras[{i}] has {_layout(w)}; combine only adapters made for the same base"
+                f"{path}: the adapters are for different weights: loras[{i0}] has {_weight_fields(w0)} "
+                f"but loras[{i}] has {_weight_fields(w)}; combine only adapters made for the same base"
             )
 
 
@@ -311,20 +308,65 @@ def _check_same_rank(path, group, method):
         )
 
 
-# -- the methods ----------------------------------------------------------------------------
-def _concat(pairs):
+# -- the methods: one compiled program per target's shapes, method and options --------------
+# (scales, weights, paths and which adapters are present are arguments, not part of the
+# program, so the layers of a model that share shapes share one program)
+@functools.partial(jax.jit, static_argnames=("method", "rank", "density", "sign_method", "layout"))
+def _combine_factors(factors, coefs, path_key, ids, *, method, rank, density, sign_method, layout):
+    """The combined factors of one target from its adapters' ``(a, b)`` and coefficients c_i."""
+    dtype = jnp.result_type(*(x for ab in factors for x in ab))
+    acc = jnp.promote_types(dtype, jnp.float32)
+    mats = [(_flat(a, layout, acc), _flat(b, layout, acc)) for a, b in factors]
+    coefs = coefs.astype(acc)
+    if method == "cat":
+        a, b = _concat(coefs, mats)
+    elif method == "svd":
+        a, b = _svd(*_concat(coefs, mats), rank)
+    else:
+        masks = None
+        if method.startswith("dare"):
+            masks = _dare_masks(path_key, ids, density, factors[0])
+        a, b = _elementwise(mats, coefs, masks, method, density, sign_method)
+    return _shaped(a, b, layout, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "perm"))
+def _pissa_factors(x, res, a, b, scale, *, layout, perm):
+    """``[A', A0] ⊗ [s·B', -B0]`` with ``A0ᵀ·B0`` the top-r thin SVD of ``x - res``."""
+    stack, ins, outs = layout
+    dtype = jnp.result_type(a, b)
+    acc = jnp.promote_types(jnp.result_type(x, res, a, b), jnp.float32)
+    diff = jnp.transpose(x.astype(acc) - res.astype(acc), perm)
+    u, sv, vh = jnp.linalg.svd(diff.reshape(*stack, math.prod(ins), math.prod(outs)), full_matrices=False)
+    r = a.shape[len(stack)]
+    root = jnp.sqrt(sv[..., :r])[..., :, None]
+    pair = (root * jnp.swapaxes(u[..., :, :r], -1, -2), root * vh[..., :r, :])
+    a, b = _concat((scale.astype(acc), -1.0), [(_flat(a, layout, acc), _flat(b, layout, acc)), pair])
+    return _shaped(a, b, layout, dtype)
+
+
+def _flat(x, layout, dtype):
+    """A factor (*stack, r, *axes) as (*stack, r, prod(axes)) in ``dtype``."""
+    stack = layout[0]
+    return x.reshape(*stack, x.shape[len(stack)], -1).astype(dtype)
+
+
+def _shaped(a, b, layout, dtype):
+    """Flat factors back in the adapter's layout (*stack, r, *in) / (*stack, r, *out)."""
+    stack, ins, outs = layout
+    r = a.shape[-2]
+    return a.reshape(*stack, r, *ins).astype(dtype), b.reshape(*stack, r, *outs).astype(dtype)
+
+
+def _concat(coefs, mats):
     """``[A_1; A_2; ...]`` and ``[c_1·B_1; c_2·B_2; ...]`` along the rank axis."""
-    a = jnp.concatenate([a for _, a, _ in pairs], axis=-2)
-    b = jnp.concatenate([c * b for c, _, b in pairs], axis=-2)
+    a = jnp.concatenate([a for a, _ in mats], axis=-2)
+    b = jnp.concatenate([coefs[i] * b for i, (_, b) in enumerate(mats)], axis=-2)
     return a, b
 
 
-def _cat(coef, acc):
-    return _concat([(c, *w.matrices(acc)) for _, c, w in coef])
-
-
-def _svd(coef, acc, rank):
-    a, b = _cat(coef, acc)  # (*stack, R, in), (*stack, R, out)
+def _svd(a, b, rank):
+    """The best rank-``rank`` factors of ``a ⊗ b`` for a (*stack, R, in), b (*stack, R, out)."""
     qa, ra = jnp.linalg.qr(jnp.swapaxes(a, -1, -2))  # (in, ka), (ka, R)
     qb, rb = jnp.linalg.qr(jnp.swapaxes(b, -1, -2))  # (out, kb), (kb, R)
     core = jnp.matmul(ra, jnp.swapaxes(rb, -1, -2), precision=_HI)  # (ka, kb)
@@ -337,23 +379,25 @@ def _svd(coef, acc, rank):
     return jnp.pad(new_a, pad), jnp.pad(new_b, pad)
 
 
-def _elementwise(path, coef, acc, method, density, sign_method, key):
+def _dare_masks(path_key, ids, density, factors):
+    """The keep masks of ``a`` and ``b`` for each adapter id (see :func:`combine`)."""
+    size_a, size_b = (math.prod(x.shape) for x in factors)
+    draw = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(path_key, i), density, (size_a + size_b,)))
+    keep = draw(ids)
+    return keep[:, :size_a], keep[:, size_a:]
+
+
+def _elementwise(mats, coefs, masks, method, density, sign_method):
     """PEFT's ties / dare on the factors: A and B each merged over the adapters."""
-    v_a = [math.copysign(math.sqrt(abs(c)), c) for _, c, _ in coef]
-    v_b = [math.sqrt(abs(c)) for _, c, _ in coef]
-    mats = [w.matrices(acc) for _, _, w in coef]
-    if method.startswith("dare"):
-        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        keys = [jax.random.split(jax.random.fold_in(k, i)) for i, _, _ in coef]
+    root = jnp.sqrt(jnp.abs(coefs))
     merged = []
-    for f, vs in ((0, v_a), (1, v_b)):
+    for f, vs in ((0, jnp.sign(coefs) * root), (1, root)):
         tensors = [m[f] for m in mats]
         if method == "ties":
             trimmed = [_top_magnitude(t, density) for t in tensors]
         else:
-            trimmed = [t * jax.random.bernoulli(ks[f], density, t.shape) / density
-                       for t, ks in zip(tensors, keys)]
-        weighted = [v * t for v, t in zip(vs, trimmed)]
+            trimmed = [t * masks[f][i].reshape(t.shape) / density for i, t in enumerate(tensors)]
+        weighted = [vs[i] * t for i, t in enumerate(trimmed)]
         if method == "dare_linear":
             merged.append(sum(weighted))
         else:
@@ -373,24 +417,18 @@ def _top_magnitude(t, density):
 def _disjoint_mean(trimmed, weighted, sign_method):
     signs = jnp.stack([jnp.sign(t) for t in trimmed])
     total = jnp.sum(jnp.stack(trimmed) if sign_method == "total" else signs, axis=0)
-    agree = signs == jnp.where(total >= 0, 1, -1).astype(signs.dtype)
+    agree = signs == jnp.where(total >= 0, 1, -1).astype(signs.dtype)[None]
     kept = jnp.sum(jnp.where(agree, jnp.stack(weighted), 0), axis=0)
     return kept / jnp.maximum(jnp.sum(agree, axis=0), 1).astype(kept.dtype)
 
 
 # -- shared -------------------------------------------------------------------------------
-def _matrix(x, w: LoraWeight):
-    """A dense array of W's shape as (*stack, in, out)."""
-    moved = jnp.transpose(x, (*w.stack_axes, *w.in_axes, *w.out_axes))
-    return moved.reshape(*w.stack_shape, math.prod(w.in_shape), math.prod(w.out_shape))
+def _layout_of(w: LoraWeight):
+    """The static shapes the compiled programs need: (stack, in, out)."""
+    return (w.stack_shape, w.in_shape, w.out_shape)
 
 
-def _scale_one(template: LoraWeight, a, b, dtype) -> LoraWeight:
-    """``template`` with factors (*stack, r, in) / (*stack, r, out) and scale exactly 1."""
-    r = a.shape[-2]
-    stack = template.stack_shape
-    return template.replace(
-        a=a.reshape(*stack, r, *template.in_shape).astype(dtype),
-        b=b.reshape(*stack, r, *template.out_shape).astype(dtype),
-        rank=r, alpha=float(r), scale=1.0, scaling="lora",
-    )
+def _scale_one(template: LoraWeight, a, b) -> LoraWeight:
+    """``template`` with new factors, their rank, and scale exactly 1 (alpha = rank, "lora")."""
+    r = a.shape[len(template.stack_axes)]
+    return template.replace(a=a, b=b, rank=r, alpha=float(r), scale=1.0, scaling="lora")
