@@ -62,6 +62,11 @@ def _dense_sum(loras, weights, path):
     return sum(v * np_delta_of(w) for v, w in found if w is not None)
 
 
+def _paths(loras):
+    """The sorted paths that hold an adapter in any of the trees."""
+    return sorted({p for t in loras for p, _ in lj.targets(t)})
+
+
 def _as_matrix(x, w):
     """W-shaped ``x`` as (*stack, in, out) in float64."""
     x = np.transpose(np.asarray(x, np.float64), (*w.stack_axes, *w.in_axes, *w.out_axes))
@@ -91,18 +96,15 @@ def _build(specs, params=None):
     return params, loras, [w for *_, w in specs]
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(specs=adapters(targets=2))
 def test_cat_is_the_exact_weighted_sum(specs):
-    params, loras, weights = _build(specs)
+    _, loras, weights = _build(specs)
     out = lj.combine(loras, weights, "cat")
-    merged = lj.merge(params, out)
+    assert sorted(p for p, _ in lj.targets(out)) == _paths(loras)
     for path, w in lj.targets(out):
         want = _dense_sum(loras, weights, path)
         np.testing.assert_allclose(np_delta_of(w), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-        name = path.split("/")[0]
-        np.testing.assert_allclose(np.asarray(merged[name]["kernel"], np.float64),
-                                   np.asarray(params[name]["kernel"], np.float64) + want, rtol=1e-5, atol=1e-4)
         present = [t for t in loras if dict(lj.targets(t)).get(path) is not None]
         assert w.rank == sum(dict(lj.targets(t))[path].rank for t in present)
         assert (w.scale, w.alpha, w.scaling) == (1.0, float(w.rank), "lora")
@@ -121,10 +123,10 @@ def _check_svd_error(loras, weights, out, k, rtol, atol):
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * np.linalg.norm(dense))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(specs=adapters(targets=1), k=st.integers(1, 6))
 def test_svd_error_is_numpys_truncated_svd_error(specs, k):
-    params, loras, weights = _build(specs)
+    _, loras, weights = _build(specs)
     out = lj.combine(loras, weights, "svd", rank=k)
     _check_svd_error(loras, weights, out, k, rtol=1e-3, atol=1e-5)
 
@@ -187,7 +189,7 @@ def _np_merge_factor(tensors, vs, method, density, sign_method, masks):
 def _np_elementwise(loras, weights, method, density, sign_method, key):
     """{path: (A, B)} merged factors (W's factor shapes), float64."""
     out = {}
-    for path, _ in lj.targets(lj.combine(loras, weights, "cat")):
+    for path in _paths(loras):
         found = [(i, weights[i], dict(lj.targets(t)).get(path)) for i, t in enumerate(loras)]
         found = [(i, v * w.scale, w) for i, v, w in found if w is not None]
         v_a = [np.sign(c) * np.sqrt(abs(c)) for _, c, _ in found]
@@ -221,20 +223,20 @@ def _check_elementwise(loras, weights, method, density, sign_method, key):
 
 
 @settings(max_examples=6, deadline=None)
-@given(specs=adapters(same_rank=True, targets=2), density=st.sampled_from([0.2, 0.5, 0.9, 1.0]),
+@given(specs=adapters(same_rank=True, targets=1), density=st.sampled_from([0.2, 0.5, 0.9, 1.0]),
        sign_method=st.sampled_from(["total", "frequency"]))
 def test_ties_follows_the_numpy_reference(specs, density, sign_method):
     _, loras, weights = _build(specs)
     _check_elementwise(loras, weights, "ties", density, sign_method, None)
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_follows_the_numpy_reference_with_the_documented_masks(method):
-    params, sign_method = _params(), "total"
+def test_dare_follows_the_numpy_reference_with_the_documented_masks():
+    params = _params()
     loras = [_adapter(params, {"heads": 2, "layers": 2}, "rslora", seed=0)[1],
              _adapter(params, {"layers": 2}, "lora", seed=1)[1],
              _adapter(params, {"heads": 2, "layers": 2}, "lora", seed=2)[1]]
-    _check_elementwise(loras, [0.8, -0.5, 1.2], method, 0.4, sign_method, jax.random.key(3))
+    for method in ("dare_linear", "dare_ties"):
+        _check_elementwise(loras, [0.8, -0.5, 1.2], method, 0.4, "total", jax.random.key(3))
 
 
 @pytest.mark.parametrize("scaling", ["lora", "rslora"])
@@ -344,18 +346,17 @@ def test_pissa_to_lora_merges_into_the_original_base_as_pissa_into_its_residual(
         residual, lora = _adapter(params, {"heads": 2, "layers": 2}, scaling, seed=4, init="pissa")
         lora = _trained(lora, seed=5)
         plain = lj.pissa_to_lora(lora, residual, params)
-        want, got = lj.merge(residual, lora), lj.merge(params, plain)
-        for path, w in lj.targets(plain):
+        if dtype == np.float32:  # the library's own merge, to float32 rounding
+            want, got = lj.merge(residual, lora), lj.merge(params, plain)
+            for name in ("heads", "layers"):
+                np.testing.assert_allclose(got[name]["kernel"], want[name]["kernel"], rtol=0, atol=4e-6)
+        for path, w in lj.targets(plain):  # an independent float64 merge
             name = path.split("/")[0]
             pissa_w = dict(lj.targets(lora))[path]
             assert w.rank == 2 * pissa_w.rank and w.scale == 1.0 and w.a.dtype == dtype
-            # the library's merge and an independent float64 one agree
             ref = np.asarray(residual[name]["kernel"], np.float64) + np_delta_of(pissa_w)
             mine = np.asarray(params[name]["kernel"], np.float64) + np_delta_of(w)
-            scale = np.abs(ref).max()
-            np.testing.assert_allclose(mine, ref, rtol=0, atol=tol * scale)
-            np.testing.assert_allclose(np.asarray(got[name]["kernel"]), np.asarray(want[name]["kernel"]),
-                                       rtol=0, atol=4 * tol * scale)
+            np.testing.assert_allclose(mine, ref, rtol=0, atol=tol * np.abs(ref).max())
 
 
 def test_pissa_to_lora_checks_the_trees_fit():
