@@ -5,8 +5,11 @@ weights times each adapter's own scale) are folded into the factors, and the res
 expressed under the ``"lora"`` rule with ``alpha = rank``, which gives exactly
 ``alpha / rank = 1``. So it merges, exports to PEFT (``lora_alpha = r``,
 ``use_rslora = False``) and restores from a checkpoint as it is, whatever rules the inputs
-used. The static fields that are not about the scale (the weight's dtype name, dropout
-rate, rule pattern) come from the first adapter that has the target.
+used. (PEFT's ``add_weighted_adapter`` gives its result ``lora_alpha = r`` with the first
+adapter's ``use_rslora``, so after folding the scales in, a result made from an rsLoRA
+adapter is applied with ``r/sqrt(r) = sqrt(r)`` instead of 1.) The static fields that are
+not about the scale (the weight's dtype name, dropout rate, rule pattern) come from the
+first adapter that has the target.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def combine(
 
     - ``"cat"``: the exact sum ``sum_i c_i·A_i⊗B_i``, by concatenating the factors along
       the rank axis (B_i multiplied by c_i); rank = the sum of the ranks present.
-    - ``"svd"``: the best rank-``rank`` approximation (Frobenius and spectral) of that sum.
+    - ``"svd"``: the best rank-``rank`` approximation (Frobenius and spectral) of that sum,
+      per layer for a stacked target (``rank`` is required; PEFT defaults to the largest).
       The stacked factors are QR-factorized, ``Aᵀ = Qa·Ra`` and ``Bᵀ = Qb·Rb``, and only the
       small core ``Ra·Rbᵀ`` (at most R×R for the total rank R) goes through an SVD, so the
       d_in×d_out sum is never formed. The singular values are split as their square roots
@@ -73,9 +77,8 @@ def combine(
         max(#{i: sign(P_i) = e}, 1)``. The election reads the trimmed, unweighted ``P_i``.
 
       The rank stays the adapters' rank. Unlike PEFT, a single adapter is trimmed too (PEFT
-      falls back to a plain weighted sum for one adapter), and the result's scale is 1
-      whatever the inputs' rule (PEFT gives the result the first adapter's ``use_rslora``
-      with ``lora_alpha = r``, a scale of sqrt(r) after folding the scales in).
+      falls back to a plain weighted sum for one adapter); PEFT too refuses different
+      ranks for these methods.
 
     DARE's masks: adapter ``i`` (its index in ``loras``) at target ``path`` keeps the entries
     where ``jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key,
@@ -239,8 +242,12 @@ def _check_trees(loras, weights):
         )
     if not loras:
         raise ValueError("loras is empty; pass at least one lora tree, e.g. lj.combine([lora_a, lora_b], [0.5, 0.5])")
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise TypeError(f"weights must be a list of numbers, one per lora tree; got {weights!r}")
+    try:
+        weights = list(weights) if not isinstance(weights, (str, bytes, dict)) else None
+    except TypeError:
+        weights = None
+    if weights is None:
+        raise TypeError("weights must be a list of numbers, one per lora tree; e.g. [0.5, 0.5]")
     if len(weights) != len(loras):
         raise ValueError(
             f"weights has {len(weights)} entries but loras has {len(loras)} trees; "

@@ -291,6 +291,7 @@ def _two():
         (("one tree", [1.0, 1.0]), {}, TypeError, "loras must be a list"),
         ((None, [1.0]), {}, ValueError, "weights has 1 entries but loras has 2"),
         ((None, [1.0, float("nan")]), {}, TypeError, r"weights\[1\] must be a finite"),
+        ((None, 1.0), {}, TypeError, "weights must be a list of numbers"),
         ((None, [1.0, 1.0], "mean"), {}, ValueError, "method='mean' is not one of"),
         ((None, [1.0, 1.0], "svd"), {}, ValueError, "needs rank; pass e.g. rank=8"),
         ((None, [1.0, 1.0], "svd"), {"rank": 0}, ValueError, "rank must be > 0"),
