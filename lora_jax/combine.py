@@ -241,7 +241,9 @@ def _check_trees(loras, weights):
             "e.g. lj.combine([lora_a, lora_b], [0.5, 0.5])"
         )
     if not loras:
-        raise ValueError("loras is empty; pass at least one lora tree, e.g. lj.combine([lora_a, lora_b], [0.5, 0.5])")
+        raise ValueError(
+            "loras is empty; pass at least one lora tree, e.g. lj.combine([lora_a, lora_b], [0.5, 0.5])"
+        )
     try:
         weights = list(weights) if not isinstance(weights, (str, bytes, dict)) else None
     except TypeError:
@@ -274,7 +276,9 @@ def _gather(loras):
             )
     groups = [[(i, f[0][j][1]) for i, f in enumerate(flat) if is_lora(f[0][j][1])] for j in range(len(paths))]
     if not any(groups):
-        raise ValueError("the lora trees hold no adapter (every leaf is None); pass the trees lj.split returned")
+        raise ValueError(
+            "the lora trees hold no adapter (every leaf is None); pass the trees lj.split returned"
+        )
     for path, group in zip(paths, groups):
         _check_same_weight(path, group)
     return paths, groups, flat[0][1]
@@ -389,8 +393,8 @@ def _svd(a, b, rank):
 def _dare_masks(path_key, ids, density, factors):
     """The keep masks of ``a`` and ``b`` for each adapter id (see :func:`combine`)."""
     size_a, size_b = (math.prod(x.shape) for x in factors)
-    draw = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(path_key, i), density, (size_a + size_b,)))
-    keep = draw(ids)
+    one = lambda i: jax.random.bernoulli(jax.random.fold_in(path_key, i), density, (size_a + size_b,))  # noqa: E731
+    keep = jax.vmap(one)(ids)
     return keep[:, :size_a], keep[:, size_a:]
 
 

@@ -278,6 +278,17 @@ def test_combine_runs_under_jit_with_a_traced_key():
                                    rtol=1e-6, atol=1e-7)
 
 
+def test_the_result_exports_to_peft_and_loads_back(tmp_path):
+    # scale 1 as alpha = rank under "lora": PEFT's format holds it, whatever the inputs' rules
+    params = _params()
+    loras = [_adapter(params, {"q": 2}, "rslora", seed=0)[1], _adapter(params, {"q": 3}, "lora", seed=1)[1]]
+    out = lj.combine(loras, [0.5, -1.0], "cat")
+    lj.peft.save(str(tmp_path), out, lj.peft.HF)
+    back = lj.peft.load(str(tmp_path), {"q": params["q"]}, lj.peft.HF)["q"]["kernel"]
+    assert (back.rank, back.alpha, back.scale) == (5, 5.0, 1.0)
+    np.testing.assert_allclose(np_delta_of(back), _dense_sum(loras, [0.5, -1.0], "q/kernel"), rtol=1e-5, atol=1e-5)
+
+
 # -- bad input ------------------------------------------------------------------------------
 def _two():
     params = _params()
