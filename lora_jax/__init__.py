@@ -1,6 +1,7 @@
 """lora_jax: functional low-rank adaptation (LoRA) for JAX and Flax."""
 
 from . import checkpoint, nnx, peft, sharding
+from .combine import combine, pissa_to_lora
 from .config import Axes, LoraConfig, Rule, path_str, scale_for
 from .optim import apply_updates, labels, optimizer
 from .quant import QuantizedWeight, dequantize, is_quantized
@@ -20,6 +21,7 @@ __all__ = [
     "Rule",
     "apply_updates",
     "checkpoint",
+    "combine",
     "delta_norms",
     "dequantize",
     "is_lora",
@@ -31,6 +33,7 @@ __all__ = [
     "peft",
     "quantize",
     "path_str",
+    "pissa_to_lora",
     "scale_for",
     "sharding",
     "split",
