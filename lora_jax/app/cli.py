@@ -10,6 +10,13 @@ from ..version import __version__
 
 _DEFAULT_CONFIG = "configs/default.yaml"
 
+# what an interrupted command leaves, said on its one line
+_RESUME_HINT = {
+    "finetune": "; the checkpoints in output.dir/checkpoints are kept: run the same command with --resume "
+    "to continue from the last one",
+    "sweep": "; run it again (with --overwrite if output.dir/sweep holds results) to start over",
+}
+
 
 def _add_run_args(p: argparse.ArgumentParser, config_required: bool):
     if config_required:
@@ -111,7 +118,7 @@ def main(argv=None) -> int:
     ``sweep CONFIG``, ``inspect ADAPTER``, ``export-peft ADAPTER OUT``,
     ``merge BASE ADAPTER OUT`` (see :func:`lora_jax.checkpoint.merge`), ``info``.
     Bad configs and problems with checkpoints are printed to stderr as one ``error:``
-    line, with exit status 1.
+    line, with exit status 1; Ctrl-C stops with one line (how to resume) and status 130.
 
     >>> main(["--help"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -129,6 +136,9 @@ def main(argv=None) -> int:
         return 0
     try:
         return _dispatch(ns)
+    except KeyboardInterrupt:
+        print(f"lora-jax {ns.command}: interrupted{_RESUME_HINT.get(ns.command, '')}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     except (OSError, ValueError, TypeError) as e:
         print(f"lora-jax {ns.command}: error: {e}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .files import write_json
+from .files import read_json, uninterrupted, write_json
 from .run_config import ModelConfig, PretrainConfig
 
 __all__ = ["TinyLM", "cache_root", "pretrained", "lm_loss", "make_step", "progress_bar", "param_count"]
@@ -155,14 +155,14 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
     if os.path.exists(info_path) and os.path.isdir(ckpt):
         abstract = jax.eval_shape(lm.init, jax.random.key(0), jnp.zeros((1, model.context), jnp.int32))
         variables = checkpoint.restore_params(ckpt, like=abstract)
-        with open(info_path) as f:
-            info = json.load(f)
+        info = read_json(info_path, "the pretrained model's cache entry")
         return variables, ckpt, {**info, "cached": True}
 
     if log:
         log(f"pretraining the default model on {corpus.name} ({pretrain.steps} steps, once; cached in {root})")
     variables, info = _pretrain(lm, pretrain, corpus, progress)
-    _store(root, variables, info)
+    with uninterrupted():
+        _store(root, variables, info)
     variables = checkpoint.restore_params(ckpt, like=jax.eval_shape(lambda: variables))
     return variables, ckpt, {**info, "cached": False}
 

@@ -19,7 +19,7 @@ import optax
 from ..split import split
 from ..transform import wrap
 from .data import load_corpus
-from .files import write_json
+from .files import uninterrupted, write_json
 from .model import TinyLM, lm_loss, make_step, pretrained, progress_bar
 from .run_config import RunConfig
 
@@ -216,8 +216,10 @@ def _loop(s, step_fn, params, opt, *, start, steps, key, manager=None, history=N
         if on_step is not None:
             on_step(i + 1, params, loss)
         if manager is not None and ((i + 1) % cfg.train.save_every == 0 or i + 1 == steps):
-            manager.save(i + 1, params, opt, config=s.lora_config())
-            write_json(os.path.join(manager.directory, "history.json"), {"step": i + 1, "losses": history})
+            with uninterrupted():
+                # the losses first: a checkpoint on disk always has its whole loss history beside it
+                write_json(os.path.join(manager.directory, "history.json"), {"step": i + 1, "losses": history})
+                manager.save(i + 1, params, opt, config=s.lora_config())
     bar.close()
     if manager is not None:
         manager.wait_until_finished()
