@@ -14,7 +14,7 @@ import signal
 import threading
 from typing import Iterator
 
-__all__ = ["write_json", "read_json", "remove", "disk_bytes", "output_dir", "uninterrupted"]
+__all__ = ["write_json", "read_json", "remove", "disk_bytes", "human_bytes", "output_dir", "uninterrupted"]
 
 
 def write_json(path: str, data) -> None:
@@ -92,6 +92,19 @@ def disk_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+def human_bytes(n: float) -> str:
+    """A byte count for people: B, KiB, MiB, GiB or TiB with one decimal.
+
+    >>> human_bytes(200), human_bytes(4000), human_bytes(3 * 2**40)
+    ('200 B', '3.9 KiB', '3.0 TiB')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
 @contextlib.contextmanager
 def output_dir(path: str) -> Iterator[str]:
     """Create (if needed) and hold the directory ``path`` for one job until the block ends.
@@ -99,8 +112,8 @@ def output_dir(path: str) -> Iterator[str]:
     The directory itself is locked with ``fcntl.flock`` (exclusive, non-blocking): a second
     job on the same directory is refused at once with a ``BlockingIOError`` naming it, and
     the lock goes away with the process, however it ends. ``path`` must be a writable
-    directory or a path where one can be created (an ``OSError`` naming it otherwise). A
-    directory the block created is removed again when the block fails and left nothing.
+    directory or a path where one can be created (an ``OSError`` naming it otherwise). The
+    directories the block created are removed again when it fails and left nothing.
 
     >>> import tempfile
     >>> out = os.path.join(tempfile.mkdtemp(), "run")
@@ -116,7 +129,10 @@ def output_dir(path: str) -> Iterator[str]:
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"output.dir {path} is a file, not a directory; set output.dir to a directory path")
-    created = not os.path.exists(path)
+    top = None  # the outermost directory this call creates
+    parent = path
+    while not os.path.exists(parent):
+        top, parent = parent, os.path.dirname(parent)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -140,8 +156,11 @@ def output_dir(path: str) -> Iterator[str]:
         try:
             yield path
         except BaseException:
-            if created and not os.listdir(path):
-                os.rmdir(path)  # still locked: nobody else has begun to use it
+            if top is not None and not os.listdir(path):  # still locked: nobody else has begun to use it
+                os.rmdir(path)
+                while path != top and not os.listdir(os.path.dirname(path)):
+                    path = os.path.dirname(path)
+                    os.rmdir(path)
             raise
     finally:
         os.close(fd)

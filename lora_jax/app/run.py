@@ -26,7 +26,7 @@ import jax
 from .. import checkpoint
 from ..transform import wrap
 from ..tree import targets
-from .files import disk_bytes, output_dir, read_json, remove, uninterrupted, write_json
+from .files import disk_bytes, human_bytes, output_dir, read_json, remove, uninterrupted, write_json
 from .model import param_count
 from .run_config import RunConfig, to_dict
 from .train import Setup, lora_optimizer, train_full, train_lora
@@ -300,14 +300,6 @@ def _finetune(out: str, cfg: RunConfig, compare_full: bool, resume: bool, overwr
     return metrics
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
-
-
 def format_table(metrics: dict) -> str:
     """The end-of-run table: losses before/after per domain, parameters, bytes, step time.
 
@@ -336,7 +328,7 @@ def format_table(metrics: dict) -> str:
         (f"source ({src}) loss before", lambda m: f"{m['source_before']:.3f}"),
         (f"source ({src}) loss after", lambda m: f"{m['source_after']:.3f}"),
         ("trainable params", lambda m: f"{m['trainable_params']:,} ({m['trainable_percent']:.2f}%)"),
-        ("trained bytes vs base", lambda m: f"{_human_bytes(m['adapter_bytes'])} / {_human_bytes(base_bytes)}"),
+        ("trained bytes vs base", lambda m: f"{human_bytes(m['adapter_bytes'])} / {human_bytes(base_bytes)}"),
         ("step time", lambda m: "n/a" if m["step_seconds"] is None else f"{1e3 * m['step_seconds']:.1f} ms"),
         ("tokens/s", lambda m: "n/a" if m["tokens_per_second"] is None else f"{m['tokens_per_second']:,.0f}"),
     ]

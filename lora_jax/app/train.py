@@ -20,7 +20,8 @@ from ..split import split
 from ..transform import wrap
 from .data import load_corpus
 from .files import uninterrupted, write_json
-from .model import TinyLM, lm_loss, make_step, pretrained, progress_bar
+from .model import TinyLM, check_memory, lm_loss, make_step, pretrained, progress_bar
+from .model import warmup_cosine as _schedule
 from .run_config import RunConfig
 
 __all__ = ["Setup", "lora_optimizer", "train_lora", "train_full"]
@@ -48,6 +49,7 @@ class Setup:
     def __init__(self, cfg: RunConfig, log: Callable | None = print):
         self.cfg = cfg
         m, d = cfg.model, cfg.data
+        check_memory(m, max(cfg.pretrain.batch_size, cfg.train.batch_size))  # before anything is allocated
         load = lambda name: load_corpus(name, paths=d.paths, max_bytes=d.max_bytes, heldout=d.heldout, context=m.context)
         self.target = load(d.corpus)
         self.source = self.target if d.source == d.corpus else load(d.source)
@@ -96,13 +98,6 @@ class Setup:
         """``(base, lora)`` of the pretrained variables, axes inferred by tracing the model."""
         seed = self.cfg.train.seed if seed is None else seed
         return self._split(self.variables, lora_config or self.lora_config(), seed)
-
-
-def _schedule(lr: float, steps: int, warmup: int):
-    warmup = min(warmup, steps // 2)
-    if warmup == 0:
-        return optax.cosine_decay_schedule(lr, steps, alpha=0.1)
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.1)
 
 
 def _adam(lr: float, steps: int, warmup: int):
