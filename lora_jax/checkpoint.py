@@ -79,14 +79,27 @@ def _checkpointer():
 
 
 def _read_meta(restore_fn, where) -> dict:
+    """The checkpoint's metadata, checked against its schema (errors name its file)."""
+    file = where / _META / "metadata"
     try:
         meta = restore_fn(ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        if not file.exists():
+            raise _not_an_adapter(where, e) from None
         raise ValueError(
-            f"{where} is not a lora_jax adapter checkpoint (no readable '{_META}' metadata: {e}); "
-            "adapters are written by lj.checkpoint.save or lj.checkpoint.Manager.save"
+            f"{file}: the adapter metadata is damaged (not valid JSON: {type(e).__name__}: {str(e)[:200]}); "
+            "the checkpoint cannot be trusted: save the adapter again (lj.checkpoint.save)"
         ) from None
-    return check_format(meta, where)
+    except (FileNotFoundError, KeyError) as e:
+        raise _not_an_adapter(where, e) from None
+    return check_format(meta, file)
+
+
+def _not_an_adapter(where, e: Exception) -> ValueError:
+    return ValueError(
+        f"{where} is not a lora_jax adapter checkpoint (no readable '{_META}' metadata: {e}); "
+        "adapters are written by lj.checkpoint.save or lj.checkpoint.Manager.save"
+    )
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -171,11 +184,35 @@ def metadata(path: str | os.PathLike) -> dict:
 
 def _restore_lora(meta: dict, like: Any, restore_fn, where, extra: dict | None = None):
     """Rebuild the lora tree from ``meta``; returns ``(lora, other restored items)``."""
+    _check_stored(meta, where)
     weights = restore_targets(meta, like, where)
     factors = [{"a": _abstract(w.a), "b": _abstract(w.b)} for w in weights]
     extra = extra or {}
     out = restore_fn(ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(factors), **extra}))
     return rebuild(meta, out[_ARRAYS], like), {k: out[k] for k in extra}
+
+
+def _check_stored(meta: dict, where) -> None:
+    """A ``ValueError`` naming ``where`` when the factors stored beside the metadata differ
+    from it in number, shape or dtype (orbax would cast them to what the metadata says)."""
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            stored = list(ckptr.metadata(where / _ARRAYS).item_metadata.tree)
+        got = [{n: (tuple(x[n].shape), np.dtype(x[n].dtype).name) for n in ("a", "b")} for x in stored]
+    except Exception as e:  # noqa: BLE001 - any failure to read them means the arrays are damaged
+        raise ValueError(f"{where}: the stored factors ({where / _ARRAYS}) cannot be read ({type(e).__name__}: {e}); "
+                         "the checkpoint is damaged: save the adapter again") from None
+    want = [{n: (tuple(e[n]["shape"]), e[n]["dtype"]) for n in ("a", "b")} for e in meta["targets"]]
+    if len(got) != len(want):
+        raise ValueError(f"{where}: the metadata lists {len(want)} targets but {len(got)} are stored; the "
+                         "checkpoint is damaged: save the adapter again")
+    for e, w, g in zip(meta["targets"], want, got):
+        for n in ("a", "b"):
+            if w[n] != g[n]:
+                raise ValueError(
+                    f"{where}: target {e['path']!r}: the metadata gives factor {n} shape {w[n][0]} dtype {w[n][1]} "
+                    f"but the stored array is {g[n][0]} {g[n][1]}; the checkpoint is damaged: save the adapter again"
+                )
 
 
 def restore(path: str | os.PathLike, like: Any = None) -> Any:
