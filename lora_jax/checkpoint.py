@@ -22,7 +22,11 @@ This is the only module of the library that imports orbax.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import os
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -63,6 +67,11 @@ def _check_new(path: epath.Path, what: str):
 
 
 def _check_complete(path: epath.Path, what: str):
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"{what} {path} is a file, not a checkpoint directory (orbax checkpoints are "
+            "directories); pass the directory that lj.checkpoint.save or save_params wrote"
+        )
     if not path.exists():
         partial = sorted(str(p) for p in path.parent.glob(path.name + ".orbax-checkpoint-tmp*"))
         hint = f"; an interrupted save left {partial}, which is incomplete" if partial else ""
@@ -72,6 +81,37 @@ def _check_complete(path: epath.Path, what: str):
             f"{what} {path} is an unfinished orbax checkpoint (a save was interrupted); use "
             "the last complete checkpoint instead"
         )
+
+
+def _is_damage(e: BaseException) -> bool:
+    """Whether an error orbax raised while reading says the files are damaged (a checksum or
+    decoding failure), rather than that the request did not fit them."""
+    kinds = (KeyError, IndexError, UnicodeDecodeError, RecursionError, json.JSONDecodeError, NotImplementedError)
+    return isinstance(e, kinds) or "DATA_LOSS" in str(e) or "Invalid JSON" in str(e)
+
+
+@contextlib.contextmanager
+def _reading(path: epath.Path, what: str):
+    """Reading the checkpoint ``path``: damaged files become one ``ValueError`` that says so."""
+    message = None
+    hook = sys.unraisablehook
+    try:
+        yield
+    except Exception as e:
+        if not _is_damage(e):
+            raise
+        message = (f"{what} {path} is damaged: reading it failed a checksum or decoding check "
+                   f"({type(e).__name__}: {str(e)[:300]}); restore it from a copy or write it again")
+        # orbax leaves the other reads of the failed restore as coroutines that were never
+        # awaited; they are freed with the error's frames, each reporting itself on stderr:
+        # the error above says all there is to say
+        sys.unraisablehook = lambda unraisable: None
+    if message is not None:
+        try:
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+        raise ValueError(message)
 
 
 def _checkpointer():
@@ -188,20 +228,20 @@ def _restore_lora(meta: dict, like: Any, restore_fn, where, extra: dict | None =
     weights = restore_targets(meta, like, where)
     factors = [{"a": _abstract(w.a), "b": _abstract(w.b)} for w in weights]
     extra = extra or {}
-    out = restore_fn(ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(factors), **extra}))
+    with _reading(where, "adapter checkpoint"):
+        out = restore_fn(ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(factors), **extra}))
     return rebuild(meta, out[_ARRAYS], like), {k: out[k] for k in extra}
 
 
 def _check_stored(meta: dict, where) -> None:
     """A ``ValueError`` naming ``where`` when the factors stored beside the metadata differ
     from it in number, shape or dtype (orbax would cast them to what the metadata says)."""
+    stored = _stored_tree(where / _ARRAYS, "adapter checkpoint's factors")
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            stored = list(ckptr.metadata(where / _ARRAYS).item_metadata.tree)
         got = [{n: (tuple(x[n].shape), np.dtype(x[n].dtype).name) for n in ("a", "b")} for x in stored]
-    except Exception as e:  # noqa: BLE001 - any failure to read them means the arrays are damaged
-        raise ValueError(f"{where}: the stored factors ({where / _ARRAYS}) cannot be read ({type(e).__name__}: {e}); "
-                         "the checkpoint is damaged: save the adapter again") from None
+    except (TypeError, KeyError, AttributeError):
+        raise ValueError(f"{where}: the stored factors ({where / _ARRAYS}) are not a list of {{'a', 'b'}} "
+                         "arrays; the checkpoint is damaged: save the adapter again") from None
     want = [{n: (tuple(e[n]["shape"]), e[n]["dtype"]) for n in ("a", "b")} for e in meta["targets"]]
     if len(got) != len(want):
         raise ValueError(f"{where}: the metadata lists {len(want)} targets but {len(got)} are stored; the "
@@ -292,8 +332,8 @@ def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
     """
     path = _path(path)
     _check_complete(path, "checkpoint")
-    like = _stored_tree(path) if like is None else jax.tree.map(_abstract, like)
-    with ocp.StandardCheckpointer() as ckptr:
+    like = _stored_tree(path, "checkpoint") if like is None else jax.tree.map(_abstract, like)
+    with ocp.StandardCheckpointer() as ckptr, _reading(path, "checkpoint"):
         return ckptr.restore(path, like)
 
 
@@ -301,21 +341,22 @@ def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
 # merge
 
 
-def _stored_tree(base_dir: epath.Path):
+def _stored_tree(base_dir: epath.Path, what: str = "base checkpoint"):
     """The tree of a plain orbax checkpoint as ``ShapeDtypeStruct`` leaves on the first
     local device, without reading arrays."""
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.metadata(base_dir).item_metadata.tree
-    except (FileNotFoundError, ValueError, KeyError, AttributeError, TypeError) as e:
-        raise ValueError(
-            f"base checkpoint {base_dir} is not a plain orbax PyTree checkpoint ({e}); write it "
-            "with orbax.checkpoint.StandardCheckpointer().save(dir, params), or pass the "
-            "item directory inside a CheckpointManager step"
-        ) from None
+    not_pytree = (
+        f"{what} {base_dir} is not a plain orbax PyTree checkpoint (it has no {{}}); write it "
+        "with orbax.checkpoint.StandardCheckpointer().save(dir, params), or pass the "
+        "item directory inside a CheckpointManager step"
+    )
+    if not (base_dir / "_METADATA").exists():
+        raise ValueError(not_pytree.format("_METADATA file"))
+    # the handler itself, not StandardCheckpointer.metadata (which logs its errors and returns None)
+    with _reading(base_dir, what):
+        tree = ocp.PyTreeCheckpointHandler().metadata(base_dir)
     if tree is None:
-        raise ValueError(f"base checkpoint {base_dir} has no tree metadata; is it a PyTree checkpoint?")
-    return jax.tree.map(_abstract, tree)
+        raise ValueError(not_pytree.format("tree metadata"))
+    return jax.tree.map(_abstract, tree.tree if hasattr(tree, "tree") else tree)
 
 
 def _shardings_for(abstract_tree, shardings):
@@ -439,7 +480,7 @@ def _replicated_like(like: Any, shardings: Any) -> Any:
 def _merge_sharded(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any) -> Any:
     """The base restored with ``shardings`` and ``lora`` merged in under ``jit``; the base's
     buffers are donated to the result, which keeps the base's shardings."""
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer() as ckptr, _reading(base_dir, "base checkpoint"):
         base = ckptr.restore(base_dir, jax.tree.map(_abstract, shapes, shardings))
     return jax.jit(_merge_trees, donate_argnums=0, out_shardings=shardings)(base, lora)
 
