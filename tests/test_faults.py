@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 import lora_jax as lj
-from lora_jax import checkpoint
+from lora_jax import checkpoint, peft
 from lora_jax.app import cli
 from lora_jax.app.model import warmup_cosine
 from test_finetune import tiny
@@ -238,3 +238,130 @@ def test_one_flipped_bit_anywhere_restores_exactly_or_is_called_damaged(saved, t
             assert same(restored), name  # a file nothing reads (a commit marker, a timestamp)
     assert damaged >= 4
     gc.collect()  # what the failed reads left behind goes now, under this test's warning filter
+
+
+# ---------------------------------------------------------------------------------------
+# PEFT adapters: every field type-checked, PEFT's semantics, files named
+
+PEFT_MAP = [(r"(\w+)/kernel", r"attn.\1_proj")]
+PEFT_PARAMS = {"q": {"kernel": jnp.ones((8, 6))}, "v": {"kernel": jnp.ones((8, 6))}}
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tmp_path_factory):
+    _, lora = lj.split(jax.random.key(0), PEFT_PARAMS, lj.LoraConfig(rules=(lj.Rule("q/kernel|v/kernel", rank=2, alpha=4.0),)))
+    d = tmp_path_factory.mktemp("peft") / "adapter"
+    peft.save(d, lora, PEFT_MAP)
+    return d
+
+
+def _peft_copy(peft_dir, tmp_path, **changes):
+    d = tmp_path / "adapter"
+    shutil.copytree(peft_dir, d)
+    config = json.loads((d / peft.CONFIG_NAME).read_text())
+    for k, v in changes.items():
+        if v is _DEL:
+            config.pop(k)
+        else:
+            config[k] = v
+    (d / peft.CONFIG_NAME).write_text(json.dumps(config))
+    return d
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("r", "2", ["r is '2'", "an int >= 1"]),
+    ("r", 0, ["r is 0"]),
+    ("r", True, ["r is True"]),
+    ("lora_alpha", "sixteen", ["lora_alpha is 'sixteen'", "a number > 0"]),
+    ("lora_alpha", None, ["lora_alpha is None"]),
+    ("lora_dropout", "x", ["lora_dropout is 'x'", "a rate in [0, 1)"]),
+    ("lora_dropout", None, ["lora_dropout is None"]),
+    ("lora_dropout", 1.5, ["lora_dropout is 1.5"]),
+    ("use_rslora", "false", ["use_rslora is 'false'", "true or false"]),
+    ("rank_pattern", {"attn.(q": 2}, ["rank_pattern key 'attn.(q' is not a valid regex"]),
+    ("rank_pattern", [2], ["rank_pattern is [2]"]),
+    ("rank_pattern", {"attn.q_proj": "2"}, ["rank_pattern['attn.q_proj'] is '2'"]),
+    ("alpha_pattern", {"attn.q_proj": None}, ["alpha_pattern['attn.q_proj'] is None"]),
+    ("target_modules", 5, ["target_modules is 5"]),
+    ("target_modules", "attn.(", ["target_modules 'attn.(' is not a valid regex"]),
+    ("exclude_modules", 5, ["exclude_modules is 5"]),
+    ("peft_type", None, ["peft_type is None"]),
+])
+def test_peft_config_fields_are_type_checked(peft_dir, tmp_path, key, value, words):
+    d = _peft_copy(peft_dir, tmp_path, **{key: value})
+    with pytest.raises(ValueError) as e:
+        peft.load(d, PEFT_PARAMS, PEFT_MAP)
+    assert str(d / peft.CONFIG_NAME) in str(e.value)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("text", ["{\"r\": 2, ", "nonsense", "[1, 2]", "null", "\xff\xfe"])
+def test_peft_config_that_is_not_a_json_object(peft_dir, tmp_path, text):
+    d = _peft_copy(peft_dir, tmp_path)
+    (d / peft.CONFIG_NAME).write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match="not valid JSON|expected an object") as e:
+        peft.load(d, PEFT_PARAMS, PEFT_MAP)
+    assert str(d / peft.CONFIG_NAME) in str(e.value)
+
+
+def _lying_header(data: bytes) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"][1] += 10_000  # past the end of the file
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: data[: len(data) // 2],
+    lambda data: data[:5],
+    lambda data: (2**40).to_bytes(8, "little") + data[8:],
+    _lying_header,
+    lambda data: b"garbage" * 10,
+], ids=["truncated", "shorter than its header size", "header size past the end", "offsets past the end", "garbage"])
+def test_peft_weights_that_are_damaged(peft_dir, tmp_path, damage):
+    d = _peft_copy(peft_dir, tmp_path)
+    f = d / peft.WEIGHTS_NAME
+    f.write_bytes(damage(f.read_bytes()))
+    with pytest.raises(ValueError, match="not a readable safetensors file") as e:
+        peft.load(d, PEFT_PARAMS, PEFT_MAP)
+    assert str(f) in str(e.value)
+
+
+def test_peft_target_modules_semantics(peft_dir, tmp_path):
+    # what target_modules does not list is dropped, as PEFT drops it
+    d = _peft_copy(peft_dir, tmp_path, target_modules=["q_proj"])
+    with pytest.warns(UserWarning, match=r"factors for attn\.v_proj, which target_modules does not list"):
+        lora = peft.load(d, PEFT_PARAMS, PEFT_MAP)
+    assert lora["q"]["kernel"] is not None and lora["v"]["kernel"] is None
+    shutil.rmtree(d)
+    d = _peft_copy(peft_dir, tmp_path, target_modules="attn\\.v_proj")  # a string is a regex
+    with pytest.warns(UserWarning, match=r"attn\.q_proj"):
+        assert peft.load(d, PEFT_PARAMS, PEFT_MAP)["q"]["kernel"] is None
+    shutil.rmtree(d)
+    # a listed module without tensors is loaded as nothing, with a warning naming it
+    d = _peft_copy(peft_dir, tmp_path, target_modules=["attn.q_proj", "attn.v_proj", "k_proj"])
+    with pytest.warns(UserWarning, match=r"target_modules lists \['k_proj'\]"):
+        lora = peft.load(d, PEFT_PARAMS, PEFT_MAP)
+    assert lora["q"]["kernel"] is not None and lora["v"]["kernel"] is not None
+    shutil.rmtree(d)
+    # use_rslora false is alpha / r; r given as the tensors' rank
+    d = _peft_copy(peft_dir, tmp_path, use_rslora=False, r=2)
+    w = peft.load(d, PEFT_PARAMS, PEFT_MAP)["q"]["kernel"]
+    assert w.scaling == "lora" and w.scale == 2.0
+
+
+@pytest.mark.parametrize("template, words", [
+    ("a{", ["'a{'", "not valid", "'{{'"]),
+    ("attn.{x}", ["{x}", "bare '{}'"]),
+    (r"attn.\3", ["attn.\\\\3", "not valid"]),
+])
+def test_peft_save_with_a_bad_name_template(tmp_path, template, words):
+    _, lora = lj.split(jax.random.key(0), PEFT_PARAMS, lj.LoraConfig(rules=(lj.Rule("q/kernel", rank=2),)))
+    with pytest.raises(ValueError) as e:
+        peft.save(tmp_path / "out", lora, [(r"(\w+)/kernel", template)])
+    assert "'q/kernel'" in str(e.value)
+    for w in words:
+        assert w in str(e.value), str(e.value)
