@@ -39,7 +39,8 @@ from .metadata import FORMAT, abstract_weights, check_format, encode, rebuild, r
 from .tree import check_fits, is_node, targets
 from .tree import merge as _merge_trees
 
-__all__ = ["save", "restore", "metadata", "merge", "save_params", "restore_params", "Manager", "Restored", "FORMAT"]
+__all__ = ["save", "restore", "metadata", "merge", "save_params", "restore_params", "check_output", "Manager",
+           "Restored", "FORMAT"]
 
 _ARRAYS = "lora"  # orbax item holding the factors
 _META = "lora_jax"  # orbax item holding the JSON metadata
@@ -64,6 +65,35 @@ def _check_new(path: epath.Path, what: str):
             f"{what} {path} already exists; write to a new directory (e.g. one per step) or "
             "delete the old one first"
         )
+
+
+def check_output(out: str | os.PathLike, **inputs: str | os.PathLike) -> None:
+    """A ``ValueError`` when the output directory ``out`` is one of the ``inputs`` (named by
+    keyword) or lies inside one, comparing real paths (links and ``..`` resolved): writing
+    there would change the checkpoint being read.
+
+    >>> import os, tempfile
+    >>> tmp = tempfile.mkdtemp()
+    >>> check_output(os.path.join(tmp, "merged"), adapter=os.path.join(tmp, "adapter"))
+    >>> check_output(os.path.join(tmp, "adapter", "merged"), adapter=os.path.join(tmp, "adapter"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the output .../adapter/merged is inside the adapter checkpoint .../adapter; writing there ...
+    """
+    text = os.fspath(out)
+    if "://" in text:
+        return
+    real = os.path.realpath(os.path.expanduser(text))
+    for name, path in inputs.items():
+        if "://" in os.fspath(path):
+            continue
+        src = os.path.realpath(os.path.expanduser(os.fspath(path)))
+        if real == src or real.startswith(src.rstrip(os.sep) + os.sep):
+            where = "is" if real == src else "is inside"
+            raise ValueError(
+                f"the output {out} {where} the {name} checkpoint {path}; writing there would change "
+                "the checkpoint being read: choose an output directory outside it"
+            )
 
 
 def _check_complete(path: epath.Path, what: str):
@@ -433,6 +463,7 @@ def merge(
     True
     """
     base_dir, adapter_dir, out_dir = map(_path, (base_dir, adapter_dir, out_dir))
+    check_output(out_dir, base=base_dir, adapter=adapter_dir)
     _check_complete(base_dir, "base checkpoint")
     _check_complete(adapter_dir, "adapter checkpoint")
     _check_new(out_dir, "output checkpoint")

@@ -365,3 +365,24 @@ def test_peft_save_with_a_bad_name_template(tmp_path, template, words):
     assert "'q/kernel'" in str(e.value)
     for w in words:
         assert w in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------
+# outputs inside inputs
+
+
+def test_an_output_inside_an_input_checkpoint_is_refused(saved, tmp_path, capsys):
+    base = tmp_path / "base"
+    checkpoint.save_params(base, {"w": jnp.ones((8, 6)), "layers": [{"k": jnp.ones((6, 4))}], "b": jnp.ones(4)})
+    adapter = tmp_path / "adapter"
+    shutil.copytree(saved, adapter)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for out, name in ((adapter / "merged", "adapter"), (base / "x" / "y", "base"), (base, "base")):
+        with pytest.raises(ValueError, match=f"inside the {name} checkpoint|is the {name} checkpoint"):
+            checkpoint.merge(base, adapter, out)
+    os.symlink(adapter, tmp_path / "link")
+    _cli_error(capsys, ["merge", str(base), str(adapter), str(tmp_path / "link" / "m")], "inside the adapter checkpoint")
+    _cli_error(capsys, ["export-peft", str(adapter), str(adapter)], "is the adapter checkpoint")
+    _cli_error(capsys, ["export-peft", str(adapter), str(tmp_path / "link" / "peft")], "inside the adapter checkpoint")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before + [str(tmp_path / "link")]
+    assert checkpoint.restore(adapter)["w"].scale == 2.0

@@ -168,6 +168,7 @@ def _dispatch(ns) -> int:
     if ns.command == "export-peft":
         from .. import checkpoint, peft
 
+        checkpoint.check_output(ns.out, adapter=ns.adapter)
         lora = checkpoint.restore(ns.adapter)
         name_map = {"hf": peft.HF, "gpt2": peft.GPT2, "bert": peft.BERT, "llama": peft.LLAMA}[ns.name_map]
         modules = peft.save(ns.out, lora, name_map, base_model=ns.base_model, task_type=ns.task_type)
