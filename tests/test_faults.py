@@ -386,3 +386,34 @@ def test_an_output_inside_an_input_checkpoint_is_refused(saved, tmp_path, capsys
     _cli_error(capsys, ["export-peft", str(adapter), str(tmp_path / "link" / "peft")], "inside the adapter checkpoint")
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before + [str(tmp_path / "link")]
     assert checkpoint.restore(adapter)["w"].scale == 2.0
+
+
+# ---------------------------------------------------------------------------------------
+# a full disk
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's failed writes, collected
+def test_a_full_disk_is_one_line(saved, tmp_path, capfd, monkeypatch):
+    import errno
+
+    from orbax.checkpoint._src.path import async_path
+
+    base = tmp_path / "base"
+    checkpoint.save_params(base, {"w": jnp.ones((8, 6)), "layers": [{"k": jnp.ones((6, 4))}], "b": jnp.ones(4)})
+    _, lora = lj.split(jax.random.key(0), PEFT_PARAMS, lj.LoraConfig(rules=(lj.Rule("q/kernel", rank=2),)))
+    checkpoint.save(tmp_path / "adapter", lora)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def full_async(*args, **kwargs):
+        full()
+
+    monkeypatch.setattr(async_path, "write_text", full_async)  # what orbax's writer threads call
+    monkeypatch.setattr(peft, "save_file", full)
+    # capfd: also what orbax's threads log straight to the process's stderr
+    _cli_error(capfd, ["merge", str(base), str(saved), str(tmp_path / "out")],
+               "no space left on the device", tmp_path / "out")
+    _cli_error(capfd, ["export-peft", str(tmp_path / "adapter"), str(tmp_path / "peft")],
+               "no space left on the device", tmp_path / "peft")
+    gc.collect()

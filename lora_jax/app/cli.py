@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import sys
 
@@ -134,14 +136,46 @@ def main(argv=None) -> int:
     if ns.command is None:
         parser.print_help()
         return 0
+    quiet = _ThreadErrors()
+    logging.getLogger("absl").addFilter(quiet)
     try:
         return _dispatch(ns)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            print(f"lora-jax {ns.command}: error: {e}", file=sys.stderr)
+            return 1
+        print(f"lora-jax {ns.command}: error: no space left on the device (writing {_output(ns)}): "
+              "free some space or write to another disk, then run the command again", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"lora-jax {ns.command}: interrupted{_RESUME_HINT.get(ns.command, '')}", file=sys.stderr)
         return 130  # 128 + SIGINT, as shells report it
-    except (OSError, ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         print(f"lora-jax {ns.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+class _ThreadErrors(logging.Filter):
+    """Drops the errors orbax's writer threads log with their tracebacks when a write fails
+    (a full disk, a lost mount): the command reports that failure itself, on one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.levelno >= logging.ERROR and isinstance(exc, OSError))
+
+
+def _output(ns) -> str:
+    """Where the command ``ns`` writes, for messages."""
+    if ns.command in ("merge", "export-peft"):
+        return ns.out
+    if ns.command in ("finetune", "sweep"):
+        try:
+            return f"output.dir {_run_config(ns).output.dir}"
+        except (OSError, ValueError, TypeError):
+            pass
+    return "its outputs"
 
 
 def _dispatch(ns) -> int:
