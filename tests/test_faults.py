@@ -417,3 +417,37 @@ def test_a_full_disk_is_one_line(saved, tmp_path, capfd, monkeypatch):
     _cli_error(capfd, ["export-peft", str(tmp_path / "adapter"), str(tmp_path / "peft")],
                "no space left on the device", tmp_path / "peft")
     gc.collect()
+
+
+# ---------------------------------------------------------------------------------------
+# library arguments
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bogus", jnp.int32, "bool", object()])
+def test_lora_config_dtype_must_be_a_float_dtype(dtype):
+    with pytest.raises(ValueError, match=r"LoraConfig dtype=.*floating-point dtype"):
+        lj.LoraConfig(rules=(lj.Rule("w"),), dtype=dtype)
+    assert lj.LoraConfig(rules=(lj.Rule("w"),), dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_merge_with_a_parameter_tree_as_lora_is_a_type_error():
+    params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    for fn in (lj.merge, lj.unmerge):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: the second argument must be a lora tree from lj.split.* at b, w"):
+            fn(params, params)
+
+
+def test_a_damaged_cache_entry_is_named(tmp_path):
+    from lora_jax.app.data import load_corpus
+    from lora_jax.app.model import _cache_key, pretrained
+    from lora_jax.app.run_config import ModelConfig, PretrainConfig
+
+    m, p = ModelConfig(d_model=8, n_layers=1, n_heads=1, d_ff=8, context=8), PretrainConfig(steps=2, batch_size=2)
+    corpus = load_corpus("pydoc", max_bytes=20_000, context=8)
+    entry = tmp_path / "pretrained" / f"tinylm-{_cache_key(m, p, corpus.train)}"
+    (entry / "params").mkdir(parents=True)
+    for text in ('{"losses": [1', "[]"):
+        (entry / "info.json").write_text(text)
+        with pytest.raises(ValueError, match="cache entry .*info.json is damaged.*delete it") as e:
+            pretrained(m, p, corpus, cache_dir=str(tmp_path), progress=False, log=None)
+        assert str(entry / "info.json") in str(e.value)

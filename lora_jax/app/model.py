@@ -245,9 +245,9 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
     ckpt, info_path = os.path.join(root, "params"), os.path.join(root, "info.json")
     lm = TinyLM(model)
     if os.path.exists(info_path) and os.path.isdir(ckpt):
+        info = read_json(info_path, "the pretrained model's cache entry")
         abstract = jax.eval_shape(lm.init, jax.random.key(0), jnp.zeros((1, model.context), jnp.int32))
         variables = checkpoint.restore_params(ckpt, like=abstract)
-        info = read_json(info_path, "the pretrained model's cache entry")
         return variables, ckpt, {**info, "cached": True}
 
     if log:
