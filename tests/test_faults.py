@@ -11,6 +11,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lora_jax as lj
@@ -451,3 +452,35 @@ def test_a_damaged_cache_entry_is_named(tmp_path):
         with pytest.raises(ValueError, match="cache entry .*info.json is damaged.*delete it") as e:
             pretrained(m, p, corpus, cache_dir=str(tmp_path), progress=False, log=None)
         assert str(entry / "info.json") in str(e.value)
+
+
+def test_nnx_call_on_a_module_with_a_plain_dataclass_config():
+    import dataclasses
+
+    from flax import nnx
+
+    @dataclasses.dataclass  # not frozen: unhashable, as google-tunix's Gemma3 and Qwen3 configs
+    class Config:
+        d: int = 8
+
+    class Model(nnx.Module):
+        def __init__(self, config, rngs):
+            self.config = config
+            self.lin = nnx.Linear(config.d, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.lin(x)
+
+    graphdef, base, lora = lj.nnx.split(Model(Config(), nnx.Rngs(0)), lj.LoraConfig(rules=(lj.Rule("lin/kernel", rank=2),)),
+                                        jax.random.key(1))
+    with pytest.raises(TypeError):
+        hash(graphdef)
+    x = jnp.ones((2, 8))
+    lora = jax.tree.map(lambda w: w.replace(b=jnp.ones_like(w.b)) if isinstance(w, lj.LoraWeight) else w, lora,
+                        is_leaf=lambda w: isinstance(w, lj.LoraWeight))
+    y = lj.nnx.call(graphdef, base, lora, x)
+    merged = lj.nnx.merge(graphdef, base, lora)
+    np.testing.assert_allclose(y, merged(x), rtol=1e-5, atol=1e-5)
+    from lora_jax import nnx as lj_nnx
+
+    assert lj_nnx._wrapped(graphdef, "factored") is lj_nnx._wrapped(graphdef, "factored")  # traces are reused
