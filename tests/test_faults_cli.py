@@ -1,7 +1,9 @@
 """``lora-jax finetune`` under faults: an interrupt just after a checkpoint, a damaged loss
 history, two runs on one output.dir at once, Ctrl-C in the middle of a run.
 
-Every run here shares one pretrained model (a module-scoped cache); the first test makes it.
+Every run here shares one pretrained model (a module-scoped cache; the first test makes it)
+and uses tests/test_finetune.py's settings exactly, so that compilations serve both files: the
+processes started here share this process's compilation cache.
 """
 
 import json
@@ -19,10 +21,6 @@ from test_finetune import tiny
 pytestmark = pytest.mark.slow
 
 
-# the smallest run of tests/test_finetune.py's settings, one layer
-SMALL = ("model.n_layers=1", "train.batch_size=2", "train.eval_batches=1")
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -38,7 +36,7 @@ def test_an_interrupt_just_after_a_checkpoint_keeps_the_whole_loss_curve(tmp_pat
     from lora_jax.app import cli
 
     out = tmp_path / "run"
-    settings = lambda steps: tiny(out, cache, *SMALL, f"train.steps={steps}", "train.save_every=2", "train.keep=5")
+    settings = lambda steps: tiny(out, cache, f"train.steps={steps}", "train.save_every=2", "train.keep=5")
     save = checkpoint.Manager.save
 
     def save_then_interrupt(self, step, *args, **kwargs):
@@ -66,7 +64,11 @@ def test_an_interrupt_just_after_a_checkpoint_keeps_the_whole_loss_curve(tmp_pat
 
 
 def _start(*argv):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
+    import jax
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(sys.path),
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(jax.config.jax_persistent_cache_min_compile_time_secs)}
     return subprocess.Popen([sys.executable, "-m", "lora_jax.app.cli", *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -77,7 +79,7 @@ def test_a_second_run_on_one_output_dir_is_refused_and_ctrl_c_stops_cleanly(tmp_
     from lora_jax.app import cli
 
     out = tmp_path / "run"
-    argv = ["finetune", *tiny(out, cache, *SMALL, "train.steps=2000", "train.save_every=1", "train.keep=2")]
+    argv = ["finetune", *tiny(out, cache, "train.steps=2000", "train.save_every=1", "train.keep=2")]
     procs = [_start(*argv), _start(*argv)]
     deadline = time.monotonic() + 180
     while not any(p.poll() is not None for p in procs):
@@ -102,7 +104,7 @@ def test_a_second_run_on_one_output_dir_is_refused_and_ctrl_c_stops_cleanly(tmp_
     assert 0 < done < 2000
     # the interrupted run continues from its last checkpoint to whole, consistent outputs
     steps = done + 2
-    settings = tiny(out, cache, *SMALL, f"train.steps={steps}", "train.save_every=1", "train.keep=2")
+    settings = tiny(out, cache, f"train.steps={steps}", "train.save_every=1", "train.keep=2")
     assert cli.main(["finetune", *settings, "--resume"]) == 0
     assert sorted(os.listdir(out)) == ["adapter", "checkpoints", "config.yaml", "loss.png", "merged", "metrics.json"]
     m = json.loads((out / "metrics.json").read_text())

@@ -12,11 +12,11 @@ from ..version import __version__
 
 _DEFAULT_CONFIG = "configs/default.yaml"
 
-# what an interrupted command leaves, said on its one line
+# what an interrupted command leaves, said on its one line ({out}: where it writes)
 _RESUME_HINT = {
-    "finetune": "; the checkpoints in output.dir/checkpoints are kept: run the same command with --resume "
-    "to continue from the last one",
-    "sweep": "; run it again (with --overwrite if output.dir/sweep holds results) to start over",
+    "finetune": "; the checkpoints of {out} are kept: run the same command with --resume to continue "
+    "from the last one",
+    "sweep": "; run it again (with --overwrite if {out} holds results) to start over",
 }
 
 
@@ -148,7 +148,8 @@ def main(argv=None) -> int:
               "free some space or write to another disk, then run the command again", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"lora-jax {ns.command}: interrupted{_RESUME_HINT.get(ns.command, '')}", file=sys.stderr)
+        print(f"lora-jax {ns.command}: interrupted{_RESUME_HINT.get(ns.command, '').format(out=_output(ns))}",
+              file=sys.stderr)
         return 130  # 128 + SIGINT, as shells report it
     except (ValueError, TypeError) as e:
         print(f"lora-jax {ns.command}: error: {e}", file=sys.stderr)
