@@ -22,7 +22,11 @@ This is the only module of the library that imports orbax.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import os
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -36,7 +40,8 @@ from . import quant
 from .tree import check_fits, is_node, targets
 from .tree import merge as _merge_trees
 
-__all__ = ["save", "restore", "metadata", "merge", "save_params", "restore_params", "Manager", "Restored", "FORMAT"]
+__all__ = ["save", "restore", "metadata", "merge", "save_params", "restore_params", "check_output", "Manager",
+           "Restored", "FORMAT"]
 
 _ARRAYS = "lora"  # orbax item holding the factors
 _META = "lora_jax"  # orbax item holding the JSON metadata
@@ -64,7 +69,41 @@ def _check_new(path: epath.Path, what: str):
         )
 
 
+def check_output(out: str | os.PathLike, **inputs: str | os.PathLike) -> None:
+    """A ``ValueError`` when the output directory ``out`` is one of the ``inputs`` (named by
+    keyword) or lies inside one, comparing real paths (links and ``..`` resolved): writing
+    there would change the checkpoint being read.
+
+    >>> import os, tempfile
+    >>> tmp = tempfile.mkdtemp()
+    >>> check_output(os.path.join(tmp, "merged"), adapter=os.path.join(tmp, "adapter"))
+    >>> check_output(os.path.join(tmp, "adapter", "merged"), adapter=os.path.join(tmp, "adapter"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the output .../adapter/merged is inside the adapter checkpoint .../adapter; writing there ...
+    """
+    text = os.fspath(out)
+    if "://" in text:
+        return
+    real = os.path.realpath(os.path.expanduser(text))
+    for name, path in inputs.items():
+        if "://" in os.fspath(path):
+            continue
+        src = os.path.realpath(os.path.expanduser(os.fspath(path)))
+        if real == src or real.startswith(src.rstrip(os.sep) + os.sep):
+            where = "is" if real == src else "is inside"
+            raise ValueError(
+                f"the output {out} {where} the {name} checkpoint {path}; writing there would change "
+                "the checkpoint being read: choose an output directory outside it"
+            )
+
+
 def _check_complete(path: epath.Path, what: str):
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"{what} {path} is a file, not a checkpoint directory (orbax checkpoints are "
+            "directories); pass the directory that lj.checkpoint.save or save_params wrote"
+        )
     if not path.exists():
         partial = sorted(str(p) for p in path.parent.glob(path.name + ".orbax-checkpoint-tmp*"))
         hint = f"; an interrupted save left {partial}, which is incomplete" if partial else ""
@@ -76,19 +115,63 @@ def _check_complete(path: epath.Path, what: str):
         )
 
 
+def _is_damage(e: BaseException) -> bool:
+    """Whether an error orbax raised while reading says the files are damaged (a checksum or
+    decoding failure), rather than that the request did not fit them."""
+    kinds = (KeyError, IndexError, UnicodeDecodeError, RecursionError, json.JSONDecodeError, NotImplementedError)
+    return isinstance(e, kinds) or "DATA_LOSS" in str(e) or "Invalid JSON" in str(e)
+
+
+@contextlib.contextmanager
+def _reading(path: epath.Path, what: str):
+    """Reading the checkpoint ``path``: damaged files become one ``ValueError`` that says so."""
+    message = None
+    hook = sys.unraisablehook
+    try:
+        yield
+    except Exception as e:
+        if not _is_damage(e):
+            raise
+        message = (f"{what} {path} is damaged: reading it failed a checksum or decoding check "
+                   f"({type(e).__name__}: {str(e)[:300]}); restore it from a copy or write it again")
+        # orbax leaves the other reads of the failed restore as coroutines that were never
+        # awaited; they are freed with the error's frames, each reporting itself on stderr:
+        # the error above says all there is to say
+        sys.unraisablehook = lambda unraisable: None
+    if message is not None:
+        try:
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+        raise ValueError(message)
+
+
 def _checkpointer():
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
 def _read_meta(restore_fn, where) -> dict:
+    """The checkpoint's metadata, checked against its schema (errors name its file)."""
+    file = where / _META / "metadata"
     try:
         meta = restore_fn(ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        if not file.exists():
+            raise _not_an_adapter(where, e) from None
         raise ValueError(
-            f"{where} is not a lora_jax adapter checkpoint (no readable '{_META}' metadata: {e}); "
-            "adapters are written by lj.checkpoint.save or lj.checkpoint.Manager.save"
+            f"{file}: the adapter metadata is damaged (not valid JSON: {type(e).__name__}: {str(e)[:200]}); "
+            "the checkpoint cannot be trusted: save the adapter again (lj.checkpoint.save)"
         ) from None
-    return check_format(meta, where)
+    except (FileNotFoundError, KeyError) as e:
+        raise _not_an_adapter(where, e) from None
+    return check_format(meta, file)
+
+
+def _not_an_adapter(where, e: Exception) -> ValueError:
+    return ValueError(
+        f"{where} is not a lora_jax adapter checkpoint (no readable '{_META}' metadata: {e}); "
+        "adapters are written by lj.checkpoint.save or lj.checkpoint.Manager.save"
+    )
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -173,11 +256,35 @@ def metadata(path: str | os.PathLike) -> dict:
 
 def _restore_lora(meta: dict, like: Any, restore_fn, where, extra: dict | None = None):
     """Rebuild the lora tree from ``meta``; returns ``(lora, other restored items)``."""
+    _check_stored(meta, where)
     weights = restore_targets(meta, like, where)
     factors = [{"a": _abstract(w.a), "b": _abstract(w.b)} for w in weights]
     extra = extra or {}
-    out = restore_fn(ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(factors), **extra}))
+    with _reading(where, "adapter checkpoint"):
+        out = restore_fn(ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(factors), **extra}))
     return rebuild(meta, out[_ARRAYS], like), {k: out[k] for k in extra}
+
+
+def _check_stored(meta: dict, where) -> None:
+    """A ``ValueError`` naming ``where`` when the factors stored beside the metadata differ
+    from it in number, shape or dtype (orbax would cast them to what the metadata says)."""
+    stored = _stored_tree(where / _ARRAYS, "adapter checkpoint's factors")
+    try:
+        got = [{n: (tuple(x[n].shape), np.dtype(x[n].dtype).name) for n in ("a", "b")} for x in stored]
+    except (TypeError, KeyError, AttributeError):
+        raise ValueError(f"{where}: the stored factors ({where / _ARRAYS}) are not a list of {{'a', 'b'}} "
+                         "arrays; the checkpoint is damaged: save the adapter again") from None
+    want = [{n: (tuple(e[n]["shape"]), e[n]["dtype"]) for n in ("a", "b")} for e in meta["targets"]]
+    if len(got) != len(want):
+        raise ValueError(f"{where}: the metadata lists {len(want)} targets but {len(got)} are stored; the "
+                         "checkpoint is damaged: save the adapter again")
+    for e, w, g in zip(meta["targets"], want, got):
+        for n in ("a", "b"):
+            if w[n] != g[n]:
+                raise ValueError(
+                    f"{where}: target {e['path']!r}: the metadata gives factor {n} shape {w[n][0]} dtype {w[n][1]} "
+                    f"but the stored array is {g[n][0]} {g[n][1]}; the checkpoint is damaged: save the adapter again"
+                )
 
 
 def restore(path: str | os.PathLike, like: Any = None) -> Any:
@@ -263,8 +370,8 @@ def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
     """
     path = _path(path)
     _check_complete(path, "checkpoint")
-    like = _stored_tree(path) if like is None else jax.tree.map(_abstract, like)
-    with ocp.StandardCheckpointer() as ckptr:
+    like = _stored_tree(path, "checkpoint") if like is None else jax.tree.map(_abstract, like)
+    with ocp.StandardCheckpointer() as ckptr, _reading(path, "checkpoint"):
         return ckptr.restore(path, like)
 
 
@@ -272,22 +379,26 @@ def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
 # merge
 
 
-def _stored_tree(base_dir: epath.Path):
+def _stored_tree(base_dir: epath.Path, what: str = "base checkpoint"):
     """The tree of a plain orbax checkpoint as ``ShapeDtypeStruct`` leaves on the first
     local device, without reading arrays."""
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            meta = ckptr.metadata(base_dir)
-            tree, custom = meta.item_metadata.tree, meta.custom_metadata or {}
-    except (FileNotFoundError, ValueError, KeyError, AttributeError, TypeError) as e:
-        raise ValueError(
-            f"base checkpoint {base_dir} is not a plain orbax PyTree checkpoint ({e}); write it "
-            "with orbax.checkpoint.StandardCheckpointer().save(dir, params), or pass the "
-            "item directory inside a CheckpointManager step"
-        ) from None
+    not_pytree = (
+        f"{what} {base_dir} is not a plain orbax PyTree checkpoint (it has no {{}}); write it "
+        "with orbax.checkpoint.StandardCheckpointer().save(dir, params), or pass the "
+        "item directory inside a CheckpointManager step"
+    )
+    if not (base_dir / "_METADATA").exists():
+        raise ValueError(not_pytree.format("_METADATA file"))
+    # the handler itself, not StandardCheckpointer.metadata (which logs its errors and returns None)
+    with _reading(base_dir, what):
+        tree = ocp.PyTreeCheckpointHandler().metadata(base_dir)
     if tree is None:
-        raise ValueError(f"base checkpoint {base_dir} has no tree metadata; is it a PyTree checkpoint?")
-    return quant.rebuild(jax.tree.map(_abstract, tree), custom.get(_QUANTIZED), f"checkpoint {base_dir}")
+        raise ValueError(not_pytree.format("tree metadata"))
+    with ocp.StandardCheckpointer() as ckptr:  # (readable, as checked above) its quantized weights
+        step = ckptr.metadata(base_dir)
+    custom = (getattr(step, "custom_metadata", None) or {}) if step is not None else {}
+    tree = jax.tree.map(_abstract, tree.tree if hasattr(tree, "tree") else tree)
+    return quant.rebuild(tree, custom.get(_QUANTIZED), f"{what} {base_dir}")
 
 
 def _shardings_for(abstract_tree, shardings):
@@ -366,6 +477,7 @@ def merge(
     True
     """
     base_dir, adapter_dir, out_dir = map(_path, (base_dir, adapter_dir, out_dir))
+    check_output(out_dir, base=base_dir, adapter=adapter_dir)
     _check_complete(base_dir, "base checkpoint")
     _check_complete(adapter_dir, "adapter checkpoint")
     _check_new(out_dir, "output checkpoint")
@@ -424,7 +536,7 @@ def _replicated_like(like: Any, shardings: Any) -> Any:
 def _merge_sharded(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any) -> Any:
     """The base restored with ``shardings`` and ``lora`` merged in under ``jit``; the base's
     buffers are donated to the result, which keeps the base's shardings."""
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer() as ckptr, _reading(base_dir, "base checkpoint"):
         base = ckptr.restore(base_dir, jax.tree.map(_abstract, shapes, shardings))
     return jax.jit(_merge_trees, donate_argnums=0, out_shardings=shardings)(base, lora)
 

@@ -14,6 +14,7 @@ import re
 from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 
 __all__ = [
     "Axes",
@@ -268,6 +269,19 @@ class Rule:
         return re.fullmatch(self.pattern, path) is not None
 
 
+def _check_float_dtype(dtype) -> None:
+    """A ``ValueError`` unless ``dtype`` names a floating-point dtype (the factors are trained)."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(
+            f"LoraConfig dtype={dtype!r}: A and B are trained, so they need a floating-point dtype; use "
+            "dtype=None (the base's, at least float32), 'float32' or 'bfloat16'"
+        )
+
+
 def _check_dropout(rate, where=""):
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
         raise ValueError(f"{where}dropout must be a number in [0, 1), got {rate!r}")
@@ -324,6 +338,8 @@ class LoraConfig:
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is not one of {INITS}")
         _check_dropout(self.dropout, "LoraConfig ")
+        if self.dtype is not None:
+            _check_float_dtype(self.dtype)
         for r in rules:  # validates the scaling rule early, with every rule's alpha and rank
             scale_for(self.scaling, r.alpha, r.rank)
 

@@ -299,7 +299,165 @@ def check_format(meta: Any, where) -> dict:
             f"{where}: metadata format {meta.get('format') if isinstance(meta, dict) else meta!r} "
             f"is not {FORMAT!r}; it was written by another program or library version"
         )
+    _Check(where).meta(meta)
     return meta
+
+
+# ---------------------------------------------------------------------------------------
+# the schema of metadata read back
+
+_KINDS = ("linear", "conv", "embed")
+_MAX_DEPTH = 64  # containers nested deeper than any parameter tree
+
+
+class _Check:
+    """Checks metadata against its schema and against itself; each failure a ``ValueError``
+    naming the checkpoint, the field, what it holds and what it should hold."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def fail(self, field: str, value: Any, wants: str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise ValueError(
+            f"{self.where}: the adapter metadata is damaged: {field} is {shown}, expected {wants}; "
+            "the checkpoint cannot be trusted: save the adapter again (lj.checkpoint.save)"
+        )
+
+    def field(self, d: dict, key: str, field: str, ok, wants: str):
+        if key not in d:
+            self.fail(field, "missing", wants)
+        if not ok(d[key]):
+            self.fail(field, d[key], wants)
+        return d[key]
+
+    def meta(self, meta: dict) -> None:
+        for key, ok, wants in (("library_version", _is_str, "a string"), ("structure_note", _opt_str, "a string or null"),
+                               ("config", _opt_dict, "an object or null")):
+            if key in meta and not ok(meta[key]):
+                self.fail(key, meta[key], wants)
+        entries = self.field(meta, "targets", "targets", lambda v: isinstance(v, list) and v != [],
+                             "a non-empty list of targets")
+        paths = [self.target(e, f"targets[{i}]") for i, e in enumerate(entries)]
+        dup = sorted({p for p in paths if paths.count(p) > 1})
+        if dup:
+            self.fail("targets", dup, "each path once")
+        if "structure" not in meta:
+            self.fail("structure", "missing", "the containers of the lora tree, or null")
+        if meta["structure"] is not None:
+            used = []
+            self.node(meta["structure"], "structure", len(entries), used, 0)
+            if sorted(used) != list(range(len(entries))):
+                self.fail("structure", f"targets {sorted(used)}", f"each of the {len(entries)} targets once")
+
+    def target(self, e: Any, field: str) -> str:
+        if not isinstance(e, dict):
+            self.fail(field, e, "an object with path, weight, scale_fixed, a and b")
+        path = self.field(e, "path", f"{field}.path", _is_str, "the target's path (a string)")
+        field = f"targets[{path!r}]"
+        w = self.field(e, "weight", f"{field}.weight", lambda v: isinstance(v, dict), "an object of LoraWeight fields")
+        fixed = self.field(e, "scale_fixed", f"{field}.scale_fixed", lambda v: isinstance(v, bool), "true or false")
+        f = lambda key, ok, wants: self.field(w, key, f"{field}.weight.{key}", ok, wants)
+        shape = f("shape", lambda v: _int_list(v, 0), "a list of ints >= 0")
+        f("dtype", _is_dtype, "a numpy dtype name")
+        axes = [f(k, lambda v: _int_list(v, 0), "a list of axis numbers") for k in ("in_axes", "out_axes", "stack_axes")]
+        if sorted(sum(axes, [])) != list(range(len(shape))) or not axes[0] or not axes[1]:
+            self.fail(f"{field}.weight in_axes/out_axes/stack_axes", axes,
+                      f"every axis of the {len(shape)}-dimensional weight once, with input and output axes")
+        rank = f("rank", lambda v: _is_int(v) and v >= 1, "an int >= 1")
+        alpha = f("alpha", lambda v: _is_num(v) and v > 0, "a finite number > 0")
+        scale = f("scale", lambda v: _is_num(v) and v > 0, "a finite number > 0")
+        scaling = f("scaling", _is_str, "the scaling rule's name")
+        f("dropout", lambda v: _is_num(v) and 0 <= v < 1, "a rate in [0, 1)")
+        f("kind", lambda v: v in _KINDS, f"one of {_KINDS}")
+        f("rule", _is_str, "the rule's pattern (a string)")
+        if fixed != (scaling not in SCALINGS):
+            self.fail(f"{field}.scale_fixed", fixed, f"{not fixed} for the scaling rule {scaling!r}")
+        if not fixed:
+            want = SCALINGS[scaling](alpha, rank)
+            if not np.isclose(scale, want, rtol=1e-6, atol=0):
+                self.fail(f"{field}.weight.scale", scale, f"{want:g} ({scaling} scaling of alpha {alpha:g} at rank {rank})")
+        stack = [shape[i] for i in axes[2]]
+        for name, group in (("a", axes[0]), ("b", axes[1])):
+            spec = self.field(e, name, f"{field}.{name}", lambda v: isinstance(v, dict), "an object with shape and dtype")
+            want = [*stack, rank, *(shape[i] for i in group)]
+            self.field(spec, "shape", f"{field}.{name}.shape", lambda v: v == want,
+                       f"{want} (rank {rank} and weight shape {shape})")
+            self.field(spec, "dtype", f"{field}.{name}.dtype", _is_float_dtype, "a float dtype name")
+        return path
+
+    def node(self, node: Any, field: str, n: int, used: list, depth: int) -> None:
+        if node is None:
+            return
+        if depth > _MAX_DEPTH:
+            self.fail("structure", f"containers nested over {_MAX_DEPTH} levels deep", f"at most {_MAX_DEPTH} levels")
+        kinds = [k for k in node if k not in ("metadata", "value")] if isinstance(node, dict) else []
+        if len(kinds) != 1:
+            self.fail(field, node, "null or an object with one container kind")
+        kind, value = kinds[0], node[kinds[0]]
+        if kind == "target":
+            if not (_is_int(value) and 0 <= value < n):
+                self.fail(f"{field}.target", value, f"a target number in [0, {n})")
+            used.append(value)
+        elif kind == "nnx_variable":
+            if not (_is_str(value) and isinstance(node.get("metadata"), dict) and "value" in node):
+                self.fail(field, node, "an NNX variable's type name, metadata and value")
+            self.node(node["value"], f"{field}.value", n, used, depth + 1)
+        elif kind in ("dict", "frozen_dict", "nnx_state"):
+            if not (isinstance(value, list) and all(isinstance(kv, list) and len(kv) == 2 and _is_key(kv[0]) for kv in value)):
+                self.fail(f"{field}.{kind}", value, "a list of [key, value] pairs")
+            for k, v in value:
+                self.node(v, f"{field}/{k}", n, used, depth + 1)
+        elif kind in ("list", "tuple"):
+            if not isinstance(value, list):
+                self.fail(f"{field}.{kind}", value, "a list")
+            for i, v in enumerate(value):
+                self.node(v, f"{field}/{i}", n, used, depth + 1)
+        else:
+            self.fail(field, kind, "a container kind (dict, frozen_dict, nnx_state, nnx_variable, list, tuple, target)")
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _opt_str(v) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _opt_dict(v) -> bool:
+    return v is None or isinstance(v, dict)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_key(v) -> bool:
+    return _is_int(v) or isinstance(v, str)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _int_list(v, low: int) -> bool:
+    return isinstance(v, list) and all(_is_int(x) and x >= low for x in v)
+
+
+def _is_dtype(v) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        np.dtype(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_float_dtype(v) -> bool:
+    return _is_dtype(v) and bool(jax.numpy.issubdtype(np.dtype(v), jax.numpy.floating))
 
 
 def abstract_weights(meta: dict) -> list[LoraWeight]:

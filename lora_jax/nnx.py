@@ -89,9 +89,32 @@ def call(
     return _wrapped(graphdef, strategy)(base, lora, *args, lora_rng=lora_rng, **kwargs)
 
 
-@functools.lru_cache(maxsize=64)
 def _wrapped(graphdef: Any, strategy: str) -> Callable:
-    """One wrapped function per module structure, so its traces are reused across calls."""
+    """One wrapped function per module structure, so its traces are reused across calls.
+
+    A graphdef that holds an unhashable static attribute (a plain, non-frozen dataclass
+    config, as some model libraries keep) is cached by identity instead: the same graphdef
+    object reuses its traces, an equal copy traces again.
+    """
+    try:
+        hash(graphdef)
+    except TypeError:
+        key = (id(graphdef), strategy)
+        hit = _BY_ID.get(key)
+        if hit is None or hit[0] is not graphdef:
+            if len(_BY_ID) >= _CACHE_SIZE:
+                _BY_ID.pop(next(iter(_BY_ID)))  # the oldest
+            hit = _BY_ID[key] = (graphdef, wrap(apply_fn(graphdef), strategy))  # kept alive: its id stays its own
+        return hit[1]
+    return _by_value(graphdef, strategy)
+
+
+_CACHE_SIZE = 64
+_BY_ID: dict[tuple[int, str], tuple[Any, Callable]] = {}
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _by_value(graphdef: Any, strategy: str) -> Callable:
     return wrap(apply_fn(graphdef), strategy)
 
 

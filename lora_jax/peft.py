@@ -35,6 +35,7 @@ import math
 import os
 import re
 import string
+import warnings
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
@@ -114,9 +115,20 @@ class NameMap:
             name = self.rules(path)
             if name is not None and not isinstance(name, str):
                 raise TypeError(f"the name map callable returned {name!r} for {path!r}; return a str or None")
-            return name
-        hit = _first_match(self.rules, path)
-        return None if hit is None else hit[0].expand(hit[1]).replace("/", ".")
+        else:
+            hit = _first_match(self.rules, path)
+            if hit is None:
+                return None
+            try:
+                name = hit[0].expand(hit[1]).replace("/", ".")
+            except (re.error, IndexError) as e:
+                raise ValueError(
+                    f"the name map's torch template {hit[1]!r} for {path!r} is not valid ({e}); its regex "
+                    f"{hit[0].re.pattern!r} has {hit[0].re.groups} group(s) to refer to"
+                ) from None
+        if name is not None:
+            _check_template(name, path)
+        return name
 
     def axes_for(self, path: str) -> Axes | None:
         """The axes a rule gives ``path`` (None: Flax's convention or tracing decides).
@@ -241,6 +253,24 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default):
 def _template_parts(template: str) -> list[tuple[str, bool]]:
     """``(literal text, followed by a '{}' field)`` for each piece of a torch name template."""
     return [(literal, field is not None) for literal, field, _, _ in string.Formatter().parse(template)]
+
+
+def _check_template(template: str, path: str) -> None:
+    """A ``ValueError`` naming ``path`` when ``template`` is not a torch name with only
+    bare ``{}`` fields (one per stack axis)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(
+            f"the name map gives {path!r} the torch name template {template!r}, which is not valid ({e}); "
+            "'{}' stands for a stack index, and a literal brace is written '{{' or '}}'"
+        ) from None
+    bad = [f for _, f, spec, conv in parts if f is not None and (f or spec or conv)]
+    if bad:
+        raise ValueError(
+            f"the name map gives {path!r} the torch name template {template!r} with the field(s) "
+            f"{['{' + f + '}' for f in bad]}; a stack index is written as a bare '{{}}'"
+        )
 
 
 def _stack_fields(template: str) -> int:
@@ -544,6 +574,7 @@ def load(
     config, tensors = _read(directory)
     settings = _settings(config)
     found, base_copies = _sort_keys(directory, tensors)
+    found = _targeted(os.path.join(directory, CONFIG_NAME), config, found)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths, arrays = [path_str(p) for p, _ in leaves], [x for _, x in leaves]
     exact, stacked = _torch_index(name_map, paths)
@@ -571,15 +602,73 @@ def _read(directory):
                 f"{WEIGHTS_NAME} (older adapter_model.bin files need torch: convert them with "
                 "safetensors.torch first)"
             )
-    with open(cpath) as f:
-        config = json.load(f)
+    config = _check_config(cpath, _read_json(cpath))
     unsupported = _unsupported(config)
     if unsupported:
         raise ValueError(
             f"load: {cpath}: {'; '.join(unsupported)}; a lora tree holds low-rank factors only. "
             "Merge those parts into the base weights with PEFT first"
         )
-    return config, load_file(wpath)
+    try:
+        tensors = load_file(wpath)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type (SafetensorError) is not importable everywhere
+        raise ValueError(
+            f"load: {wpath} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); it is "
+            "truncated or damaged: download or export the adapter again"
+        ) from None
+    bad = [f"{k} ({v.dtype})" for k, v in tensors.items() if not np.issubdtype(v.dtype, np.floating)]
+    if bad:
+        raise ValueError(f"load: {wpath}: LoRA factors must be floating point; found {fmt_paths(bad, limit=8)}")
+    return config, tensors
+
+
+def _read_json(path: str):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"load: {path} is not valid JSON ({type(e).__name__}: {e}); it is damaged: "
+                         "export the adapter again") from None
+
+
+def _check_config(path: str, config: Any) -> dict:
+    """``config`` when every field a LoRA import reads has PEFT's type and range; a
+    ``ValueError`` naming ``path`` and the key otherwise."""
+    if not isinstance(config, dict):
+        raise ValueError(f"load: {path}: the config is a JSON {type(config).__name__}, expected an object "
+                         "(PEFT's LoraConfig as adapter_config.json holds it)")
+
+    def check(key, ok, wants, default=None):
+        value = config.get(key, default)
+        if not ok(value):
+            raise ValueError(f"load: {path}: {key} is {value!r}; expected {wants}")
+        return value
+
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    check("r", lambda v: is_int(v) and v >= 1, "an int >= 1", 8)
+    check("lora_alpha", lambda v: is_num(v) and v > 0, "a number > 0", 8)
+    check("lora_dropout", lambda v: is_num(v) and 0 <= v < 1, "a rate in [0, 1)", 0.0)
+    check("use_rslora", lambda v: isinstance(v, bool), "true or false", False)
+    check("peft_type", lambda v: isinstance(v, str), "a string such as 'LORA'", "LORA")
+    check("target_modules", lambda v: v is None or isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(x, str) for x in v)), "null, a regex or a list of module names")
+    for key, ok, wants in (("rank_pattern", lambda v: is_int(v) and v >= 1, "ints >= 1"),
+                           ("alpha_pattern", lambda v: is_num(v) and v > 0, "numbers > 0")):
+        patterns = check(key, lambda v: v is None or isinstance(v, dict), "null or an object of patterns")
+        for pattern, value in (patterns or {}).items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as e:
+                raise ValueError(f"load: {path}: {key} key {pattern!r} is not a valid regex ({e})") from None
+            if not ok(value):
+                raise ValueError(f"load: {path}: {key}[{pattern!r}] is {value!r}; expected {wants}")
+    if isinstance(config.get("target_modules"), str):
+        try:
+            re.compile(config["target_modules"])
+        except re.error as e:
+            raise ValueError(f"load: {path}: target_modules {config['target_modules']!r} is not a valid regex ({e})") from None
+    return config
 
 
 def _unsupported(config: Mapping[str, Any]) -> list[str]:
@@ -603,8 +692,39 @@ def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The :class:`LoraConfig` fields one for all adapters: scaling rule and dropout rate."""
     return {
         "scaling": "rslora" if config.get("use_rslora", False) else "lora",
-        "dropout": float(config.get("lora_dropout") or 0.0),
+        "dropout": float(config.get("lora_dropout", 0.0)),
     }
+
+
+def _listed(spec, module: str) -> bool:
+    """PEFT's ``check_target_module_exists``: a string is a regex (``re.fullmatch``), a list
+    holds module names (equal, or a dotted suffix of the module's path)."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return any(module == t or module.endswith("." + t) for t in spec)
+
+
+def _targeted(cpath: str, config: Mapping[str, Any], found: dict) -> dict:
+    """The file's modules PEFT would load: those ``target_modules`` lists and
+    ``exclude_modules`` does not (a ``UserWarning`` for the others, and for each listed
+    name no module of the file matches)."""
+    spec, exclude = config.get("target_modules"), config.get("exclude_modules")
+    if exclude is not None and not (isinstance(exclude, str) or (
+            isinstance(exclude, list) and all(isinstance(x, str) for x in exclude))):
+        raise ValueError(f"load: {cpath}: exclude_modules is {exclude!r}; expected null, a regex or a list of module names")
+    keep = {m: f for m, f in found.items()
+            if (spec in (None, "all-linear") or _listed(spec, m)) and not (exclude and _listed(exclude, m))}
+    dropped = sorted(set(found) - set(keep))
+    if dropped:
+        warnings.warn(f"load: {cpath}: the file holds factors for {fmt_paths(dropped, limit=8)}, which "
+                      "target_modules does not list (or exclude_modules does); PEFT ignores them, and so does "
+                      "this load", UserWarning, stacklevel=3)
+    if isinstance(spec, list):
+        missing = [t for t in spec if not any(_listed([t], m) for m in keep)]
+        if missing:
+            warnings.warn(f"load: {cpath}: target_modules lists {missing}, but the file holds no factors for "
+                          "a module of that name; nothing is loaded for it", UserWarning, stacklevel=3)
+    return keep
 
 
 def _sort_keys(directory, tensors: Mapping[str, np.ndarray]):

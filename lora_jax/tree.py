@@ -179,6 +179,7 @@ def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) ->
     >>> bool((lj.merge(base, lora)["w"] == params["w"]).all())   # B starts at zero
     True
     """
+    _check_lora_arg(lora, "merge")
     triples = check_fits(base, lora)
     merged = []
     for _, x, w in triples:
@@ -193,6 +194,13 @@ def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) ->
     if safe:
         _check_finite([(p, m) for (p, _, w), m in zip(triples, merged) if w is not None])
     return jax.tree.unflatten(jax.tree.structure(base, is_leaf=is_none), merged)
+
+
+def _check_lora_arg(lora: Any, fn: str) -> None:
+    bad = [path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)[0] if not is_node(x)]
+    if bad:
+        raise TypeError(f"{fn}: the second argument must be a lora tree from lj.split (lj.LoraWeight at targets, "
+                        f"None elsewhere); it holds other leaves at {fmt_paths(bad, 4)} (a parameter tree?)")
 
 
 def _check_finite(named):
@@ -224,6 +232,7 @@ def unmerge(merged: Any, lora: Any) -> Any:
     >>> bool(jnp.allclose(lj.unmerge(lj.merge(base, lora), lora)["w"], base["w"], atol=1e-6))
     True
     """
+    _check_lora_arg(lora, "unmerge")
     triples = check_fits(merged, lora)
     out = [x if w is None else apply_delta(x.dequantize() if is_quantized(x) else x, w, -1)
            for _, x, w in triples]

@@ -221,18 +221,24 @@ def test_stacked_multi_axis_export_against_numpy_and_roundtrip(tmp_path):
             assert getattr(x, field) == getattr(y, field), (p, field)
         np.testing.assert_array_equal(x.a, y.a)
         np.testing.assert_array_equal(x.b, y.b)
-    # a layer PEFT left alone loads as a zero adapter for that layer
+    # a layer PEFT left alone loads as a zero adapter for that layer (target_modules still
+    # lists it: PEFT warns, and so does load)
     del t["base_model.model.model.layers.1.attn.q_proj.lora_A.weight"]
     del t["base_model.model.model.layers.1.attn.q_proj.lora_B.weight"]
     save_file(t, tmp_path / "adapter_model.safetensors")
-    part = peft.load(tmp_path, params, TOY_MAP)["layers"]["q"]["kernel"]
+    with pytest.warns(UserWarning, match=r"target_modules lists \['model\.layers\.1\.attn\.q_proj'\]"):
+        part = peft.load(tmp_path, params, TOY_MAP)["layers"]["q"]["kernel"]
     d = np_delta_of(part)
     assert not d[1].any() and np.allclose(d[[0, 2]], np_delta_of(w)[[0, 2]], atol=1e-6)
-    # a layer the Flax stack does not have is an error, not dropped
+    # a layer the Flax stack does not have is an error, not dropped (when target_modules lists it)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["target_modules"] += ["q_proj"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     t["base_model.model.model.layers.3.attn.q_proj.lora_A.weight"] = t["base_model.model.model.layers.0.attn.q_proj.lora_A.weight"]
     t["base_model.model.model.layers.3.attn.q_proj.lora_B.weight"] = t["base_model.model.model.layers.0.attn.q_proj.lora_B.weight"]
     save_file(t, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"layers/q/kernel: torch modules model\.layers\.3\.attn\.q_proj index past .* \(3,\)"):
+    with pytest.raises(ValueError, match=r"layers/q/kernel: torch modules model\.layers\.3\.attn\.q_proj index past .* \(3,\)"), \
+            pytest.warns(UserWarning, match="layers.1.attn.q_proj"):
         peft.load(tmp_path, params, TOY_MAP)
 
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import sys
 
 from ..version import __version__
 
 _DEFAULT_CONFIG = "configs/default.yaml"
+
+# what an interrupted command leaves, said on its one line ({out}: where it writes)
+_RESUME_HINT = {
+    "finetune": "; the checkpoints of {out} are kept: run the same command with --resume to continue "
+    "from the last one",
+    "sweep": "; run it again (with --overwrite if {out} holds results) to start over",
+}
 
 
 def _add_run_args(p: argparse.ArgumentParser, config_required: bool):
@@ -111,7 +120,7 @@ def main(argv=None) -> int:
     ``sweep CONFIG``, ``inspect ADAPTER``, ``export-peft ADAPTER OUT``,
     ``merge BASE ADAPTER OUT`` (see :func:`lora_jax.checkpoint.merge`), ``info``.
     Bad configs and problems with checkpoints are printed to stderr as one ``error:``
-    line, with exit status 1.
+    line, with exit status 1; Ctrl-C stops with one line (how to resume) and status 130.
 
     >>> main(["--help"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -127,11 +136,47 @@ def main(argv=None) -> int:
     if ns.command is None:
         parser.print_help()
         return 0
+    quiet = _ThreadErrors()
+    logging.getLogger("absl").addFilter(quiet)
     try:
         return _dispatch(ns)
-    except (OSError, ValueError, TypeError) as e:
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            print(f"lora-jax {ns.command}: error: {e}", file=sys.stderr)
+            return 1
+        print(f"lora-jax {ns.command}: error: no space left on the device (writing {_output(ns)}): "
+              "free some space or write to another disk, then run the command again", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lora-jax {ns.command}: interrupted{_RESUME_HINT.get(ns.command, '').format(out=_output(ns))}",
+              file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
+    except (ValueError, TypeError) as e:
         print(f"lora-jax {ns.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+class _ThreadErrors(logging.Filter):
+    """Drops the errors orbax's writer threads log with their tracebacks when a write fails
+    (a full disk, a lost mount): the command reports that failure itself, on one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.levelno >= logging.ERROR and isinstance(exc, OSError))
+
+
+def _output(ns) -> str:
+    """Where the command ``ns`` writes, for messages."""
+    if ns.command in ("merge", "export-peft"):
+        return ns.out
+    if ns.command in ("finetune", "sweep"):
+        try:
+            return f"output.dir {_run_config(ns).output.dir}"
+        except (OSError, ValueError, TypeError):
+            pass
+    return "its outputs"
 
 
 def _dispatch(ns) -> int:
@@ -158,6 +203,7 @@ def _dispatch(ns) -> int:
     if ns.command == "export-peft":
         from .. import checkpoint, peft
 
+        checkpoint.check_output(ns.out, adapter=ns.adapter)
         lora = checkpoint.restore(ns.adapter)
         name_map = {"hf": peft.HF, "gpt2": peft.GPT2, "bert": peft.BERT, "llama": peft.LLAMA}[ns.name_map]
         modules = peft.save(ns.out, lora, name_map, base_model=ns.base_model, task_type=ns.task_type)

@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .files import write_json
+from .files import human_bytes, read_json, uninterrupted, write_json
 from .run_config import ModelConfig, PretrainConfig
 
-__all__ = ["TinyLM", "cache_root", "pretrained", "lm_loss", "make_step", "progress_bar", "param_count"]
+__all__ = ["TinyLM", "cache_root", "pretrained", "lm_loss", "make_step", "progress_bar", "param_count",
+           "warmup_cosine", "memory_estimate", "available_memory", "check_memory"]
 
 VOCAB = 256
 _FORMAT = 1  # bump when the model code changes meaning: old cache entries are then ignored
@@ -73,6 +74,82 @@ class TinyLM(nn.Module):
         return embed.attend(nn.LayerNorm(name="ln_f")(x))
 
 
+def memory_estimate(model: ModelConfig, batch_size: int) -> dict[str, int]:
+    """Bytes that training a ``TinyLM`` of ``model`` on ``batch_size`` windows needs, by part.
+
+    ``params`` (float32), ``optimizer`` (the gradients and Adam's two moments of a full
+    training, as pretraining and ``--compare-full`` do) and ``activations`` (what the
+    backward pass keeps per layer: the block's inputs and outputs, q/k/v, the attention
+    weights, the MLP's hidden units; and the logits). An estimate, computed from the
+    settings alone (nothing is allocated).
+
+    >>> est = memory_estimate(ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, context=128), 16)
+    >>> est["params"] == 4 * param_count(jax.eval_shape(TinyLM(ModelConfig()).init, jax.random.key(0),
+    ...                                                   jnp.zeros((1, 128), jnp.int32)))
+    True
+    >>> sorted(est)
+    ['activations', 'optimizer', 'params', 'total']
+    """
+    d, f, t, h, n = model.d_model, model.d_ff, model.context, model.n_heads, model.n_layers
+    per_layer = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 4 * d  # q, k, v, out; up; down; two LayerNorms
+    params = VOCAB * d + t * d + n * per_layer + 2 * d
+    tokens = batch_size * t
+    activations = tokens * (n * (12 * d + 2 * f + 2 * h * t) + 3 * VOCAB)
+    est = {"params": 4 * params, "optimizer": 3 * 4 * params, "activations": 4 * activations}
+    return {**est, "total": sum(est.values())}
+
+
+def available_memory() -> tuple[int, str] | None:
+    """``(bytes, where it comes from)``: the memory a run here may use (None when unknown).
+
+    On an accelerator, its memory limit as JAX reports it; on CPU, ``MemAvailable`` of
+    ``/proc/meminfo``, else the physical memory (``os.sysconf``).
+
+    >>> n, source = available_memory()
+    >>> n > 0, isinstance(source, str)
+    (True, True)
+    """
+    device = jax.local_devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"]), f"the memory of {device.device_kind}"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "the physical memory"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(model: ModelConfig, batch_size: int) -> None:
+    """A ``ValueError`` naming the model settings, the estimate and the limit when
+    :func:`memory_estimate` exceeds :func:`available_memory`.
+
+    >>> check_memory(ModelConfig(), 16)
+    >>> check_memory(ModelConfig(d_model=100_000, n_heads=4), 16)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: model.d_model=100000, model.n_layers=4, model.d_ff=512, model.context=128 with batches of 16 need about ... TiB (parameters ...); make the model or the batch smaller
+    """
+    limit = available_memory()
+    est = memory_estimate(model, batch_size)
+    if limit is None or est["total"] <= limit[0]:
+        return
+    settings = ", ".join(f"model.{k}={getattr(model, k)}" for k in ("d_model", "n_layers", "d_ff", "context"))
+    raise ValueError(
+        f"{settings} with batches of {batch_size} need about {human_bytes(est['total'])} (parameters "
+        f"{human_bytes(est['params'])}, gradients and optimizer state {human_bytes(est['optimizer'])}, "
+        f"activations {human_bytes(est['activations'])}) but {human_bytes(limit[0])} is available "
+        f"({limit[1]}); make the model or the batch smaller"
+    )
+
+
 def lm_loss(apply, params, windows):
     """Mean next-byte cross-entropy (nats) of ``apply(params, ids)`` on ``(n, T + 1)`` windows.
 
@@ -82,6 +159,21 @@ def lm_loss(apply, params, windows):
     """
     logits = apply(params, windows[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), windows[:, 1:]).mean()
+
+
+def warmup_cosine(lr: float, steps: int, warmup: int):
+    """Linear warmup over ``warmup`` steps (at most half of ``steps``), then a cosine from
+    ``lr`` down to ``lr / 10`` at ``steps``; no warmup at all when that leaves none (one step).
+
+    >>> [round(float(warmup_cosine(0.01, 10, 4)(i)), 4) for i in (0, 4, 10)]
+    [0.0, 0.01, 0.001]
+    >>> round(float(warmup_cosine(0.01, 1, 1)(0)), 6)  # one step: no warmup, the full rate
+    0.01
+    """
+    warmup = min(warmup, steps // 2)
+    if warmup == 0:
+        return optax.cosine_decay_schedule(lr, steps, alpha=0.1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.1)
 
 
 def make_step(loss_fn, tx):
@@ -153,16 +245,16 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
     ckpt, info_path = os.path.join(root, "params"), os.path.join(root, "info.json")
     lm = TinyLM(model)
     if os.path.exists(info_path) and os.path.isdir(ckpt):
+        info = read_json(info_path, "the pretrained model's cache entry")
         abstract = jax.eval_shape(lm.init, jax.random.key(0), jnp.zeros((1, model.context), jnp.int32))
         variables = checkpoint.restore_params(ckpt, like=abstract)
-        with open(info_path) as f:
-            info = json.load(f)
         return variables, ckpt, {**info, "cached": True}
 
     if log:
         log(f"pretraining the default model on {corpus.name} ({pretrain.steps} steps, once; cached in {root})")
     variables, info = _pretrain(lm, pretrain, corpus, progress)
-    _store(root, variables, info)
+    with uninterrupted():
+        _store(root, variables, info)
     variables = checkpoint.restore_params(ckpt, like=jax.eval_shape(lambda: variables))
     return variables, ckpt, {**info, "cached": False}
 
@@ -171,8 +263,8 @@ def _pretrain(lm: TinyLM, pretrain: PretrainConfig, corpus, progress: bool):
     """Train ``lm`` from scratch on ``corpus``; returns the variables and the pretraining record."""
     model = lm.cfg
     variables = jax.jit(lm.init)(jax.random.key(pretrain.seed), jnp.zeros((1, model.context), jnp.int32))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, pretrain.lr, min(100, pretrain.steps // 10 + 1),
-                                                  pretrain.steps, pretrain.lr * 0.1)
+    # warmup over a tenth of the steps (at most 100), then a cosine down to a tenth
+    schedule = warmup_cosine(pretrain.lr, pretrain.steps, min(100, pretrain.steps // 10 + 1))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     step = make_step(lambda p, b, k: lm_loss(lm.apply, p, b), tx)
     opt = tx.init(variables)

@@ -17,7 +17,6 @@ baseline ("LoRA learns less and forgets less", Biderman et al. 2024).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -28,7 +27,7 @@ from .. import checkpoint
 from ..transform import wrap
 from ..quant import dequantize, is_quantized
 from ..tree import targets
-from .files import disk_bytes, remove, write_json
+from .files import disk_bytes, human_bytes, output_dir, read_json, remove, uninterrupted, write_json
 from .model import param_count
 from .run_config import RunConfig, to_dict
 from .train import Setup, lora_optimizer, train_full, train_lora
@@ -55,7 +54,16 @@ def _check_out(out: str, cfg: RunConfig, resume: bool, overwrite: bool) -> list[
         raise ValueError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")
     if resume:
         _check_resumable(out, cfg)
+        _history(out, _latest_step(out, cfg))  # a damaged or short loss history, before any work
     return existing
+
+
+def _latest_step(out: str, cfg: RunConfig) -> int | None:
+    ckpt_dir = os.path.join(out, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return None
+    with checkpoint.Manager(ckpt_dir, max_to_keep=cfg.train.keep) as mgr:
+        return mgr.latest_step()
 
 
 def _check_resumable(out: str, cfg: RunConfig) -> None:
@@ -104,13 +112,33 @@ def _resume_point(s: Setup, out: str, lora, tx, log) -> _Start:
                 f"with --set train.steps={latest} or more"
             )
         start, lora, opt = mgr.restore(lora=lora, opt_state=jax.eval_shape(tx.init, lora))
-    history, hist_path = [], os.path.join(ckpt_dir, "history.json")
-    if start and os.path.exists(hist_path):
-        with open(hist_path) as f:
-            history = json.load(f)["losses"][:start]
+    history = _history(out, start)
     if log and start:
         log(f"resuming from step {start} of {steps} ({ckpt_dir})")
     return _Start(start, lora, opt, history)
+
+
+def _history(out: str, start: int | None) -> list[float]:
+    """The first ``start`` losses of the run in ``out``, from ``checkpoints/history.json``
+    (written before each checkpoint)."""
+    path = os.path.join(out, "checkpoints", "history.json")
+    if not start:
+        return []
+    if not os.path.exists(path):
+        raise ValueError(
+            f"the checkpoints in {os.path.dirname(path)} are at step {start} but their loss history {path} "
+            "is missing; "
+            "the loss curve cannot be completed: start over with --overwrite"
+        )
+    losses = read_json(path, "the loss history").get("losses")
+    if not isinstance(losses, list) or not all(isinstance(x, (int, float)) for x in losses):
+        raise ValueError(f"the loss history {path} is damaged: 'losses' is not a list of numbers; start over with --overwrite")
+    if len(losses) < start:
+        raise ValueError(
+            f"the loss history {path} holds {len(losses)} losses but the last checkpoint is at step {start}; "
+            "the loss curve cannot be completed: start over with --overwrite"
+        )
+    return [float(x) for x in losses[:start]]
 
 
 def _begin_output(out: str, cfg: RunConfig, old: list[str]) -> None:
@@ -149,6 +177,11 @@ def _train_adapters(s: Setup, out: str, base, start: _Start, tx) -> _Trained:
 def _write_adapter(s: Setup, out: str, base, lora) -> None:
     """``adapter/`` and ``merged/`` (written anew on resume); with PiSSA also ``base/``, the
     residual base, and with ``lora.quantize`` the quantized base."""
+    with uninterrupted():
+        _write_checkpoints(s, out, base, lora)
+
+
+def _write_checkpoints(s: Setup, out: str, base, lora) -> None:
     for name in ("adapter", "merged"):
         remove(os.path.join(out, name))
     checkpoint.save(os.path.join(out, "adapter"), lora, s.lora_config())
@@ -245,6 +278,8 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
 
     Raises:
       FileExistsError: ``output.dir`` holds a run and neither ``resume`` nor ``overwrite``.
+      BlockingIOError: another run holds ``output.dir`` (each run locks it until it ends).
+      OSError: ``output.dir`` is a file, or cannot be created or written.
 
     >>> import tempfile
     >>> from lora_jax.app.run_config import from_dict
@@ -258,6 +293,11 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
     (3, ['adapter', 'checkpoints', 'config.yaml', 'loss.png', 'merged', 'metrics.json'])
     """
     out = os.path.abspath(os.path.expanduser(cfg.output.dir))
+    with output_dir(out):  # one run per output.dir, for the whole run
+        return _finetune(out, cfg, compare_full, resume, overwrite, log)
+
+
+def _finetune(out: str, cfg: RunConfig, compare_full: bool, resume: bool, overwrite: bool, log) -> dict[str, Any]:
     existing = _check_out(out, cfg, resume, overwrite)
     s = Setup(cfg, log=log)  # every config, corpus and target problem surfaces here, before any write
     base, lora = s.split()
@@ -279,14 +319,6 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
         _add_full(s, metrics, before)
     _write_results(out, cfg, metrics, log)
     return metrics
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def format_table(metrics: dict) -> str:
@@ -319,7 +351,7 @@ def format_table(metrics: dict) -> str:
         (f"source ({src}) loss before", lambda m: f"{m['source_before']:.3f}"),
         (f"source ({src}) loss after", lambda m: f"{m['source_after']:.3f}"),
         ("trainable params", lambda m: f"{m['trainable_params']:,} ({m['trainable_percent']:.2f}%)"),
-        ("trained bytes vs base", lambda m: f"{_human_bytes(m['adapter_bytes'])} / {_human_bytes(base_bytes)}"),
+        ("trained bytes vs base", lambda m: f"{human_bytes(m['adapter_bytes'])} / {human_bytes(base_bytes)}"),
         ("step time", lambda m: "n/a" if m["step_seconds"] is None else f"{1e3 * m['step_seconds']:.1f} ms"),
         ("tokens/s", lambda m: "n/a" if m["tokens_per_second"] is None else f"{m['tokens_per_second']:,.0f}"),
     ]
@@ -331,6 +363,6 @@ def format_table(metrics: dict) -> str:
         lines.append(f"{label:<{w0}}" + "".join(f"  {v:>{w}}" for v, w in zip(row, widths)))
     if metrics["base"].get("quantize", "none") != "none":
         stored = metrics["base"]["stored_bytes"]
-        lines.append(f"base bytes ({metrics['base']['quantize']} vs float): {_human_bytes(stored)} / "
-                     f"{_human_bytes(base_bytes)} ({stored / base_bytes:.3f}x)")
+        lines.append(f"base bytes ({metrics['base']['quantize']} vs float): {human_bytes(stored)} / "
+                     f"{human_bytes(base_bytes)} ({stored / base_bytes:.3f}x)")
     return "\n".join(line.rstrip() for line in lines)

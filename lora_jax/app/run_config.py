@@ -38,6 +38,10 @@ __all__ = [
 CORPORA = ("pydoc", "stdlib", "files")
 
 
+# seeds become int64 PRNG seeds (and seed + 1 for the dropout keys)
+_SEED_MAX = 2**63 - 2
+
+
 def _check(ok: bool, key: str, value: Any, wants: str):
     if not ok:
         raise ValueError(f"config key {key}: got {value!r}; expected {wants}")
@@ -78,6 +82,7 @@ class PretrainConfig:
         _check(self.batch_size > 0, f"{prefix}.batch_size", self.batch_size, "a positive int")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive float")
         _check(self.seed >= 0, f"{prefix}.seed", self.seed, "an int >= 0")
+        _check(self.seed <= _SEED_MAX, f"{prefix}.seed", self.seed, f"an int <= {_SEED_MAX} (seeds are int64)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +182,7 @@ class TrainConfig:
             _check(getattr(self, name) > 0, f"{prefix}.{name}", getattr(self, name), "a positive int")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive float")
         _check(self.seed >= 0, f"{prefix}.seed", self.seed, "an int >= 0")
+        _check(self.seed <= _SEED_MAX, f"{prefix}.seed", self.seed, f"an int <= {_SEED_MAX} (seeds are int64)")
         _check(self.full_lr > 0, f"{prefix}.full_lr", self.full_lr, "a positive float")
         _check(self.warmup >= 0, f"{prefix}.warmup", self.warmup, "an int >= 0 (at most half of the steps are used)")
 

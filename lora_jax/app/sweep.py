@@ -29,7 +29,7 @@ from ..config import path_str, scale_for
 from ..report import delta_norms
 from ..transform import wrap
 from ..tree import targets
-from .files import write_json
+from .files import output_dir, write_json
 from .model import param_count
 from .run_config import RunConfig, to_dict
 from .train import Setup, train_lora
@@ -188,12 +188,16 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
     >>> sorted(os.listdir(result["dir"]))
     ['delta_norms.png', 'loss_vs_rank.png', 'results.csv', 'results.md', 'sweep.json']
     """
-    out = os.path.join(cfg.output.dir, "sweep")
+    out = os.path.join(os.path.abspath(os.path.expanduser(cfg.output.dir)), "sweep")
+    with output_dir(out):  # one sweep per directory; a sweep that fails its checks leaves none
+        return _sweep(out, cfg, log, overwrite)
+
+
+def _sweep(out: str, cfg: RunConfig, log, overwrite: bool) -> dict[str, Any]:
     if os.path.exists(os.path.join(out, "sweep.json")) and not overwrite:
         raise FileExistsError(
             f"{out} already holds a sweep; pass --overwrite to replace it or --set output.dir=<new dir>"
         )
-    os.makedirs(out, exist_ok=True)
     s = Setup(cfg, log=log)
     for r in cfg.sweep.ranks:  # every rank fits every target, before the first trial runs
         s.check(s.lora_config(rank=r, alpha=float(r)))

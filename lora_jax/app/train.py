@@ -20,8 +20,9 @@ from ..split import quantize as lj_quantize
 from ..split import split
 from ..transform import wrap
 from .data import load_corpus
-from .files import write_json
-from .model import TinyLM, lm_loss, make_step, pretrained, progress_bar
+from .files import uninterrupted, write_json
+from .model import TinyLM, check_memory, lm_loss, make_step, pretrained, progress_bar
+from .model import warmup_cosine as _schedule
 from .run_config import RunConfig
 
 __all__ = ["Setup", "lora_optimizer", "train_lora", "train_full"]
@@ -49,6 +50,7 @@ class Setup:
     def __init__(self, cfg: RunConfig, log: Callable | None = print):
         self.cfg = cfg
         m, d = cfg.model, cfg.data
+        check_memory(m, max(cfg.pretrain.batch_size, cfg.train.batch_size))  # before anything is allocated
         load = lambda name: load_corpus(name, paths=d.paths, max_bytes=d.max_bytes, heldout=d.heldout, context=m.context)
         self.target = load(d.corpus)
         self.source = self.target if d.source == d.corpus else load(d.source)
@@ -103,13 +105,6 @@ class Setup:
             ids = jax.ShapeDtypeStruct((1, self.cfg.model.context), jnp.int32)
             variables = lj_quantize(variables, qtype, apply_fn=self.model.apply, args=(ids,))
         return self._split(variables, lora_config or self.lora_config(), seed)
-
-
-def _schedule(lr: float, steps: int, warmup: int):
-    warmup = min(warmup, steps // 2)
-    if warmup == 0:
-        return optax.cosine_decay_schedule(lr, steps, alpha=0.1)
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.1)
 
 
 def _adam(lr: float, steps: int, warmup: int):
@@ -223,8 +218,10 @@ def _loop(s, step_fn, params, opt, *, start, steps, key, manager=None, history=N
         if on_step is not None:
             on_step(i + 1, params, loss)
         if manager is not None and ((i + 1) % cfg.train.save_every == 0 or i + 1 == steps):
-            manager.save(i + 1, params, opt, config=s.lora_config())
-            write_json(os.path.join(manager.directory, "history.json"), {"step": i + 1, "losses": history})
+            with uninterrupted():
+                # the losses first: a checkpoint on disk always has its whole loss history beside it
+                write_json(os.path.join(manager.directory, "history.json"), {"step": i + 1, "losses": history})
+                manager.save(i + 1, params, opt, config=s.lora_config())
     bar.close()
     if manager is not None:
         manager.wait_until_finished()
