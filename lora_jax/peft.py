@@ -44,6 +44,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .config import Axes, LoraConfig, Rule, as_axes, path_str, scale_for
+from .quant import is_quantized
 from .split import split
 from .tree import fmt_paths
 from .tree import targets as _targets
@@ -570,6 +571,14 @@ def load(
     >>> back["q"]["kernel"].a.shape, bool((back["q"]["kernel"].a == lora["q"]["kernel"].a).all())
     ((2, 8), True)
     """
+    quantized = [path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+                 if is_quantized(x)]
+    if quantized:
+        raise TypeError(
+            f"load: params holds quantized weights ({fmt_paths(quantized, 4)}); give the float "
+            "parameter tree (or lj.dequantize(params)): the loaded adapter then fits the "
+            "quantized base too"
+        )
     name_map = _as_name_map(name_map)
     config, tensors = _read(directory)
     settings = _settings(config)

@@ -455,3 +455,10 @@ def test_finetune_with_a_quantized_base(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match=r"lora.quantize"):
         from_dict({}, ["lora.quantize=nf3"])
+
+
+def test_peft_load_onto_a_quantized_tree_is_refused(tmp_path):
+    f, params, x = mlp()
+    qbase = lj.quantize(params, "nf4", apply_fn=f, args=(x,))
+    with pytest.raises(TypeError, match=r"params holds quantized weights \(.*params/Dense_0/kernel.*\); give the float"):
+        lj.peft.load(tmp_path, qbase, [(r"params/(\w+)/kernel", r"\1")])
