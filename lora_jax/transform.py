@@ -176,8 +176,8 @@ def _is_adapted(x) -> bool:
     return isinstance(x, Adapted)
 
 
-def _dequantize(q: QuantizedWeight):
-    return q.dequantize()
+def _dequantize(q: QuantizedWeight, after=None):
+    return q.dequantize(after)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -212,8 +212,9 @@ class Dequantized:
         """The quantized weight when this is exactly its dequantized value (no view)."""
         return self.parts[0] if self.build is _dequantize else None
 
-    def value(self):
-        return self.build(*self.parts)
+    def value(self, after=None):
+        """The array; ``after`` (a float32 zero) makes the dequantization wait for it."""
+        return self.build(*self.parts, after=after)
 
 
 def _is_deq(x) -> bool:
@@ -231,17 +232,63 @@ _VIEWS = frozenset(n for n, k in PRIMITIVES.items() if k in (SHAPE, WINDOW)) - {
 
 def _eval(eqn, invals) -> list:
     """Evaluate ``eqn``. With quantized operands a view stays lazy, and any other use
-    dequantizes inside ``jax.checkpoint`` saving nothing, so the backward pass dequantizes
-    again rather than keep the float weight alive between the passes."""
+    dequantizes at the use (:func:`_use`)."""
     if not any(map(_is_deq, invals)):
         return bind(eqn, invals)
     if eqn.primitive.name in _VIEWS:
         return _view(eqn, invals)
+    return _use(eqn, invals)
 
-    def use(vals):
-        return bind(eqn, [_value(v) for v in vals])
 
-    return jax.checkpoint(use, policy=jax.checkpoint_policies.nothing_saveable)(list(invals))
+def _use(eqn, invals) -> list:
+    """``eqn`` on dequantized weights, differentiable in its other operands only.
+
+    The forward pass dequantizes once the other operands (the activations) exist; the
+    backward pass keeps the codes and dequantizes again once the output's cotangent
+    exists, so no float weight lives from one pass to the other and compiled programs do
+    not dequantize every weight ahead of its use."""
+    at = [i for i, v in enumerate(invals) if _is_deq(v)]
+    deqs = [invals[i] for i in at]
+    others = [jnp.asarray(v) for i, v in enumerate(invals) if i not in at]
+
+    def run(deqs, others, after):
+        tie = _tie(after)
+        vals, d, o = [], iter(deqs), iter(others)
+        for i in range(len(invals)):
+            vals.append(next(d).value(tie) if i in at else next(o))
+        return bind(eqn, vals)
+
+    @jax.custom_vjp
+    def use(deqs, others):
+        return run(deqs, others, others)
+
+    def fwd(deqs, others):
+        return run(deqs, others, others), (deqs, others)
+
+    def bwd(res, ct):
+        deqs, others = res
+        _, pull = jax.vjp(lambda o: run(deqs, o, ct), others)
+        return jax.tree.map(_no_cotangent, deqs), *pull(ct)
+
+    use.defvjp(fwd, bwd)
+    return use(deqs, others)
+
+
+def _no_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(jnp.shape(x), jax.dtypes.float0)
+
+
+def _tie(vals):
+    """An exact float32 zero computed from ``vals`` (from one element of each float array:
+    ``e·0`` where ``e`` is finite, else 0, which a compiler cannot fold away)."""
+    zero = jnp.zeros((), jnp.float32)
+    for v in jax.tree.leaves(vals):
+        if jnp.issubdtype(jnp.result_type(v), jnp.floating) and jnp.size(v):
+            e = jnp.ravel(v)[0].astype(jnp.float32)
+            zero = zero + jnp.where(jnp.isfinite(e), 0 * e, 0.0)
+    return zero
 
 
 def _view(eqn, invals) -> list:
@@ -252,8 +299,8 @@ def _view(eqn, invals) -> list:
         parts += x.parts if _is_deq(x) else [x]
 
     def output(k):
-        def build(*ps):
-            vals = [ps[i] if b is None else b(*ps[i: i + n]) for i, n, b in spans]
+        def build(*ps, after=None):
+            vals = [ps[i] if b is None else b(*ps[i: i + n], after=after) for i, n, b in spans]
             return bind(eqn, vals)[k]
 
         return build
@@ -278,9 +325,9 @@ def _scan_slices(w, length: int):
         return w.value(), lambda x: x
     step, whole = q.sliced_rows(0)
 
-    def pick(whole, i):
+    def pick(whole, i, after=None):
         return step.replace(**{k: lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in whole.items()}
-                            ).dequantize()
+                            ).dequantize(after)
 
     def at(i):
         return Dequantized((whole, i), pick, step.abstract())
