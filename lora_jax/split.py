@@ -150,7 +150,9 @@ def quantize(
     The result goes where the float base went: ``lj.split(key, qbase, config, ...)``,
     ``lj.wrap(f)(qbase, lora, x)`` (each quantized weight is dequantized at its use, and
     again in the backward pass: no dequantized weight is kept between them),
-    ``lj.merge(qbase, lora)`` (a float tree), ``lj.sharding``, ``lj.checkpoint``.
+    ``lj.merge(qbase, lora)`` (a float tree), ``lj.sharding``, ``lj.checkpoint``. Uses of
+    quantized weights differentiate in reverse mode (``jax.grad``, ``jax.vjp``), not in
+    forward mode (``jax.jvp``).
 
     Args:
       base: the parameter tree (float leaves; leaves already quantized are an error).
