@@ -116,12 +116,12 @@ def test_each_example_gets_its_own_adapter_in_values_and_grads(setup):
     ys = jax.jit(lambda s: g(base, s, x, adapter_ids=IDS))(stacked)
     ids = np.asarray(IDS)
     np.testing.assert_allclose(ys[ids < 0], model.apply(base, x)[ids < 0], rtol=1e-6, atol=1e-6)  # the base alone
-    full = jax.grad(loss)(stacked)
+    full = jax.jit(jax.grad(loss))(stacked)
     grads = lj.unstack(full)
     for k, lora in enumerate(loras):
         rows = np.flatnonzero(ids == k)
         np.testing.assert_allclose(ys[rows], g(base, lora, x[rows]), rtol=1e-5, atol=1e-5)
-        own = jax.grad(lambda l: jnp.sum((g(base, l, x[rows]) - target[rows]) ** 2))(lora)
+        own = jax.jit(jax.grad(lambda l: jnp.sum((g(base, l, x[rows]) - target[rows]) ** 2)))(lora)
         for (path, got), (_, want) in zip(lj.targets(grads[k]), lj.targets(own), strict=True):
             np.testing.assert_allclose(got.a, want.a, rtol=1e-4, atol=1e-4, err_msg=path)
             np.testing.assert_allclose(got.b, want.b, rtol=1e-4, atol=1e-4, err_msg=path)
