@@ -40,7 +40,14 @@ def _static(**kw):
 class AdapterInfo:
     """The static fields of one stacked adapter at one target (hashable): its rank, the
     name of its scaling rule, dropout rate, kind, rule pattern, the weight's dtype name and
-    the dtypes of its own factors."""
+    the dtypes of its own factors.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> info = lj.stack([lora])["w"].adapters[0]
+    >>> info.rank, info.scaling, info.a_dtype
+    (2, 'lora', 'float32')
+    """
 
     rank: int
     scaling: str
@@ -128,13 +135,29 @@ def is_stacked(x) -> bool:
 
 def is_stacked_node(x) -> bool:
     """``is_leaf`` for lora trees that may hold stacked adapters: None, an adapter or a
-    stacked adapter."""
+    stacked adapter.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+    >>> jax.tree.map(lambda w: w and w.ranks, lj.stack([lora, lora]), is_leaf=is_stacked_node)
+    {'b': None, 'w': (1, 1)}
+    """
     return is_node(x) or is_stacked(x)
 
 
 def template(w: StackedLoraWeight) -> LoraWeight:
     """A :class:`LoraWeight` of the stacked weight's shape and axes at the padded rank
-    (adapter 0's factors), for the fit checks that take plain adapters."""
+    (the first adapter's factors), for the fit checks that take plain adapters.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> params = {"w": jnp.ones((6, 4))}
+    >>> _, l1 = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+    >>> _, l3 = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=3),)))
+    >>> t = template(lj.stack([l1, l3])["w"])
+    >>> t.rank, t.a.shape, t.b.shape
+    (3, (3, 6), (3, 4))
+    """
     info = next(i for i in w.adapters if i is not None)
     return LoraWeight(a=w.a[0], b=w.b[0], shape=w.shape, dtype=info.dtype, in_axes=w.in_axes,
                       out_axes=w.out_axes, stack_axes=w.stack_axes, rank=w.rank, rule=w.name)

@@ -1172,7 +1172,8 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
                    jax.tree.map(lambda w: template(w) if is_stacked(w) else w, lora, is_leaf=is_stacked_node))
         base_leaves, base_def = jax.tree.flatten(base, is_leaf=is_quantized)
         targets = base_def.flatten_up_to(lora)
-        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(base, is_leaf=is_quantized)[0]]
+        paths = None if ids is None else [
+            path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(base, is_leaf=is_quantized)[0]]
         arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
         closed, out_tree, is_arr = trace(base_def, base_leaves, arg_def, arg_leaves)
         inputs = []

@@ -196,3 +196,17 @@ def test_a_product_without_the_examples_leading_is_refused_with_the_path():
         lj.wrap(lambda p, x: x.sum(0) @ p["w"])(params, stacked, x, adapter_ids=ids)
     with pytest.raises(ValueError, match=r"stacked adapter at 'w' reaches 'reshape'.*Fix"):
         lj.wrap(lambda p, x: x @ p["w"].reshape(4, 2, 3).reshape(4, 6))(params, stacked, x, adapter_ids=ids)
+
+
+def test_a_layer_stack_under_scan_slices_each_examples_factors_per_step():
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 6, 6)) * 0.3}   # 3 layers, scanned
+    f = lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    split = lambda k, r: randomize(lj.split(jax.random.key(k), params, lj.LoraConfig(rules=(lj.Rule("w", rank=r),)),
+                                            apply_fn=f, args=(x,))[1], k)
+    loras, ids = [split(1, 2), split(2, 3)], np.array([1, 0, -1, 1])
+    assert loras[0]["w"].stack_axes == (0,)
+    y = lj.wrap(f)(params, lj.stack(loras), x, adapter_ids=ids)
+    for i, k in enumerate(ids):
+        want = f(params, x[i:i + 1]) if k < 0 else lj.wrap(f)(params, loras[k], x[i:i + 1])
+        np.testing.assert_allclose(y[i:i + 1], want, rtol=1e-5, atol=1e-5)
