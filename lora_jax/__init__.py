@@ -7,6 +7,7 @@ from .optim import apply_updates, labels, optimizer
 from .quant import QuantizedWeight, dequantize, is_quantized
 from .report import delta_norms, summary
 from .split import quantize, split
+from .stacked import StackedLoraWeight, stack, unstack
 from .transform import wrap
 from .tree import merge, targets, unmerge
 from .version import __version__
@@ -19,6 +20,7 @@ __all__ = [
     "LoraWeight",
     "QuantizedWeight",
     "Rule",
+    "StackedLoraWeight",
     "apply_updates",
     "checkpoint",
     "combine",
@@ -37,8 +39,10 @@ __all__ = [
     "scale_for",
     "sharding",
     "split",
+    "stack",
     "summary",
     "targets",
     "unmerge",
+    "unstack",
     "wrap",
 ]

@@ -261,8 +261,10 @@ def _check_trees(loras, weights):
     return list(loras), [float(v) for v in weights]
 
 
-def _gather(loras):
-    """The paths, per path the ``(i, adapter)`` of the trees that have one, and the treedef."""
+def _gather(loras, verb: str = "combine"):
+    """The paths, per path the ``(i, adapter)`` of the trees that have one, and the treedef.
+
+    ``verb`` names the caller's operation in the error messages."""
     flat = [jax.tree_util.tree_flatten_with_path(t, is_leaf=is_node) for t in loras]
     paths = [path_str(p) for p, _ in flat[0][0]]
     for i, (leaves, treedef) in enumerate(flat[1:], 1):
@@ -272,7 +274,7 @@ def _gather(loras):
                 f"same paths, different containers: {flat[0][1]} vs {treedef}"]
             raise ValueError(
                 f"loras[{i}] does not have the structure of loras[0] (" + "; ".join(detail)
-                + "); combine adapters split from the same base (None marks a target an adapter lacks)"
+                + f"); {verb} adapters split from the same base (None marks a target an adapter lacks)"
             )
     groups = [[(i, f[0][j][1]) for i, f in enumerate(flat) if is_lora(f[0][j][1])] for j in range(len(paths))]
     if not any(groups):
@@ -280,7 +282,7 @@ def _gather(loras):
             "the lora trees hold no adapter (every leaf is None); pass the trees lj.split returned"
         )
     for path, group in zip(paths, groups):
-        _check_same_weight(path, group)
+        _check_same_weight(path, group, verb)
     return paths, groups, flat[0][1]
 
 
@@ -289,7 +291,7 @@ def _weight_fields(w: LoraWeight):
                 kind=w.kind)
 
 
-def _check_same_weight(path, group):
+def _check_same_weight(path, group, verb: str = "combine"):
     if not group:
         return
     i0, w0 = group[0]
@@ -297,7 +299,7 @@ def _check_same_weight(path, group):
         if _weight_fields(w) != _weight_fields(w0):
             raise ValueError(
                 f"{path}: the adapters are for different weights: loras[{i0}] has {_weight_fields(w0)} "
-                f"but loras[{i}] has {_weight_fields(w)}; combine only adapters made for the same base"
+                f"but loras[{i}] has {_weight_fields(w)}; {verb} only adapters made for the same base"
             )
 
 
