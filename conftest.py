@@ -5,7 +5,12 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# --xla_backend_optimization_level=0: the CPU backend compiles without LLVM's optimization
+# passes. The tests run thousands of small programs once each (a random sampler per new
+# shape alone takes about a second at the default level), so compiling dominates the run;
+# it is several times faster this way, and the programs are small enough that running them
+# slower costs little.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -252,15 +252,18 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(finish
 
 
 def test_resume_past_the_checkpoints_and_overwrite(tmp_path, cache, capsys):
+    # the step counts (2 and 3) are those of the other runs here, whose compiled steps they reuse
     out = tmp_path / "run"
-    assert cli.main(["finetune", *tiny(out, cache, "train.steps=4", "train.save_every=2")]) == 0
-    # more steps than the first run: the step count continues from 4
-    assert cli.main(["finetune", *tiny(out, cache, "train.steps=6", "train.save_every=2"), "--resume"]) == 0
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=2", "train.save_every=2")]) == 0
+    # more steps than the first run: the step count continues from 2
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=3", "train.save_every=2"), "--resume"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["lora"]["resumed_from"] == 4 and len(m["losses"]["lora"]) == 6
+    assert m["lora"]["resumed_from"] == 2 and len(m["losses"]["lora"]) == 3
+    with checkpoint.Manager(out / "checkpoints") as mgr:
+        assert mgr.all_steps() == [2, 3]
     # fewer steps than the checkpoints hold is refused
-    assert cli.main(["finetune", *tiny(out, cache, "train.steps=3"), "--resume"]) == 1
-    assert "train.steps=3" in capsys.readouterr().err
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=2"), "--resume"]) == 1
+    assert "train.steps=2" in capsys.readouterr().err
     assert cli.main(["finetune", *tiny(out, cache, "train.steps=2"), "--overwrite"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["lora"]["resumed_from"] == 0 and len(m["losses"]["lora"]) == 2
@@ -381,16 +384,17 @@ def test_a_failed_run_writes_nothing_and_a_failed_resume_keeps_the_outputs(tmp_p
     out = tmp_path / "run"
     assert cli.main(["finetune", *tiny(out, cache, "lora.targets=[.*/nothing]")]) == 1
     assert not out.exists()  # the error came before anything was written: a fixed rerun just works
-    assert cli.main(["finetune", *tiny(out, cache, "train.steps=4")]) == 0
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=3")]) == 0
     before = sorted(os.listdir(out))
     capsys.readouterr()
     assert cli.main(["finetune", *tiny(out, cache, "train.steps=2"), "--resume"]) == 1  # fewer steps
+    assert "train.steps=2" in capsys.readouterr().err
     assert cli.main(["finetune", *tiny(out, cache, "train.steps=6", "lora.rank=3"), "--resume"]) == 1
     err = capsys.readouterr().err
     assert "lora.rank (2 -> 3)" in err and "only train.keep, train.progress, train.save_every, train.steps" in err
-    assert cli.main(["finetune", *tiny(out, cache, "train.steps=4"), "--resume", "--overwrite"]) == 1
+    assert cli.main(["finetune", *tiny(out, cache, "train.steps=3"), "--resume", "--overwrite"]) == 1
     assert sorted(os.listdir(out)) == before  # nothing was deleted by the refused runs
-    assert run_config.load(out / "config.yaml").train.steps == 4
+    assert run_config.load(out / "config.yaml").train.steps == 3
 
 
 def test_resuming_a_finished_run_rewrites_its_outputs_with_valid_json(tmp_path, cache):

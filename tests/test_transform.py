@@ -19,11 +19,18 @@ from lora_jax.transform import MaterializeWarning
 from reference import np_delta_of
 
 
+def _normal(seed, shape, dtype=jnp.float32):
+    """Gaussian test data from numpy: jax.random would compile a sampler for every new shape."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
+
+
 def _randomize_b(lora, key=3, scale=1.0):
+    rng = np.random.default_rng(key)
+
     def f(w):
         if not lj.is_lora(w):
             return w
-        return w.replace(b=scale * jax.random.normal(jax.random.key(key), w.b.shape, w.b.dtype))
+        return w.replace(b=jnp.asarray(scale * rng.standard_normal(w.b.shape), w.b.dtype))
 
     return jax.tree.map(f, lora, is_leaf=lj.is_lora)
 
@@ -47,7 +54,7 @@ D_IN, D_OUT, BATCH = 48, 80, 6
 
 def _dense_setup():
     model = nn.Sequential([nn.Dense(D_OUT), nn.relu, nn.Dense(D_OUT)])
-    x = jax.random.normal(jax.random.key(0), (BATCH, D_IN))
+    x = _normal(0, (BATCH, D_IN))
     params = model.init(jax.random.key(1), x)
     cfg = lj.LoraConfig(rules=(lj.Rule(r".*/layers_0/kernel", rank=4),))
     base, lora = lj.split(jax.random.key(2), params, cfg, apply_fn=model.apply, args=(x,))
@@ -86,7 +93,7 @@ class _Stack(nn.Module):
 @pytest.mark.parametrize("strategy", ["factored", "merge"])
 def test_scan_holds_no_copy_of_the_stacked_base(strategy):
     model = _Stack()
-    x = jax.random.normal(jax.random.key(0), (BATCH, D_IN))
+    x = _normal(0, (BATCH, D_IN))
     params = model.init(jax.random.key(1), x)
     cfg = lj.LoraConfig(rules=(lj.Rule(r".*/fc/kernel", rank=4),))
     base, lora = lj.split(jax.random.key(2), params, cfg, apply_fn=model.apply, args=(x,))
@@ -109,10 +116,10 @@ def test_fallback_materializes_correctly_and_warns_exactly_once():
         w = p["w"]
         return (x @ w) / jnp.sqrt(jnp.sum(w**2))
 
-    params = {"w": jax.random.normal(jax.random.key(0), (8, 5))}
+    params = {"w": _normal(0, (8, 5))}
     base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
     lora = _randomize_b(lora)
-    x = jax.random.normal(jax.random.key(2), (3, 8))
+    x = _normal(2, (3, 8))
     g = lj.wrap(f)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -133,7 +140,7 @@ def test_reshape_that_mixes_input_and_output_axes_falls_back():
     def f(p, x):  # the whole kernel flattened: one dimension holds both roles
         return x @ p["w"].reshape(-1)[: x.shape[-1] * 2].reshape(x.shape[-1], 2)
 
-    params = {"w": jax.random.normal(jax.random.key(0), (4, 6))}
+    params = {"w": _normal(0, (4, 6))}
     base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
     lora = _randomize_b(lora)
     x = jnp.ones((2, 4))
@@ -253,9 +260,9 @@ def test_factored_matches_numpy_for_any_axis_layout(layout):
     def f(p, x):
         return jnp.einsum(spec, x, p["w"], preferred_element_type=jnp.float32)
 
-    kw, kx = jax.random.split(jax.random.key(sum(sizes) * 7 + rank))
-    params = {"w": jax.random.normal(kw, sizes).astype(dtype)}
-    x = jax.random.normal(kx, (3, *(sizes[d] for d in stack + contracted))).astype(dtype)
+    rng = np.random.default_rng(sum(sizes) * 7 + rank)
+    params = {"w": _normal(rng, sizes, dtype)}
+    x = _normal(rng, (3, *(sizes[d] for d in stack + contracted)), dtype)
     axes = lj.Axes(in_axes=ins, out_axes=outs, stack_axes=stack)
     base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=rank, axes=axes),)))
     lora = _randomize_b(lora, scale=0.5)
@@ -280,11 +287,10 @@ def test_adapters_on_one_input_read_it_once():
     def f(p, x):
         return x @ p["q"], x @ p["k"], x @ p["v"], (x * 2) @ p["o"]
 
-    keys = jax.random.split(jax.random.key(0), 4)
-    params = {n: jax.random.normal(k, (16, 12)) for n, k in zip("qkvo", keys)}
+    params = {n: _normal(k, (16, 12)) for k, n in enumerate("qkvo")}
     base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("q|k|v|o", rank=2),)))
     lora = _randomize_b(lora)
-    x = jax.random.normal(jax.random.key(2), (5, 16))
+    x = _normal(2, (5, 16))
     jaxpr = jax.make_jaxpr(lambda l: lj.wrap(f)(base, l, x))(lora).jaxpr
     dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
     # 4 base products, x·A once for q, k, v (rank 6) and once for o, 4 products with B
@@ -359,8 +365,8 @@ def test_experts_picked_per_token_stay_factored(stored):
     else:
         f = lambda p, x, e: jnp.einsum("td,tod->to", x, jnp.take(p["experts"], e, axis=0))
         shape = (n_exp, o, d)
-    params = {"experts": jax.random.normal(jax.random.key(0), shape)}
-    x = jax.random.normal(jax.random.key(1), (t, d))
+    params = {"experts": _normal(0, shape)}
+    x = _normal(1, (t, d))
     e = jnp.array([0, 3, 1, 1, 2, 0, 3])
     cfg = lj.LoraConfig(rules=(lj.Rule("experts", rank=2),))
     base, lora = lj.split(jax.random.key(2), params, cfg, apply_fn=f, args=(x, e))

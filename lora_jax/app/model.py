@@ -230,8 +230,8 @@ def pretrained(model: ModelConfig, pretrain: PretrainConfig, corpus, *, cache_di
     >>> import tempfile
     >>> from lora_jax.app.data import load_corpus
     >>> m = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, context=16)
-    >>> p = PretrainConfig(steps=3, batch_size=2)
-    >>> corpus = load_corpus("pydoc", max_bytes=20_000, context=16)
+    >>> p = PretrainConfig(steps=2)
+    >>> corpus = load_corpus("pydoc", max_bytes=30_000, context=16)
     >>> cache = tempfile.mkdtemp()
     >>> v1, where, info = pretrained(m, p, corpus, cache_dir=cache, progress=False, log=None)
     >>> v2, _, info2 = pretrained(m, p, corpus, cache_dir=cache, progress=False, log=None)

@@ -287,7 +287,7 @@ def finetune(cfg: RunConfig, *, compare_full: bool = False, resume: bool = False
     >>> cfg = from_dict({}, [f"output.dir={tmp}/run", f"output.cache_dir={tmp}/cache",
     ...     "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "model.context=16",
     ...     "pretrain.steps=2", "train.steps=3", "train.warmup=1", "train.batch_size=2", "train.eval_batches=1",
-    ...     "train.progress=false", "data.max_bytes=30000", "lora.rank=2"])
+    ...     "train.progress=false", "data.max_bytes=30000"])
     >>> m = finetune(cfg, log=None)
     >>> m["lora"]["steps"], sorted(os.listdir(f"{tmp}/run"))
     (3, ['adapter', 'checkpoints', 'config.yaml', 'loss.png', 'merged', 'metrics.json'])

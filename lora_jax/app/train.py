@@ -152,9 +152,9 @@ def train_lora(
 
     >>> import tempfile
     >>> from lora_jax.app.run_config import from_dict
-    >>> s = Setup(from_dict({}, [f"output.cache_dir={tempfile.mkdtemp()}", "model.d_model=8", "model.n_heads=1",
-    ...     "model.n_layers=1", "model.d_ff=8", "model.context=8", "pretrain.steps=2", "train.batch_size=2",
-    ...     "train.eval_batches=1", "train.progress=false", "data.max_bytes=20000"]), log=None)
+    >>> s = Setup(from_dict({}, [f"output.cache_dir={tempfile.mkdtemp()}", "model.d_model=16", "model.n_layers=1",
+    ...     "model.n_heads=2", "model.d_ff=32", "model.context=16", "pretrain.steps=2", "train.batch_size=2",
+    ...     "train.eval_batches=1", "train.progress=false", "data.max_bytes=30000"]), log=None)
     >>> base, lora = s.split()
     >>> lora, opt, history, step_seconds = train_lora(s, base, lora, steps=3)
     >>> len(history), step_seconds > 0
@@ -182,9 +182,9 @@ def train_full(s: Setup, *, steps: int, desc: str = "full FT"):
 
     >>> import tempfile
     >>> from lora_jax.app.run_config import from_dict
-    >>> cfg = from_dict({}, [f"output.cache_dir={tempfile.mkdtemp()}", "model.d_model=8", "model.n_heads=1",
-    ...     "model.n_layers=1", "model.d_ff=8", "model.context=8", "pretrain.steps=2", "train.batch_size=2",
-    ...     "train.eval_batches=1", "train.progress=false", "data.max_bytes=20000"])
+    >>> cfg = from_dict({}, [f"output.cache_dir={tempfile.mkdtemp()}", "model.d_model=16", "model.n_layers=1",
+    ...     "model.n_heads=2", "model.d_ff=32", "model.context=16", "pretrain.steps=2", "train.batch_size=2",
+    ...     "train.eval_batches=1", "train.progress=false", "data.max_bytes=30000"])
     >>> s = Setup(cfg, log=None)
     >>> params, _, losses, _ = train_full(s, steps=2)
     >>> len(losses), jax.tree.structure(params) == jax.tree.structure(s.variables)
