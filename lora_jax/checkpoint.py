@@ -620,16 +620,23 @@ def _at(tree: dict, path) -> Any:
 
 
 def _groups(sizes: list[int], budget: int) -> list[list[int]]:
-    """Consecutive indices grouped so that each group's sizes add up to at most ``budget``
-    (a larger size is a group of its own)."""
-    groups, total = [[]], 0
-    for i, n in enumerate(sizes):
-        if groups[-1] and total + n > budget:
+    """Indices packed into groups whose sizes add up to at most ``budget`` (first fit,
+    largest first; a larger size is a group of its own), each group in index order.
+
+    >>> _groups([4, 1, 4, 2, 1], 4)
+    [[0], [2], [1, 3, 4]]
+    """
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        fit = next((g for g, left in enumerate(room) if sizes[i] <= left), None)
+        if fit is None:
             groups.append([])
-            total = 0
-        groups[-1].append(i)
-        total += n
-    return [g for g in groups if g]
+            room.append(budget)
+            fit = len(groups) - 1
+        groups[fit].append(i)
+        room[fit] -= sizes[i]
+    return [sorted(g) for g in groups]
 
 
 def _merge_streamed(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any, out_dir: epath.Path):
@@ -652,6 +659,7 @@ def _merge_streamed(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any
             jitted[s] = jax.jit(_merge_trees, donate_argnums=0, out_shardings=s)
         return jitted[s](x, w)
 
+    pending = None  # the previous group's write, overlapping this group's read and merge
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
             for group in _groups(sizes, max(sizes)):
@@ -666,11 +674,22 @@ def _merge_streamed(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any
                 values = [x if weights[i] is None else merge_one(x, weights[i], leaves[i].sharding)
                           for i, x in zip(group, got)]
                 del got
-                ocp_partial.save(staged, _nested([paths[i] for i in group], values))
+                if pending is not None:
+                    pending, done = None, pending
+                    done.result()  # at most two groups in memory: one written, one read
+                pending = ocp_partial.save_async(staged, _nested([paths[i] for i in group], values))
                 del values
+            pending, done = None, pending
+            done.result()
         ocp_partial.finalize(staged)
-        (staged / _PARTIAL_ITEM).rename(out_dir)
+        if jax.process_index() == 0:
+            (staged / _PARTIAL_ITEM).rename(out_dir)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("lora_jax_merge_renamed")
     finally:
+        if pending is not None:  # an error while a write was under way: let it end first
+            with contextlib.suppress(Exception):
+                pending.result()
         if jax.process_index() == 0 and work.exists():
             work.rmtree()
 
