@@ -587,8 +587,10 @@ def _path_mapping(adapter_paths: list[str], base_paths: list[str]):
     for prefix in removed:  # the adapter has a prefix the base lacks
         if all(p.startswith(prefix) and p[len(prefix):] in have for p in adapter_paths):
             return (lambda p, q=prefix: p[len(q):]), ""
-    add = f"adding {added}" if added else "adding a prefix (no base path ends with " + repr(first) + ")"
-    return None, f"{add} or removing {removed or 'a prefix (the adapter paths have none)'}"
+    add = (f"adding one of the prefixes {added}" if added else
+           f"adding a prefix (none to try: no base path ends with '/{first}')")
+    remove = f"removing one of the prefixes {removed}" if removed else "removing a prefix (none to try)"
+    return None, f"{add} or {remove} to every adapter path"
 
 
 def _plain_dicts(tree: Any) -> bool:
