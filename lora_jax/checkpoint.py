@@ -450,9 +450,9 @@ def merge(
     base's lack, or the reverse (``params/`` saved on one side only).
 
     The merge streams: the base is read, merged and written one group of leaves at a
-    time, each group at most the largest weight's bytes (a weight is never split), so
-    host memory peaks at about the largest weight (twice: read and merged) plus the
-    adapter, whatever the model's size. Each group is restored alone (with
+    time, each group at most the largest weight's bytes (a weight is never split) and
+    written before the next is read, so host memory peaks at a few copies of the largest
+    weight (read, merged, orbax's write buffers) plus the adapter, whatever the model's size. Each group is restored alone (with
     ``shardings``: each process reads only its own shards), its targets merged under
     ``jit`` (float32 accumulation, the base donated, outputs keeping the base's
     shardings) and added to an orbax partial save in a temporary directory beside
@@ -661,7 +661,6 @@ def _merge_streamed(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any
             jitted[s] = jax.jit(_merge_trees, donate_argnums=0, out_shardings=s)
         return jitted[s](x, w)
 
-    pending = None  # the previous group's write, overlapping this group's read and merge
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
             for group in _groups(sizes, max(sizes)):
@@ -676,22 +675,15 @@ def _merge_streamed(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any
                 values = [x if weights[i] is None else merge_one(x, weights[i], leaves[i].sharding)
                           for i, x in zip(group, got)]
                 del got
-                if pending is not None:
-                    pending, done = None, pending
-                    done.result()  # at most two groups in memory: one written, one read
-                pending = ocp_partial.save_async(staged, _nested([paths[i] for i in group], values))
+                # written before the next group is read: one group in memory at a time
+                ocp_partial.save(staged, _nested([paths[i] for i in group], values))
                 del values
-            pending, done = None, pending
-            done.result()
         ocp_partial.finalize(staged)
         if jax.process_index() == 0:
             (staged / _PARTIAL_ITEM).rename(out_dir)
         if jax.process_count() > 1:
             ocp.multihost.sync_global_processes("lora_jax_merge_renamed")
     finally:
-        if pending is not None:  # an error while a write was under way: let it end first
-            with contextlib.suppress(Exception):
-                pending.result()
         if jax.process_index() == 0 and work.exists():
             work.rmtree()
 

@@ -117,15 +117,15 @@ def test_a_failing_write_leaves_no_output_and_the_inputs_unchanged(tmp_path, mon
 
     base, adapter = write(tmp_path, make_params(), make_params())
     before = digest(base), digest(adapter)
-    calls, save_async = [], partial.save_async
+    calls, save = [], partial.save
 
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise OSError("No space left on device")
-        return save_async(*args, **kwargs)
+        return save(*args, **kwargs)
 
-    monkeypatch.setattr(partial, "save_async", failing)
+    monkeypatch.setattr(partial, "save", failing)
     with pytest.raises(OSError, match="No space left"):
         checkpoint.merge(base, adapter, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["adapter", "base"]  # the staged groups are removed
@@ -136,13 +136,13 @@ KILLED = textwrap.dedent("""
     import os, signal, sys
     from orbax.checkpoint.experimental.v1 import partial
     from lora_jax import checkpoint
-    save_async, calls = partial.save_async, []
-    def killed(*args, **kwargs):  # the second group: the first one is being written
+    save, calls = partial.save, []
+    def killed(*args, **kwargs):  # the second group: the first one is written
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
-        return save_async(*args, **kwargs)
-    partial.save_async = killed
+        return save(*args, **kwargs)
+    partial.save = killed
     checkpoint.merge(*sys.argv[1:])
 """)
 
