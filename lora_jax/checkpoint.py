@@ -452,13 +452,13 @@ def merge(
     The merge streams: the base is read, merged and written one group of leaves at a
     time, each group at most the largest weight's bytes (a weight is never split) and
     written before the next is read, so host memory peaks at a few copies of the largest
-    weight (read, merged, orbax's write buffers) plus the adapter, whatever the model's size. Each group is restored alone (with
-    ``shardings``: each process reads only its own shards), its targets merged under
-    ``jit`` (float32 accumulation, the base donated, outputs keeping the base's
-    shardings) and added to an orbax partial save in a temporary directory beside
-    ``out_dir``, renamed to ``out_dir`` when everything is on disk: a merge that stops
-    part-way leaves no ``out_dir``. The result is a plain orbax PyTree checkpoint that
-    ``StandardCheckpointer`` restores into the original model.
+    weight (read, merged, orbax's write buffers) plus the adapter, whatever the model's
+    size. Each group is restored alone (with ``shardings``: each process reads only its
+    own shards), its targets merged under ``jit`` (float32 accumulation, the base
+    donated, outputs keeping the base's shardings) and added to an orbax partial save in
+    a temporary directory beside ``out_dir``, renamed to ``out_dir`` when everything is
+    on disk: a merge that stops part-way leaves no ``out_dir``. The result is a plain
+    orbax PyTree checkpoint that ``StandardCheckpointer`` restores into the original model.
 
     Whole-tree instead (the base restored at once, ~2x its bytes of memory): a base
     tree with containers other than string-keyed dicts (lists, tuples, empty dicts),
@@ -565,7 +565,8 @@ def _fit_adapter(meta: dict, shapes: Any, adapter_dir, base_dir) -> Any:
     order = [p for p in base_paths if p in by_path]
     if order != [mapping(p) for p in adapter_paths]:  # (a prefix keeps the order of sorted keys)
         raise ValueError(f"the adapter {adapter_dir}'s targets map onto the base checkpoint {base_dir} "
-                         f"in another order ({order[:4]} ...); save the base with the adapter's tree")
+                         f"in another order ({order[:4]} ...); save the base with the tree the adapter "
+                         "was split from")
     like = jax.tree.unflatten(treedef, [by_path.get(p) for p in base_paths])
     check_fits(shapes, like)
     return like
