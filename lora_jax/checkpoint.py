@@ -681,6 +681,9 @@ def _merge_streamed(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any
                 del values
         ocp_partial.finalize(staged)
         if jax.process_index() == 0:
+            marker = staged / "commit_success.txt"  # (what marks a finished checkpoint on gs://)
+            if marker.exists():
+                marker.rename(staged / _PARTIAL_ITEM / marker.name)
             (staged / _PARTIAL_ITEM).rename(out_dir)
         if jax.process_count() > 1:
             ocp.multihost.sync_global_processes("lora_jax_merge_renamed")

@@ -71,6 +71,8 @@ def test_streamed_merge_restores_with_plain_orbax_and_equals_lj_merge(tmp_path):
     got = plain_restore(tmp_path / "out")
     chex.assert_trees_all_equal(got, want)
     assert got["up"]["kernel"].dtype == jnp.bfloat16
+    chex.assert_trees_all_equal(checkpoint.restore_params(tmp_path / "out"), want)
+    assert "commit_success.txt" in os.listdir(tmp_path / "out")
     checkpoint.merge(base, adapter, tmp_path / "whole", stream=False)
     chex.assert_trees_all_equal(plain_restore(tmp_path / "whole"), got)
     # sharded: each leaf read and written in its shards, outputs keeping the shardings
