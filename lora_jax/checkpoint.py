@@ -654,7 +654,12 @@ def _merge_streamed(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any
     leaves = [_abstract(x, s) for (_, x), s in zip(flat, jax.tree.leaves(shardings))]
     weights = jax.tree.leaves(lora, is_leaf=is_node)
     sizes = [int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves]
-    work = out_dir.parent / f"{out_dir.name}.orbax-checkpoint-tmp-merge-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    token = np.uint32(uuid.uuid4().int & 0xFFFFFFFF)  # one name on every process (process 0's)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = multihost_utils.broadcast_one_to_all(token)
+    work = out_dir.parent / f"{out_dir.name}.orbax-checkpoint-tmp-merge-{int(token):08x}"
     staged = work / "checkpoint"
     jitted = {}  # one merge function per output sharding (each compiles once per shape)
     def merge_one(x, w, s):
