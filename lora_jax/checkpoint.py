@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import sys
+import uuid
 from typing import Any, NamedTuple
 
 import jax
@@ -47,6 +48,7 @@ _ARRAYS = "lora"  # orbax item holding the factors
 _META = "lora_jax"  # orbax item holding the JSON metadata
 _QUANTIZED = "lora_jax_quantized"  # custom metadata of a params checkpoint: its quantized weights
 _OPT = "opt_state"  # orbax item holding the optimizer state (training checkpoints)
+_PARTIAL_ITEM = "state"  # where an orbax partial save puts the tree
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,29 +438,45 @@ def merge(
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     shardings: Any = None,
+    *,
+    stream: bool = True,
 ) -> list[str]:
     """Write a plain orbax checkpoint of the base parameters with the adapter merged in.
 
     ``base_dir`` is a plain orbax PyTree checkpoint of the parameter tree the adapter was
     made for (``orbax.checkpoint.StandardCheckpointer().save(base_dir, params)``);
     ``adapter_dir`` comes from :func:`save`. The adapter is checked against the base's
-    stored shapes before any weight is read; then the base is restored (with
-    ``shardings``), merged under ``jit`` (float32 accumulation, the base donated, outputs
-    keeping the base's shardings) and saved to ``out_dir`` with
-    ``StandardCheckpointer``, so plain orbax restores it into the original model. A
-    quantized base (saved by :func:`save_params`) is merged into its dequantized weights
-    (one device) and written as a float checkpoint.
+    stored shapes before any weight is read. The adapter's paths may carry a prefix the
+    base's lack, or the reverse (``params/`` saved on one side only).
+
+    The merge streams: the base is read, merged and written one group of leaves at a
+    time, each group at most the largest weight's bytes (a weight is never split) and
+    written before the next is read, so host memory peaks at a few copies of the largest
+    weight (read, merged, orbax's write buffers) plus the adapter, whatever the model's
+    size. Each group is restored alone (with ``shardings``: each process reads only its
+    own shards), its targets merged under ``jit`` (float32 accumulation, the base
+    donated, outputs keeping the base's shardings) and added to an orbax partial save in
+    a temporary directory beside ``out_dir``, renamed to ``out_dir`` when everything is
+    on disk: a merge that stops part-way leaves no ``out_dir``. The result is a plain
+    orbax PyTree checkpoint that ``StandardCheckpointer`` restores into the original model.
+
+    Whole-tree instead (the base restored at once, ~2x its bytes of memory): a base
+    tree with containers other than string-keyed dicts (lists, tuples, empty dicts),
+    ``stream=False``, and a quantized base (saved by :func:`save_params`), which is
+    merged into its dequantized weights (one device) and written as a float checkpoint.
 
     Args:
       shardings: ``None`` (one local device), one ``jax.sharding.Sharding`` for every
         leaf, or a tree of shardings with the base's paths.
+      stream: ``False`` restores, merges and saves the whole tree at once.
 
     Returns:
       the merged targets' paths.
 
     Raises:
-      ValueError: an adapter target missing from the base, or a base weight of another
-        shape (path and both shapes named).
+      ValueError: an adapter target missing from the base under every path mapping
+        tried (the mappings named), or a base weight of another shape (path and both
+        shapes named).
 
     >>> import os, tempfile, jax, jax.numpy as jnp, orbax.checkpoint as ocp, lora_jax as lj
     >>> from lora_jax import checkpoint
@@ -484,53 +502,199 @@ def merge(
     meta = metadata(adapter_dir)
     shapes = _stored_tree(base_dir)
     like = _fit_adapter(meta, shapes, adapter_dir, base_dir)  # shapes only: no weight is read yet
+    merged = [p for p, _ in targets(like)]
     if quant.records(shapes):  # a quantized base: merged into its dequantized weights
         if shardings is not None:
             raise ValueError(
                 f"base checkpoint {base_dir} holds quantized weights; merge it on one device "
                 "(shardings=None): the merged float weights are written as a plain checkpoint"
             )
-        with _checkpointer() as ckptr:
-            fn = lambda args: ckptr.restore(adapter_dir, args)
-            lora = _restore_lora(meta, like, fn, adapter_dir)[0]
+        lora = _restore_adapter(meta, like, None, adapter_dir)
         save_params(out_dir, _merge_trees(restore_params(base_dir, shapes), lora))
-        return [p for p, _ in targets(like)]
+        return merged
     base_shardings = _shardings_for(shapes, shardings)
-    with _checkpointer() as ckptr:  # (the metadata above is already read and checked)
-        fn = lambda args: ckptr.restore(adapter_dir, args)
-        lora = _restore_lora(meta, _replicated_like(like, base_shardings), fn, adapter_dir)[0]
-    save_params(out_dir, _merge_sharded(base_dir, shapes, lora, base_shardings))
-    return [p for p, _ in targets(like)]
+    lora = _restore_adapter(meta, like, base_shardings, adapter_dir)
+    if stream and _plain_dicts(shapes):
+        _merge_streamed(base_dir, shapes, lora, base_shardings, out_dir)
+    else:
+        save_params(out_dir, _merge_sharded(base_dir, shapes, lora, base_shardings))
+    return merged
+
+
+def _restore_adapter(meta: dict, like: Any, shardings: Any, adapter_dir: epath.Path) -> Any:
+    """The adapter's factors restored into ``like`` (a lora tree of the base's structure and
+    paths, which may differ from the stored ones by a prefix), replicated over each base
+    weight's devices when ``shardings`` is given, else on the first local device."""
+    _check_stored(meta, adapter_dir)
+    found = targets(like)  # in the order of meta["targets"] (see _fit_adapter)
+    placed = [w if shardings is None else jax.tree.map(lambda x, r=_replicated(s): _abstract(x, r), w)
+              for (_, w), s in zip(found, _target_shardings(like, shardings))]
+    factors = [{"a": _abstract(w.a), "b": _abstract(w.b)} for w in placed]
+    with _checkpointer() as ckptr, _reading(adapter_dir, "adapter checkpoint"):
+        out = ckptr.restore(adapter_dir, ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(factors)}))
+    return rebuild(meta, out[_ARRAYS], like)
+
+
+def _target_shardings(like: Any, shardings: Any) -> list:
+    """The base sharding of every target of ``like`` (None each when ``shardings`` is None)."""
+    leaves = jax.tree.leaves(like, is_leaf=is_node)
+    if shardings is None:
+        return [None for w in leaves if w is not None]
+    return [s for w, s in zip(leaves, jax.tree.leaves(shardings)) if w is not None]
 
 
 def _fit_adapter(meta: dict, shapes: Any, adapter_dir, base_dir) -> Any:
     """The adapter as a lora tree of the base's structure (``ShapeDtypeStruct`` factors),
-    checked against the base's stored shapes."""
+    checked against the base's stored shapes. The adapter's paths are mapped onto the
+    base's as they are, else with one prefix added or removed (``params/`` saved on one
+    side only); its targets keep the order of ``meta["targets"]``."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=quant.is_quantized)
     base_paths = [path_str(p) for p, _ in flat]
-    by_path = dict(zip([e["path"] for e in meta["targets"]], abstract_weights(meta)))
-    unknown = [p for p in by_path if p not in set(base_paths)]
-    if unknown:
+    adapter_paths = [e["path"] for e in meta["targets"]]
+    mapping, tried = _path_mapping(adapter_paths, base_paths)
+    if mapping is None:
+        unknown = [p for p in adapter_paths if p not in set(base_paths)]
         raise ValueError(
             f"the adapter {adapter_dir} has targets that are not in the base checkpoint "
             f"{base_dir}: {unknown[:8]}; base paths are {base_paths[:12]}"
-            f"{' ...' if len(base_paths) > 12 else ''}. Save the base with the same tree the "
-            "adapter was split from (e.g. the whole linen variables dict, with 'params')"
+            f"{' ...' if len(base_paths) > 12 else ''}. Tried the paths as they are and "
+            f"{tried}; none fits every target. Save the base with the same tree the adapter "
+            "was split from (e.g. the whole linen variables dict, with 'params')"
         )
+    by_path = {mapping(p): w for p, w in zip(adapter_paths, abstract_weights(meta))}
+    order = [p for p in base_paths if p in by_path]
+    if order != [mapping(p) for p in adapter_paths]:  # (a prefix keeps the order of sorted keys)
+        raise ValueError(f"the adapter {adapter_dir}'s targets map onto the base checkpoint {base_dir} "
+                         f"in another order ({order[:4]} ...); save the base with the tree the adapter "
+                         "was split from")
     like = jax.tree.unflatten(treedef, [by_path.get(p) for p in base_paths])
     check_fits(shapes, like)
     return like
 
 
-def _replicated_like(like: Any, shardings: Any) -> Any:
-    """``like`` with each target's factors replicated over its base weight's devices (on the
-    same mesh, axis types and device order included, when the base sharding is named)."""
-    leaves, treedef = jax.tree.flatten(like, is_leaf=is_node)
-    placed = [
-        None if w is None else jax.tree.map(lambda x, r=_replicated(s): _abstract(x, r), w)
-        for w, s in zip(leaves, jax.tree.leaves(shardings))
-    ]
-    return jax.tree.unflatten(treedef, placed)
+def _path_mapping(adapter_paths: list[str], base_paths: list[str]):
+    """How adapter paths name base paths: ``(function, description of what was tried)``;
+    the function is None when neither the paths as they are, nor one prefix added to every
+    adapter path, nor one prefix removed from every adapter path names base paths only."""
+    have = set(base_paths)
+    if all(p in have for p in adapter_paths):
+        return (lambda p: p), ""
+    first = adapter_paths[0]
+    added = sorted({b[: -len(first)] for b in base_paths if b.endswith("/" + first)})
+    removed = [first[: i + 1] for i, c in enumerate(first) if c == "/"]
+    for prefix in added:  # the base has a prefix the adapter lacks
+        if all(prefix + p in have for p in adapter_paths):
+            return (lambda p, q=prefix: q + p), ""
+    for prefix in removed:  # the adapter has a prefix the base lacks
+        if all(p.startswith(prefix) and p[len(prefix):] in have for p in adapter_paths):
+            return (lambda p, q=prefix: p[len(q):]), ""
+    add = (f"adding one of the prefixes {added}" if added else
+           f"adding a prefix (none to try: no base path ends with '/{first}')")
+    remove = f"removing one of the prefixes {removed}" if removed else "removing a prefix (none to try)"
+    return None, f"{add} or {remove} to every adapter path"
+
+
+def _plain_dicts(tree: Any) -> bool:
+    """Whether ``tree`` is nested dicts with string keys only (no lists, tuples or empty
+    containers): what :func:`merge` writes one group of leaves at a time."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if not flat or not all(isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)
+                           for path, _ in flat for k in path):
+        return False
+    return jax.tree.structure(_nested([path for path, _ in flat], [0] * len(flat))) == treedef
+
+
+def _nested(paths: list, values: list) -> dict:
+    """Nested dicts holding ``values`` at the dict-key ``paths``."""
+    out: dict = {}
+    for path, value in zip(paths, values):
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k.key, {})
+        node[path[-1].key] = value
+    return out
+
+
+def _at(tree: dict, path) -> Any:
+    """The value of nested dicts ``tree`` at the dict-key ``path``."""
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
+def _groups(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices packed into groups whose sizes add up to at most ``budget`` (first fit,
+    largest first; a larger size is a group of its own), each group in index order.
+
+    >>> _groups([4, 1, 4, 2, 1], 4)
+    [[0], [2], [1, 3, 4]]
+    """
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        fit = next((g for g, left in enumerate(room) if sizes[i] <= left), None)
+        if fit is None:
+            groups.append([])
+            room.append(budget)
+            fit = len(groups) - 1
+        groups[fit].append(i)
+        room[fit] -= sizes[i]
+    return [sorted(g) for g in groups]
+
+
+def _merge_streamed(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any, out_dir: epath.Path):
+    """Write the merged checkpoint one group of leaves at a time (each group at most the
+    largest weight's bytes): restore the group's leaves alone (each process its own shards),
+    merge its targets under ``jit``, and add the group to an orbax partial save; the
+    finished checkpoint is renamed to ``out_dir`` last."""
+    from orbax.checkpoint.experimental.v1 import partial as ocp_partial
+
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    paths = [p for p, _ in flat]
+    leaves = [_abstract(x, s) for (_, x), s in zip(flat, jax.tree.leaves(shardings))]
+    weights = jax.tree.leaves(lora, is_leaf=is_node)
+    sizes = [int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves]
+    token = np.uint32(uuid.uuid4().int & 0xFFFFFFFF)  # one name on every process (process 0's)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = multihost_utils.broadcast_one_to_all(token)
+    work = out_dir.parent / f"{out_dir.name}.orbax-checkpoint-tmp-merge-{int(token):08x}"
+    staged = work / "checkpoint"
+    jitted = {}  # one merge function per output sharding (each compiles once per shape)
+    def merge_one(x, w, s):
+        if s not in jitted:
+            jitted[s] = jax.jit(_merge_trees, donate_argnums=0, out_shardings=s)
+        return jitted[s](x, w)
+
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+            for group in _groups(sizes, max(sizes)):
+                want = set(group)
+                item = [leaves[i] if i in want else ocp.PLACEHOLDER for i in range(len(leaves))]
+                args = [ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+                        if i in want else ocp.PLACEHOLDER for i, x in enumerate(leaves)]
+                with _reading(base_dir, "base checkpoint"):
+                    got = ckptr.restore(base_dir, ocp.args.PyTreeRestore(
+                        item=_nested(paths, item), restore_args=_nested(paths, args)))
+                got = [_at(got, paths[i]) for i in group]
+                values = [x if weights[i] is None else merge_one(x, weights[i], leaves[i].sharding)
+                          for i, x in zip(group, got)]
+                del got
+                # written before the next group is read: one group in memory at a time
+                ocp_partial.save(staged, _nested([paths[i] for i in group], values))
+                del values
+        ocp_partial.finalize(staged)
+        if jax.process_index() == 0:
+            marker = staged / "commit_success.txt"  # (what marks a finished checkpoint on gs://)
+            if marker.exists():
+                marker.rename(staged / _PARTIAL_ITEM / marker.name)
+            (staged / _PARTIAL_ITEM).rename(out_dir)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("lora_jax_merge_renamed")
+    finally:
+        if jax.process_index() == 0 and work.exists():
+            work.rmtree()
 
 
 def _merge_sharded(base_dir: epath.Path, shapes: Any, lora: Any, shardings: Any) -> Any:

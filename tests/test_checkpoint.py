@@ -375,10 +375,10 @@ def test_merge_onto_base_that_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match=r"params/up/kernel: the adapter was made for shape \(16, 32\) "
                                          r"but the base weight has shape \(16, 40\)"):
         checkpoint.merge(tmp_path / "wrong", tmp_path / "adapter", tmp_path / "out")
-    # the params dict saved without the variables' "params" level: paths differ
-    plain_save(tmp_path / "params_only", variables["params"])
-    with pytest.raises(ValueError, match=r"not in the base checkpoint .*'params/q/kernel'.*base paths are \['head/bias'"):
-        checkpoint.merge(tmp_path / "params_only", tmp_path / "adapter", tmp_path / "out")
+    # the params dict saved under another top-level name: no prefix added or removed fits
+    plain_save(tmp_path / "renamed", {"encoder": variables["params"]})
+    with pytest.raises(ValueError, match=r"not in the base checkpoint .*'params/q/kernel'.*base paths are \['encoder/head/bias'"):
+        checkpoint.merge(tmp_path / "renamed", tmp_path / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
