@@ -18,7 +18,7 @@ from .weight import LoraWeight, is_lora
 
 __all__ = [
     "is_node",
-    "is_none",
+    "is_base_leaf",
     "fmt_paths",
     "path_diff",
     "targets",
@@ -34,7 +34,7 @@ def is_node(x) -> bool:
     return x is None or is_lora(x)
 
 
-def is_none(x) -> bool:
+def is_base_leaf(x) -> bool:
     """``is_leaf`` for base trees: ``None`` entries (a layer without bias) and quantized
     weights (one :class:`~lora_jax.QuantizedWeight` stands for one weight) are leaves."""
     return x is None or is_quantized(x)
@@ -97,7 +97,7 @@ def check_fits(base: Any, lora: Any) -> list[tuple[str, Any, LoraWeight | None]]
     """
     # None counts as a leaf on both sides, so a base with None entries (a layer without
     # bias) keeps its structure
-    b_leaves, b_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_none)
+    b_leaves, b_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_base_leaf)
     l_leaves, l_def = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)
     if b_def != l_def:
         detail = path_diff((path_str(p) for p, _ in b_leaves), (path_str(p) for p, _ in l_leaves),
@@ -193,7 +193,7 @@ def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) ->
         merged.append(m)
     if safe:
         _check_finite([(p, m) for (p, _, w), m in zip(triples, merged) if w is not None])
-    return jax.tree.unflatten(jax.tree.structure(base, is_leaf=is_none), merged)
+    return jax.tree.unflatten(jax.tree.structure(base, is_leaf=is_base_leaf), merged)
 
 
 def _check_lora_arg(lora: Any, fn: str) -> None:
@@ -236,4 +236,4 @@ def unmerge(merged: Any, lora: Any) -> Any:
     triples = check_fits(merged, lora)
     out = [x if w is None else apply_delta(x.dequantize() if is_quantized(x) else x, w, -1)
            for _, x, w in triples]
-    return jax.tree.unflatten(jax.tree.structure(merged, is_leaf=is_none), out)
+    return jax.tree.unflatten(jax.tree.structure(merged, is_leaf=is_base_leaf), out)
