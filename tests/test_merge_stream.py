@@ -2,7 +2,6 @@
 
 import hashlib
 import os
-import socket
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax import checkpoint
+from processes import run_workers
 
 CONFIG = lj.LoraConfig(rules=(lj.Rule(r"(.*/)?(q|up)/kernel", rank=2, alpha=4.0),))
 
@@ -174,22 +174,6 @@ def test_a_merge_killed_while_writing_leaves_nothing_that_restores(tmp_path):
 @pytest.mark.slow
 def test_two_processes_merge_their_own_shards(tmp_path):
     worker = Path(__file__).resolve().parent / "merge_multihost_worker.py"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = str(worker.parents[1])
-    procs = [subprocess.Popen([sys.executable, "-W", "error", str(worker), str(i), str(port), str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
+    logs = run_workers(worker, [tmp_path], [worker.parents[1]], timeout=240)
     # each process wrote its own shards
     assert any(line.startswith("0 merged") and "ocdbt.process_1" in line for line in logs[0].splitlines())
