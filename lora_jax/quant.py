@@ -156,12 +156,13 @@ class QuantizedWeight:
         w = jnp.transpose(w, np.argsort((*self.row_axes, *self.in_axes)))
         return lax.stop_gradient(w.astype(self.dtype))
 
-    def sliced_rows(self, d: int) -> tuple["QuantizedWeight", dict]:
-        """For stepping over W's axis ``d`` (a scan over stacked layers): the static part of one
-        step's weight, and the children to slice along their axis 0 (``d`` must be W's
-        leading axis and not an input axis)."""
-        if d != 0 or d in self.in_axes:
-            raise ValueError(f"only a leading non-input axis can be stepped over, not axis {d}")
+    def layers(self) -> tuple["QuantizedWeight", dict]:
+        """For stepping over W's leading axis (a scan over stacked layers): the static part of
+        one step's weight, and the children to index along their axis 0 (single-level
+        scales). The leading axis must not be an input axis."""
+        if 0 in self.in_axes:
+            raise ValueError(f"axis 0 of {self.shape} is an input axis (in_axes {self.in_axes}); only a "
+                             "stack axis can be stepped over")
         one = self.single_level()
         step = self.replace(codes=None, scale=None, scale2=None, offset=None, shape=self.shape[1:],
                             in_axes=tuple(a - 1 for a in self.in_axes))

@@ -210,10 +210,6 @@ def _is_adapted(x) -> bool:
     return isinstance(x, Adapted)
 
 
-def _dequantize(q: QuantizedWeight, after=None):
-    return q.dequantize(after)
-
-
 @jax.tree_util.register_pytree_node_class
 class Dequantized:
     """A quantized weight, or a view of one (transposed, reshaped, sliced, cast, joined with
@@ -235,7 +231,7 @@ class Dequantized:
 
     @classmethod
     def of(cls, q: QuantizedWeight) -> "Dequantized":
-        return cls((q,), _dequantize, q.abstract())
+        return cls((q,), QuantizedWeight.dequantize, q.abstract())
 
     shape = property(lambda self: tuple(self.aval.shape))
     dtype = property(lambda self: self.aval.dtype)
@@ -244,7 +240,7 @@ class Dequantized:
     @property
     def source(self) -> QuantizedWeight | None:
         """The quantized weight when this is exactly its dequantized value (no view)."""
-        return self.parts[0] if self.build is _dequantize else None
+        return self.parts[0] if self.build is QuantizedWeight.dequantize else None
 
     def value(self, after=None):
         """The array; ``after`` (a float32 zero) makes the dequantization wait for it."""
@@ -357,7 +353,7 @@ def _scan_slices(w, length: int):
     q = w.source
     if q is None or 0 in q.in_axes:
         return w.value(), lambda x: x
-    step, whole = q.sliced_rows(0)
+    step, whole = q.layers()
 
     def pick(whole, i, after=None):
         return step.replace(**{k: lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in whole.items()}
