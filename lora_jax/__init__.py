@@ -7,7 +7,7 @@ from .optim import apply_updates, labels, optimizer
 from .quant import QuantizedWeight, dequantize, is_quantized
 from .report import delta_norms, summary
 from .split import quantize, split
-from .stacked import StackedLoraWeight, stack, unstack
+from .stacked import StackedLoraWeight, stack, swap, unstack
 from .transform import wrap
 from .tree import merge, targets, unmerge
 from .version import __version__
@@ -40,6 +40,7 @@ __all__ = [
     "sharding",
     "split",
     "stack",
+    "swap",
     "summary",
     "targets",
     "unmerge",

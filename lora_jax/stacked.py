@@ -1,24 +1,30 @@
-"""Many adapters of one base in one tree: ``StackedLoraWeight``, ``stack`` and ``unstack``.
+"""Many adapters of one base in one tree: ``StackedLoraWeight``, ``stack``, ``swap`` and
+``unstack``.
 
 A stacked lora tree has the structure of the base, with a :class:`StackedLoraWeight` at
 every path that any of the stacked adapters targets. Its factors gain a leading adapter axis
 and are padded with zeros to the largest rank (zero rows of A and B add nothing, so padding
-is exact); an adapter that lacks a target holds zeros there. ``lj.wrap(f)(base, stacked,
-*args, adapter_ids=ids)`` applies adapter ``ids[i]`` to example ``i``.
+is exact); an adapter that lacks a target holds zeros and rank 0 there. ``lj.wrap(f)(base,
+stacked, *args, adapter_ids=ids)`` applies adapter ``ids[i]`` to example ``i``.
 
-What is data and what is static: the factors, each adapter's scale and its alpha are arrays
-(children). The static metadata are the weight's shape and axes, and per adapter its rank
-and descriptive fields (scaling rule name, rule pattern, dropout rate, kind, dtypes), which
-:func:`unstack` needs to give the adapters back exactly. So replacing adapter ``k`` with
-another adapter of the same rank and the same descriptive fields (another checkpoint of the
-same training setup, say, with any alpha) keeps the tree's structure and static metadata, and
-a ``jax.jit`` function taking the stacked tree does not retrace; a different rank (or
-scaling rule name, rule pattern, ...) changes the static metadata and retraces once.
+What is data and what is static: everything that differs from one adapter to another is
+data, arrays of one entry per adapter: the factors, and each adapter's scale, alpha, rank
+and dropout rate. The static metadata describe the weight only (its shape, dtype, axes and
+kind), so :func:`swap` can put any adapter of the same base into a slot (any rank up to the
+stack's largest, any alpha, any scaling rule) and a ``jax.jit`` function taking the stacked
+tree neither retraces nor recompiles. Only a larger largest rank or another set of targets
+changes shapes.
+
+Two descriptive fields of a plain adapter are not kept: the rule pattern that made it and
+the name of a custom scaling callable. :func:`unstack` reads the scaling rule's name back
+from the numbers (``"lora"`` when scale = alpha/r, ``"rslora"`` when scale = alpha/√r, else
+``"custom"``) and gives each adapter the rule ``""``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax
@@ -26,37 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from .combine import _gather
+from .config import path_str
 from .tree import _check_lora_arg, is_node
 from .weight import LoraWeight, is_lora
 
-__all__ = ["AdapterInfo", "StackedLoraWeight", "is_stacked", "is_stacked_node", "stack", "unstack", "template"]
+__all__ = ["StackedLoraWeight", "is_stacked", "is_stacked_node", "stack", "swap", "unstack", "template", "scaling_of"]
+
+_PER_ADAPTER = ("scale", "alpha", "rank", "dropout")
 
 
 def _static(**kw):
     return dataclasses.field(metadata=dict(static=True), **kw)
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterInfo:
-    """The static fields of one stacked adapter at one target (hashable): its rank, the
-    name of its scaling rule, dropout rate, kind, rule pattern, the weight's dtype name and
-    the dtypes of its own factors.
-
-    >>> import jax, jax.numpy as jnp, lora_jax as lj
-    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
-    >>> info = lj.stack([lora])["w"].adapters[0]
-    >>> info.rank, info.scaling, info.a_dtype
-    (2, 'lora', 'float32')
-    """
-
-    rank: int
-    scaling: str
-    dropout: float
-    kind: str
-    rule: str
-    dtype: str
-    a_dtype: str
-    b_dtype: str
 
 
 @jax.tree_util.register_dataclass
@@ -68,19 +54,19 @@ class StackedLoraWeight:
 
         a.shape == (n, *W.shape[stack_axes], r_max, *W.shape[in_axes])
         b.shape == (n, *W.shape[stack_axes], r_max, *W.shape[out_axes])
-        scale.shape == alpha.shape == (n,)
+        scale.shape == alpha.shape == rank.shape == dropout.shape == (n,)
 
     ``r_max`` is the largest rank; adapter ``k``'s own factors are ``a[k]`` and ``b[k]``
-    cut to its rank, the rest is zeros. An adapter without this target has rank 0, zero
-    factors and scale 0. ``scale`` and ``alpha`` are data, so swapping an adapter of the
-    same rank keeps the static metadata (see the module docstring). ``stack`` makes them
-    float64 NumPy arrays, so :func:`unstack` gives the scales and alphas back exactly; once
-    they pass through ``jit`` (or any JAX operation) they are JAX arrays, float32 unless
-    x64 is on. They are constants of the adapters: their gradient through ``wrap`` is zero.
+    cut to ``rank[k]``, the rest is zeros. An adapter without this target has rank 0, zero
+    factors and scale 0. :func:`stack` makes the per-adapter numbers float64 NumPy arrays
+    (ranks are whole numbers stored as floats, so ``jax.grad`` accepts the tree), and
+    :func:`unstack` gives them back exactly; once they pass through ``jit`` (or any JAX
+    operation) they are JAX arrays, float32 unless x64 is on. They are constants of the
+    adapters: their gradient through ``wrap`` is zero, and :func:`lora_jax.optimizer`
+    keeps them frozen (a bare optax optimizer with weight decay would shrink them).
 
-    Static fields: ``shape``, ``in_axes``, ``out_axes``, ``stack_axes`` (W's, shared by
-    all adapters) and ``adapters``, one :class:`AdapterInfo` (or None where absent) per
-    adapter.
+    Static fields: ``shape``, ``dtype``, ``in_axes``, ``out_axes``, ``stack_axes`` and
+    ``kind``: W's, shared by all adapters.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> params = {"w": jnp.ones((6, 4))}
@@ -95,31 +81,55 @@ class StackedLoraWeight:
     b: Any
     scale: Any
     alpha: Any
+    rank: Any
+    dropout: Any
     shape: tuple[int, ...] = _static(default=())
+    dtype: str = _static(default="float32")
     in_axes: tuple[int, ...] = _static(default=())
     out_axes: tuple[int, ...] = _static(default=())
     stack_axes: tuple[int, ...] = _static(default=())
-    adapters: tuple[AdapterInfo | None, ...] = _static(default=())
+    kind: str = _static(default="linear")
 
     @property
     def n(self) -> int:
         """The number of stacked adapters."""
-        return len(self.adapters)
+        return int(jnp.shape(self.a)[0])
+
+    @property
+    def r_max(self) -> int:
+        """The padded rank: the largest adapter's."""
+        return int(jnp.shape(self.a)[1 + len(self.stack_axes)])
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        """Each adapter's own rank (0 where it lacks this target)."""
-        return tuple(0 if i is None else i.rank for i in self.adapters)
+        """Each adapter's own rank (0 where it lacks this target); needs concrete arrays."""
+        if isinstance(self.rank, jax.core.Tracer):
+            raise TypeError("StackedLoraWeight.ranks reads the ranks as Python ints and cannot run under "
+                            "jit/grad tracing; use the array .rank there")
+        return tuple(int(r) for r in np.asarray(self.rank))
 
     @property
-    def rank(self) -> int:
-        """The padded rank ``r_max``."""
-        return max(self.ranks)
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.in_axes)
 
     @property
-    def name(self) -> str:
-        """The rule patterns of the adapters present, joined with ``+``."""
-        return "+".join(dict.fromkeys(i.rule for i in self.adapters if i is not None))
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.out_axes)
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.stack_axes)
+
+    def replace(self, **kw) -> "StackedLoraWeight":
+        """A copy with some fields replaced.
+
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+        >>> s = lj.stack([lora])["w"]
+        >>> s.replace(b=s.b + 1).b.sum().item()
+        4.0
+        """
+        return dataclasses.replace(self, **kw)
 
 
 def is_stacked(x) -> bool:
@@ -146,9 +156,10 @@ def is_stacked_node(x) -> bool:
     return is_node(x) or is_stacked(x)
 
 
-def template(w: StackedLoraWeight) -> LoraWeight:
-    """A :class:`LoraWeight` of the stacked weight's shape and axes at the padded rank
-    (the first adapter's factors), for the fit checks that take plain adapters.
+def template(w: StackedLoraWeight, a=None, b=None) -> LoraWeight:
+    """A :class:`LoraWeight` of the stacked weight's shape, axes and kind at the padded
+    rank, with factors ``a`` and ``b`` (default: adapter 0's) and scale 1: for the fit
+    checks, the per-example factors that ``wrap`` gathers and the form checkpoints store.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> params = {"w": jnp.ones((6, 4))}
@@ -158,9 +169,20 @@ def template(w: StackedLoraWeight) -> LoraWeight:
     >>> t.rank, t.a.shape, t.b.shape
     (3, (3, 6), (3, 4))
     """
-    info = next(i for i in w.adapters if i is not None)
-    return LoraWeight(a=w.a[0], b=w.b[0], shape=w.shape, dtype=info.dtype, in_axes=w.in_axes,
-                      out_axes=w.out_axes, stack_axes=w.stack_axes, rank=w.rank, rule=w.name)
+    return LoraWeight(a=w.a[0] if a is None else a, b=w.b[0] if b is None else b, shape=w.shape, dtype=w.dtype,
+                      in_axes=w.in_axes, out_axes=w.out_axes, stack_axes=w.stack_axes, rank=w.r_max,
+                      alpha=float(w.r_max), scale=1.0, kind=w.kind)  # (alpha = r: scale 1 under "lora")
+
+
+def _padded(w: LoraWeight, r_max: int, dtype):
+    """``w``'s factors in ``dtype``, padded with zero rows to ``r_max``."""
+    lead = len(w.stack_axes)
+    out = []
+    for f, rest in ((w.a, w.in_shape), (w.b, w.out_shape)):
+        pad = [(0, 0)] * (lead + 1 + len(rest))
+        pad[lead] = (0, r_max - w.rank)
+        out.append(jnp.pad(jnp.asarray(f, dtype), pad))
+    return out
 
 
 def stack(loras: Sequence[Any]) -> Any:
@@ -168,10 +190,11 @@ def stack(loras: Sequence[Any]) -> Any:
     leading adapter axis (a :class:`StackedLoraWeight` at every target).
 
     The adapters may differ in rank (their factors are padded with zeros to the largest;
-    the padding adds nothing) and in alpha, scale and scaling rule (the scale becomes
-    per-adapter data). A target that some adapters lack holds zeros (scale 0) in those.
-    Use the result with ``lj.wrap(f)(base, stacked, *args, adapter_ids=ids)``; get the
-    adapters back with :func:`unstack`.
+    the padding adds nothing), in alpha, scale, scaling rule and dropout rate (per-adapter
+    data), and in their targets (a target that some adapters lack holds zeros, rank 0 and
+    scale 0 in those). Use the result with ``lj.wrap(f)(base, stacked, *args,
+    adapter_ids=ids)``; replace one adapter with :func:`swap`; get the adapters back with
+    :func:`unstack`.
 
     Args:
       loras: a non-empty list of lora trees split from the same base (plain adapters, not
@@ -179,12 +202,13 @@ def stack(loras: Sequence[Any]) -> Any:
 
     Returns:
       A tree of the base's structure: a :class:`StackedLoraWeight` where any adapter has a
-      target, None elsewhere. The factors take the adapters' common dtype.
+      target, None elsewhere. The factors take the adapters' common dtype (a promotion,
+      so no value changes).
 
     Raises:
       ValueError: an empty list, trees of different structures, or adapters made for
-        different bases (a path whose weight shape or axes differ), naming the path and
-        both shapes.
+        different bases (a path whose weight shape, axes or kind differ), naming the path
+        and both shapes.
       TypeError: a tree that is not a plain lora tree.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -199,10 +223,7 @@ def stack(loras: Sequence[Any]) -> Any:
     if not loras:
         raise ValueError("stack needs at least one lora tree, got an empty list; pass [lora_0, lora_1, ...]")
     for i, t in enumerate(loras):
-        if any(is_stacked(x) for x in jax.tree.leaves(t, is_leaf=is_stacked_node)):
-            raise TypeError(f"stack: loras[{i}] is already stacked; pass plain lora trees "
-                            "(lj.unstack gives them back from a stacked one)")
-        _check_lora_arg(t, "stack")
+        _check_plain(t, f"stack: loras[{i}]")
     n = len(loras)
     paths, groups, treedef = _gather(loras, "stack")
     out = []
@@ -213,34 +234,111 @@ def stack(loras: Sequence[Any]) -> Any:
         first = group[0][1]
         r_max = max(w.rank for _, w in group)
         dt = jnp.result_type(*(f for _, w in group for f in (w.a, w.b)))
-        lead = len(first.stack_shape)
-        zeros_a = jnp.zeros((*first.stack_shape, r_max, *first.in_shape), dt)
-        zeros_b = jnp.zeros((*first.stack_shape, r_max, *first.out_shape), dt)
-        a, b = [zeros_a] * n, [zeros_b] * n
-        scale, alpha = np.zeros(n, np.float64), np.zeros(n, np.float64)
-        infos: list[AdapterInfo | None] = [None] * n
+        a = [jnp.zeros((*first.stack_shape, r_max, *first.in_shape), dt)] * n
+        b = [jnp.zeros((*first.stack_shape, r_max, *first.out_shape), dt)] * n
+        data = {k: np.zeros(n, np.float64) for k in _PER_ADAPTER}
         for i, w in group:
-            pad = [(0, 0)] * (lead + 1 + len(first.in_shape))
-            pad[lead] = (0, r_max - w.rank)
-            a[i] = jnp.pad(jnp.asarray(w.a, dt), pad)
-            pad = [(0, 0)] * (lead + 1 + len(first.out_shape))
-            pad[lead] = (0, r_max - w.rank)
-            b[i] = jnp.pad(jnp.asarray(w.b, dt), pad)
-            scale[i], alpha[i] = w.scale, w.alpha
-            infos[i] = AdapterInfo(w.rank, w.scaling, w.dropout, w.kind, w.rule, w.dtype,
-                                   jnp.result_type(w.a).name, jnp.result_type(w.b).name)
-        out.append(StackedLoraWeight(jnp.stack(a), jnp.stack(b), scale, alpha, tuple(first.shape),
-                                     first.in_axes, first.out_axes, first.stack_axes, tuple(infos)))
+            a[i], b[i] = _padded(w, r_max, dt)
+            for k in _PER_ADAPTER:
+                data[k][i] = getattr(w, k)
+        out.append(StackedLoraWeight(jnp.stack(a), jnp.stack(b), **data, shape=tuple(first.shape),
+                                     dtype=first.dtype, in_axes=first.in_axes, out_axes=first.out_axes,
+                                     stack_axes=first.stack_axes, kind=first.kind))
     return jax.tree.unflatten(treedef, out)
+
+
+def _check_plain(tree, where: str):
+    if any(is_stacked(x) for x in jax.tree.leaves(tree, is_leaf=is_stacked_node)):
+        raise TypeError(f"{where} is already stacked; pass plain lora trees "
+                        "(lj.unstack gives them back from a stacked one)")
+    _check_lora_arg(tree, where.split(":")[0])
+
+
+def swap(stacked: Any, k: int, lora: Any) -> Any:
+    """``stacked`` with adapter ``k`` replaced by the adapters of the plain lora tree
+    ``lora`` (hot-swap): the shapes and static metadata stay, so a jitted function taking
+    the stacked tree neither retraces nor recompiles.
+
+    ``lora`` may have any rank up to the stack's padded rank at each target, any alpha,
+    scaling rule and dropout rate, and a subset of the stack's targets (slot ``k`` holds
+    zeros, rank 0, where ``lora`` has none). Works on concrete and traced trees.
+
+    Raises:
+      ValueError: ``k`` out of range, ``lora`` of another base structure, a target the
+        stack lacks or a rank above the stack's padded rank (each changes shapes:
+        :func:`stack` the adapters again), naming the path and the shapes.
+      TypeError: ``lora`` is not a plain lora tree.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> params = {"w": jnp.ones((6, 4))}
+    >>> cfg = lambda r, a: lj.LoraConfig(rules=(lj.Rule("w", rank=r, alpha=a),))
+    >>> l2, l4, l3 = (lj.split(jax.random.key(r), params, cfg(r, 8.0))[1] for r in (2, 4, 3))
+    >>> s = lj.swap(lj.stack([l2, l4]), 0, l3)
+    >>> s["w"].ranks, s["w"].scale.tolist(), s["w"].a.shape
+    ((3, 4), [2.6666666666666665, 2.0], (2, 4, 6))
+    """
+    _check_plain(lora, "swap: lora")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(stacked, is_leaf=is_stacked_node)
+    nodes = [w for _, w in leaves if is_stacked(w)]
+    if not nodes:
+        raise ValueError("swap: the first argument holds no stacked adapter; pass what lj.stack returned")
+    n = nodes[0].n
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < n:
+        raise ValueError(f"swap: k={k!r} is not an adapter slot of this stack; use an int in 0..{n - 1}")
+    try:
+        new = treedef.flatten_up_to(lora)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"swap: lora does not have the structure of the stacked tree ({e}); swap in an "
+                         "adapter split from the same base") from None
+    out = []
+    for (p, w), lw in zip(leaves, new):
+        path = path_str(p)
+        if not is_stacked(w):
+            if is_lora(lw):
+                raise ValueError(f"swap: {path}: lora has an adapter where the stack has none; a new target "
+                                 "changes shapes: lj.stack the adapters again")
+            out.append(w)
+            continue
+        if lw is None:
+            a, b = jnp.zeros_like(w.a[k]), jnp.zeros_like(w.b[k])
+            data = dict.fromkeys(_PER_ADAPTER, 0.0)
+        else:
+            fields = dict(shape=tuple(lw.shape), in_axes=lw.in_axes, out_axes=lw.out_axes,
+                          stack_axes=lw.stack_axes, kind=lw.kind)
+            want = dict(shape=tuple(w.shape), in_axes=w.in_axes, out_axes=w.out_axes,
+                        stack_axes=w.stack_axes, kind=w.kind)
+            if fields != want:
+                raise ValueError(f"swap: {path}: the adapter is for another weight: {fields}, the stack's is "
+                                 f"{want}; swap in adapters made for the same base")
+            if lw.rank > w.r_max:
+                raise ValueError(f"swap: {path}: rank {lw.rank} exceeds the stack's padded rank {w.r_max} "
+                                 f"(factors {tuple(w.a.shape[1:])}); a larger rank changes shapes: lj.stack "
+                                 "the adapters again")
+            a, b = _padded(lw, w.r_max, jnp.result_type(w.a, w.b))
+            data = {f: getattr(lw, f) for f in _PER_ADAPTER}
+        out.append(w.replace(a=jnp.asarray(w.a).at[k].set(a), b=jnp.asarray(w.b).at[k].set(b),
+                             **{f: _set(getattr(w, f), k, v) for f, v in data.items()}))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _set(arr, k: int, value):
+    if isinstance(arr, np.ndarray) and not isinstance(value, jax.core.Tracer):
+        arr = arr.copy()
+        arr[k] = value
+        return arr
+    return jnp.asarray(arr).at[k].set(value)
 
 
 def unstack(stacked: Any) -> list[Any]:
     """The lora trees a :func:`stack` was made from, in order: each adapter with its own
-    rank, alpha, scale, scaling rule name, factors' dtypes, and None where it had no target.
+    rank, alpha, scale and dropout rate, and None where it had no target.
 
-    Needs concrete arrays (call it outside ``jit``). The scales and alphas come back exactly
-    from the float64 arrays ``stack`` makes; after a pass through JAX they are float32
-    (unless x64 is on) and come back rounded to float32.
+    Needs concrete arrays (call it outside ``jit``). The numbers come back exactly from
+    the float64 arrays ``stack`` makes; after a pass through JAX they are float32 (unless
+    x64 is on) and come back rounded to float32. The factors keep the stack's dtype. The
+    scaling rule's name is read from the numbers (``"lora"`` when scale = alpha/r, which a
+    rank-1 rsLoRA adapter also satisfies; ``"rslora"`` when scale = alpha/√r; else
+    ``"custom"``), and the rule pattern is ``""`` (see the module docstring).
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> params = {"w": jnp.ones((6, 4))}
@@ -260,21 +358,36 @@ def unstack(stacked: Any) -> list[Any]:
     nodes = [x for x in leaves if is_stacked(x)]
     if not nodes:
         raise ValueError("unstack: the tree holds no stacked adapter (every leaf is None); pass what lj.stack returned")
-    if any(isinstance(c, jax.core.Tracer) for w in nodes for c in (w.scale, w.alpha)):
-        raise TypeError("unstack reads the scales and alphas as Python numbers and cannot run under "
+    if any(isinstance(getattr(w, f), jax.core.Tracer) for w in nodes for f in _PER_ADAPTER):
+        raise TypeError("unstack reads the ranks, scales and alphas as Python numbers and cannot run under "
                         "jit/grad tracing; call it on concrete arrays")
     n = nodes[0].n
     return [jax.tree.unflatten(treedef, [None if w is None else _one(w, k) for w in leaves]) for k in range(n)]
 
 
+def scaling_of(scale: float, alpha: float, rank: int) -> str:
+    """The name of the scaling rule that gives ``scale`` from ``alpha`` and ``rank``:
+    ``"lora"`` (alpha/r; checked first, so rank 1 gives it), ``"rslora"`` (alpha/√r) or
+    ``"custom"`` (to float32 precision).
+
+    >>> scaling_of(2.0, 8.0, 4), scaling_of(4.0, 8.0, 4), scaling_of(0.1, 8.0, 4)
+    ('lora', 'rslora', 'custom')
+    """
+    for name, value in (("lora", alpha / rank), ("rslora", alpha / math.sqrt(rank))):
+        if math.isclose(scale, value, rel_tol=1e-6):
+            return name
+    return "custom"
+
+
 def _one(w: StackedLoraWeight, k: int) -> LoraWeight | None:
-    info = w.adapters[k]
-    if info is None:
+    rank = int(np.asarray(w.rank)[k])
+    if rank == 0:
         return None
     lead = len(w.stack_axes)
-    a = jax.lax.slice_in_dim(jnp.asarray(w.a[k]), 0, info.rank, axis=lead).astype(info.a_dtype)
-    b = jax.lax.slice_in_dim(jnp.asarray(w.b[k]), 0, info.rank, axis=lead).astype(info.b_dtype)
-    return LoraWeight(a=a, b=b, shape=w.shape, dtype=info.dtype, in_axes=w.in_axes, out_axes=w.out_axes,
-                      stack_axes=w.stack_axes, rank=info.rank, alpha=float(w.alpha[k]),
-                      scale=float(w.scale[k]), scaling=info.scaling, dropout=info.dropout, kind=info.kind,
-                      rule=info.rule)
+    a = jax.lax.slice_in_dim(jnp.asarray(w.a[k]), 0, rank, axis=lead)
+    b = jax.lax.slice_in_dim(jnp.asarray(w.b[k]), 0, rank, axis=lead)
+    scale, alpha = (float(np.asarray(getattr(w, f))[k]) for f in ("scale", "alpha"))
+    return LoraWeight(a=a, b=b, shape=w.shape, dtype=w.dtype, in_axes=w.in_axes, out_axes=w.out_axes,
+                      stack_axes=w.stack_axes, rank=rank, alpha=alpha, scale=scale,
+                      scaling=scaling_of(scale, alpha, rank), dropout=float(np.asarray(w.dropout)[k]),
+                      kind=w.kind, rule="")

@@ -26,10 +26,8 @@ which axis inference reads too.
 
 Adapter-input dropout (``lora_rng``) is applied where the factored product reads its input.
 
-Per-example adapters (a tree from :func:`lora_jax.stack` with ``adapter_ids=``): each
-stacked target's A and B are gathered by the examples' ids once, and ``dot_general``
-computes ``x·W + (x·A_e)·B_e`` batched over the example axis, which must be the leading
-axis of the product's input.
+Per-example adapters (a tree from :func:`lora_jax.stack` with ``adapter_ids=``) run this
+interpreter under ``jax.vmap`` over the examples (:mod:`lora_jax.mixed`).
 """
 
 from __future__ import annotations
@@ -49,7 +47,7 @@ from jax.extend import core as jcore
 from ._jaxpr import HIGHER, PRIMITIVES, SHAPE, WINDOW, bind, closed, reshape_groups, scan_counts, subcalls
 from .config import path_str
 from .quant import QuantizedWeight, is_quantized
-from .stacked import StackedLoraWeight, is_stacked, is_stacked_node, template
+from . import mixed
 from .tree import check_fits, fmt_paths, merge
 from .weight import LoraWeight, is_lora
 
@@ -71,26 +69,6 @@ def _static():
     return dataclasses.field(metadata=dict(static=True))
 
 
-# The primitives that per-example adapters (adapter_ids) follow: products, views that keep
-# the factors as they are (transposes, casts, tags) and the higher-order primitives. The
-# others (reshapes, slices, gathers, convs, ...) would need the example axis of the factors
-# threaded through their rules, and a per-example weight cannot be materialized.
-_PER_EXAMPLE = frozenset(
-    n for n, k in PRIMITIVES.items() if k == HIGHER
-) | {"dot_general", "transpose", "convert_element_type", "copy", "copy_p", "sharding_constraint",
-     "mesh_cast", "reshard", "name", "stop_gradient", "optimization_barrier"}
-
-
-def _refuse_per_example(v, why: str):
-    raise ValueError(
-        f"lj.wrap(..., adapter_ids=): the stacked adapter at {v.name!r} reaches {why!r}, which "
-        "per-example adapters do not follow (they follow dot_general on the weight as stored, "
-        "transposed or cast, inside jit, remat, scan, cond and while; a per-example weight cannot "
-        "be formed). Fix: leave this target out of the stacked adapters (set it to None in each "
-        "lora tree before lj.stack), or apply one adapter to the whole batch with lj.wrap(f)(base, lora, ...)"
-    )
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class Adapted:
@@ -102,11 +80,6 @@ class Adapted:
     ``a`` is ``(*stack, r, *in)`` and ``b`` is ``(*stack, r, *out)``. ``key`` is the dropout
     key (or None). The children are ``w``, ``a``, ``b`` and ``key``; the rest is static.
 
-    Per-example adapters (``wrap(...)(base, stacked, ..., adapter_ids=)``): ``examples`` is
-    the number of examples E (0 otherwise), and ``a`` and ``b`` gain a leading example axis,
-    ``(E, *stack, r, *in)`` and ``(E, *stack, r, *out)``, each example's adapter with its
-    scale folded into ``b`` (``scale`` is then 1). Only the primitives in
-    :data:`_PER_EXAMPLE` follow such a value; ``name`` is then the target's path.
     """
 
     w: Any
@@ -117,7 +90,6 @@ class Adapted:
     scale: float = _static()
     dropout: float = _static()
     name: str = _static()
-    examples: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @classmethod
     def of(cls, w, lw: LoraWeight, key):
@@ -316,9 +288,20 @@ def _tie(vals):
     zero = jnp.zeros((), jnp.float32)
     for v in jax.tree.leaves(vals):
         if jnp.issubdtype(jnp.result_type(v), jnp.floating) and jnp.size(v):
-            e = jnp.ravel(v)[0].astype(jnp.float32)
-            zero = zero + jnp.where(jnp.isfinite(e), 0 * e, 0.0)
+            zero = zero + _zero_of(jnp.ravel(v)[0].astype(jnp.float32))
     return zero
+
+
+@jax.custom_batching.custom_vmap
+def _zero_of(e):
+    return jnp.where(jnp.isfinite(e), 0 * e, 0.0)
+
+
+@_zero_of.def_vmap
+def _zero_of_batched(axis_size, in_batched, e):
+    # Under vmap (per-example adapters) the zero comes from the first example alone and is
+    # not batched, so a weight dequantized after it stays one weight, not one per example.
+    return _zero_of(e[0] if in_batched[0] else e), False
 
 
 def _view(eqn, invals) -> list:
@@ -421,7 +404,7 @@ class _Interpreter:
                 continue
             w_var = other.invars[1 - x_pos]
             v = env.get(w_var) if not isinstance(w_var, jcore.Literal) else None
-            if _is_adapted(v) and v.examples == 0 and accept(v):
+            if _is_adapted(v) and accept(v):
                 found.append((other, v))
         return found
 
@@ -429,12 +412,7 @@ class _Interpreter:
         return self.run(sub.jaxpr, sub.consts, args)
 
     def adapted(self, eqn, invals) -> list:
-        name = eqn.primitive.name
-        if name not in _PER_EXAMPLE:
-            for x in invals:
-                if _is_adapted(x) and x.examples:
-                    _refuse_per_example(x, name)
-        rule = _RULES.get(name)
+        rule = _RULES.get(eqn.primitive.name)
         out = None if rule is None else rule(self, eqn, invals)
         if out is not None:
             return out
@@ -457,8 +435,6 @@ class _Interpreter:
             return x.value()
         if not _is_adapted(x):
             return x
-        if x.examples:
-            _refuse_per_example(x, why)
         if why not in self.warned:
             self.warned.add(why)
             warnings.warn(
@@ -638,8 +614,6 @@ def _dot_general(interp, eqn, invals):
     p = eqn.params
     (lc, rc), (lb, rb) = p["dimension_numbers"]
     wc, xc, wb, xb = (lc, rc, lb, rb) if v_lhs else (rc, lc, rb, lb)
-    if v.examples:
-        return _dot_general_per_example(v, x, v_lhs, eqn, wc, xc, wb, xb)
     (base,) = _eval(eqn, [v.w, x] if v_lhs else [x, v.w])
 
     wl = _LETTERS[: v.w.ndim]
@@ -662,48 +636,6 @@ def _dot_general(interp, eqn, invals):
         t = jnp.einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
     y = jnp.einsum(f"{mid},{l2}->{out}", t.astype(f2.dtype), f2, **kw)
     return [base + jnp.reshape(y, base.shape).astype(base.dtype)]
-
-
-def _dot_general_per_example(v: Adapted, x, v_lhs: bool, eqn, wc, xc, wb, xb):
-    """``x·W + (x·A_e)·B_e`` with example ``e``'s factors for the rows of example ``e``: the
-    example axis must be the leading axis of the product's input ``x`` (not contracted, not
-    a batch axis), as in Dense/DenseGeneral/attention projections of (batch, ..., d)
-    activations."""
-    if jnp.ndim(x) == 0 or x.shape[0] != v.examples or 0 in xc or 0 in xb:
-        role = "contracts it" if jnp.ndim(x) and (0 in xc or 0 in xb) else "has another leading axis"
-        raise ValueError(
-            f"lj.wrap(..., adapter_ids=): the product using the stacked adapter at {v.name!r} reads an "
-            f"input of shape {tuple(jnp.shape(x))}, which {role}, but per-example adapters need the "
-            f"examples ({v.examples}, axis 0 of the arguments) on the leading axis of each adapted "
-            "product's input, as Dense/DenseGeneral/attention projections of (batch, ..., d) "
-            "activations have them. Fix: keep the batch axis first up to this product, or leave this "
-            "target out of the stacked adapters"
-        )
-    p = eqn.params
-    (base,) = _eval(eqn, [v.w, x] if v_lhs else [x, v.w])
-    wl = _LETTERS[: v.w.ndim]
-    fresh = iter(_LETTERS[v.w.ndim:])
-    e = next(fresh)  # the example axis, shared by x and the gathered factors
-    xl = [None] * x.ndim
-    for dw, dx in zip((*wc, *wb), (*xc, *xb)):
-        xl[dx] = wl[dw]
-    xl[0] = e
-    xl = [c if c is not None else next(fresh) for c in xl]
-    x_free = "".join(xl[d] for d in range(x.ndim) if d not in xc and d not in xb)
-    kinds = {v.roles[d][0] for d in wc}
-    first = _I if _I in kinds or _O not in kinds else _O
-    la, lb_ = v.letters(wl)
-    l1, l2 = (e + la, e + lb_) if first == _I else (e + lb_, e + la)
-    f1, f2 = _cast_factors(v, first)
-    w_free = "".join(wl[d] for d in range(v.w.ndim) if d not in wc and d not in wb)
-    out = "".join(wl[d] for d in wb) + (w_free + x_free if v_lhs else x_free + w_free)
-    needed = set(out) | set(l2)
-    x_sub = "".join(xl)
-    mid = "".join(dict.fromkeys(c for c in x_sub + l1 if c in needed))
-    kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
-    t = jnp.einsum(f"{x_sub},{l1}->{mid}", x, f1, **kw)
-    y = jnp.einsum(f"{mid},{l2}->{out}", t.astype(f2.dtype), f2, **kw)
-    return [base + y.astype(base.dtype)]
 
 
 def _flat_input(x, wl, n, pairs):
@@ -909,7 +841,7 @@ def _scan(interp, eqn, invals):
             plans.append(("x", step))
             continue
         kind = x.roles[0][0]
-        ax = x.axis(0) + (1 if x.examples else 0)
+        ax = x.axis(0)
         piece, step = _scan_slices(x.w, length)
         piece = {"w": piece}
         if kind in (_S, _I):
@@ -976,70 +908,6 @@ def _cond(interp, eqn, invals):
 
 
 # -- wrap -------------------------------------------------------------------------------------
-def _per_example(w, lw: StackedLoraWeight, ids, path: str) -> Adapted:
-    """The symbolic value of a stacked target for examples using adapters ``ids``: each
-    example's A and B (scale folded into B; -1 and the ids of adapters without this target
-    give zeros, the base alone)."""
-    n = lw.n
-    idx = jnp.where(ids < 0, n, ids)  # n is out of range: the gather fills zeros
-    scale = lax.stop_gradient(jnp.asarray(lw.scale, jnp.result_type(lw.b)))
-    b = lw.b * jnp.reshape(scale, (n,) + (1,) * (jnp.ndim(lw.b) - 1))
-    a_e, b_e = (jnp.take(f, idx, axis=0, mode="fill", fill_value=0) for f in (lw.a, b))
-    v = Adapted.of(w, template(lw), None)
-    return v.replace(a=a_e, b=b_e, scale=1.0, name=path, examples=int(ids.shape[0]))
-
-
-def _check_adapter_ids(lora, adapter_ids, strategy: str, lora_rng, args):
-    """``adapter_ids`` as an integer array, checked against the stacked adapters in ``lora``
-    and the arguments; None for a lora tree without stacked adapters."""
-    nodes = [(path_str(p), w) for p, w in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
-             if is_stacked(w)]
-    if not nodes:
-        if adapter_ids is not None:
-            raise ValueError("adapter_ids is for stacked lora trees (lj.stack([lora_0, lora_1, ...])), but this "
-                             "lora tree holds plain adapters; drop adapter_ids, or stack the trees first")
-        return None
-    if adapter_ids is None:
-        raise ValueError(
-            f"lora holds stacked adapters (lj.stack) at {fmt_paths([p for p, _ in nodes], 4)}: pass "
-            "adapter_ids=ids, one adapter index per example along axis 0 of the arguments (-1 for the "
-            "base alone), e.g. adapter_ids=jnp.array([0, 1, -1]); or use lj.unstack(stacked)[k] to "
-            "apply adapter k to the whole batch"
-        )
-    if strategy != "factored":
-        raise ValueError(f"strategy={strategy!r} cannot apply per-example adapters (adapter_ids); use the "
-                         "default strategy='factored'")
-    counts = {w.n for _, w in nodes}
-    if len(counts) > 1:
-        raise ValueError(f"the stacked adapters hold different numbers of adapters {sorted(counts)} "
-                         "(trees from different lj.stack calls?); stack all adapters in one lj.stack call")
-    (n,) = counts
-    if lora_rng is not None and any(i is not None and i.dropout > 0 for _, w in nodes for i in w.adapters):
-        raise ValueError("adapter-input dropout (lora_rng) is not applied with per-example adapters "
-                         "(adapter_ids); pass lora_rng=None")
-    ids = adapter_ids if isinstance(adapter_ids, jax.Array) else np.asarray(adapter_ids)
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(f"adapter_ids must be integers (one adapter index per example), got dtype {ids.dtype}; "
-                        "e.g. jnp.array([0, 1, -1], jnp.int32)")
-    if ids.ndim != 1:
-        raise ValueError(f"adapter_ids must be 1-D, one adapter index per example, got shape {tuple(ids.shape)}")
-    if not isinstance(ids, jax.core.Tracer):
-        vals = np.asarray(ids)
-        bad = [f"adapter_ids[{i}] = {int(k)}" for i, k in enumerate(vals) if not -1 <= k < n]
-        if bad:
-            raise ValueError(f"{fmt_paths(bad, 4)} out of range for {n} stacked adapters; use 0..{n - 1}, "
-                             "or -1 for the base alone")
-    examples = ids.shape[0]
-    for p, x in jax.tree_util.tree_flatten_with_path(args)[0]:
-        if _is_array(x) and x.ndim and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key) and x.shape[0] != examples:
-            where = ("args" if p[0].idx == 0 else "kwargs") + jax.tree_util.keystr(p[1:])
-            raise ValueError(
-                f"the argument {where} has shape {tuple(x.shape)}, but with adapter_ids of {examples} "
-                f"examples every array argument must have the examples along axis 0 ({examples}, ...)"
-            )
-    return jnp.asarray(ids, jnp.int32)
-
-
 def _is_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
@@ -1062,7 +930,7 @@ def _signature(base_def, base_leaves, arg_def, arg_leaves):
 
 
 def wrap(f: Callable, strategy: str = "factored") -> Callable:
-    """Turn ``f(params, *args, **kwargs)`` into ``g(base, lora, *args, lora_rng=None, adapter_ids=None, **kwargs)``.
+    """Turn ``f(params, *args, **kwargs)`` into ``g(base, lora, *args, lora_rng=None, adapter_ids=None, example_axes=0, **kwargs)``.
 
     ``g`` computes what ``f`` computes with every targeted weight W replaced by
     ``W + s·A⊗B``. ``f`` is any function whose first argument is the parameter tree:
@@ -1090,21 +958,24 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
 
     ``adapter_ids``: for a stacked lora tree (:func:`lora_jax.stack`), example ``i`` uses
     adapter ``adapter_ids[i]`` (an integer array of shape (E,); -1 is the base alone).
-    Examples run along axis 0 of every array argument. Each stacked target's A and B are
-    gathered per example and the products run batched over the examples (never a merge
-    per adapter, never a loop), so one compiled program serves any mix of adapters, and
-    swapping an adapter for another of the same rank does not retrace. Every product that
-    uses a stacked target must read an input with the examples on its leading axis (true
-    of Dense, DenseGeneral and attention projections of (batch, ..., d) activations); a
-    product that does not, and a stacked target reaching a primitive other than a product
-    (through transposes, casts, jit, remat, scan, cond, while), raise a ``ValueError``
-    naming the path. A stacked tree without ``adapter_ids`` is a ``ValueError`` (no
+    ``example_axes`` says where the examples run in the arguments, as ``jax.vmap``'s
+    ``in_axes``: an int for every array argument (default 0), or a tuple with one entry per
+    positional argument (an int, None for an argument all examples share, or a tree of
+    them); keyword arguments use axis 0, and 0-d arrays and non-array arguments are shared.
+    Each stacked target's A and B are gathered per example and ``f``'s factored form runs
+    under ``jax.vmap`` over the examples (:mod:`lora_jax.mixed`): never a merge per
+    adapter, never a loop, through everything the factored strategy follows. ``f`` must
+    treat the examples independently and give every output an example axis (found from
+    ``f``'s shapes for one and two examples); a loss reduced over the batch is refused
+    (reduce after ``wrap``). A stacked tree without ``adapter_ids`` is a ``ValueError`` (no
     adapter is a sensible default for a batch); so are ids of the wrong shape, ids out of
     range (checked on concrete ids; under tracing out-of-range ids act as -1), an array
-    argument whose axis 0 is not the examples, and ``strategy="merge"``. Ids that are not
-    integers are a ``TypeError``. Adapter-input dropout is not applied with
-    ``adapter_ids``. The gradient w.r.t. the stacked tree gives each adapter the gradient
-    of its own examples (zero for the padding, the scales and the alphas).
+    argument without the examples on its example axis, and ``strategy="merge"``. Ids that
+    are not integers are a ``TypeError``. With ``lora_rng``, each example draws its own
+    dropout masks; the adapters present at a target must share one dropout rate. The
+    gradient w.r.t. the stacked tree gives each adapter the gradient of its own examples
+    (zero for the padding and the per-adapter numbers). Swapping adapters
+    (:func:`lora_jax.swap`) or changing the ids never retraces.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> f = lambda p, x: x @ p["w"]
@@ -1126,6 +997,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
     if not callable(f):
         raise TypeError(f"wrap expects a callable f(params, *args), got {type(f).__name__}")
     cache: dict = {}
+    out_axes: dict = {}
     warned: set = set()
 
     def trace(base_def, base_leaves, arg_def, arg_leaves):
@@ -1152,8 +1024,11 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
 
     @functools.wraps(f)
     def wrapped(base: Any, lora: Any, *args, lora_rng: jax.Array | None = None,
-                adapter_ids: Any = None, **kwargs):
-        ids = _check_adapter_ids(lora, adapter_ids, strategy, lora_rng, (args, kwargs))
+                adapter_ids: Any = None, example_axes: Any = 0, **kwargs):
+        ids = mixed.check_ids(lora, adapter_ids, strategy, lora_rng)
+        if ids is not None:
+            return mixed.call(wrapped, f, base, lora, ids, args, kwargs, lora_rng=lora_rng,
+                              example_axes=example_axes, cache=out_axes)
         if strategy == "merge":
             if lora_rng is not None:
                 rules = sorted({w.rule for w in jax.tree.leaves(lora, is_leaf=is_lora) if is_lora(w) and w.dropout > 0})
@@ -1164,12 +1039,9 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
                         "strategy='factored', or pass lora_rng=None"
                     )
             return f(merge(base, lora), *args, **kwargs)
-        check_fits(base, lora if ids is None else
-                   jax.tree.map(lambda w: template(w) if is_stacked(w) else w, lora, is_leaf=is_stacked_node))
+        check_fits(base, lora)
         base_leaves, base_def = jax.tree.flatten(base, is_leaf=is_quantized)
         targets = base_def.flatten_up_to(lora)
-        paths = None if ids is None else [
-            path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(base, is_leaf=is_quantized)[0]]
         arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
         closed, out_tree, is_arr = trace(base_def, base_leaves, arg_def, arg_leaves)
         inputs = []
@@ -1179,8 +1051,6 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
             if is_lora(lw):
                 key = None if lora_rng is None or lw.dropout <= 0 else jax.random.fold_in(lora_rng, i)
                 w = Adapted.of(w, lw, key)
-            elif is_stacked(lw):
-                w = _per_example(w, lw, ids, paths[i])
             if arr:
                 inputs.append(w)
         inputs += [x for x, arr in zip(arg_leaves, is_arr[len(base_leaves):]) if arr]
