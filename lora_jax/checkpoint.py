@@ -500,6 +500,11 @@ def merge(
     _check_complete(adapter_dir, "adapter checkpoint")
     _check_new(out_dir, "output checkpoint")
     meta = metadata(adapter_dir)
+    if "stack" in meta:
+        raise ValueError(
+            f"{adapter_dir} holds {len(meta['stack'])} stacked adapters (lj.stack); a merge takes one adapter: "
+            "restore the stack, take lj.unstack(stacked)[k], save that with lj.checkpoint.save and merge it"
+        )
     shapes = _stored_tree(base_dir)
     like = _fit_adapter(meta, shapes, adapter_dir, base_dir)  # shapes only: no weight is read yet
     merged = [p for p, _ in targets(like)]

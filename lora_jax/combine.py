@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import path_str
-from .tree import check_fits, is_node, path_diff
+from .tree import _check_lora_arg, check_fits, is_node, path_diff
 from .weight import LoraWeight, is_lora
 
 __all__ = ["combine", "pissa_to_lora", "METHODS"]
@@ -244,6 +244,8 @@ def _check_trees(loras, weights):
         raise ValueError(
             "loras is empty; pass at least one lora tree, e.g. lj.combine([lora_a, lora_b], [0.5, 0.5])"
         )
+    for i, t in enumerate(loras):
+        _check_lora_arg(t, f"combine: loras[{i}]")
     try:
         weights = list(weights) if not isinstance(weights, (str, bytes, dict)) else None
     except TypeError:

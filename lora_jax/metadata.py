@@ -13,6 +13,12 @@ The metadata is one JSON object::
     structure         the containers of the lora tree (None when they cannot be rebuilt)
     structure_note    why structure is None
     config            the LoraConfig that made the adapter (for reference), or None
+    stack             (stacked trees from lj.stack only) one object per adapter, in order:
+                      its targets, each with path, rank, alpha, scale, scaling and dropout
+
+A stacked tree stores one entry per target in ``targets`` as the weight at the padded rank
+(rank r_max, scale 1, rule ""), whose factors lead with the adapter axis; ``stack`` holds
+every adapter's own numbers.
 
 The factors themselves are stored beside it as a list of ``{"a", "b"}`` in target order.
 Nothing here reads or writes files: :mod:`lora_jax.checkpoint` does the orbax I/O.
@@ -31,6 +37,7 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from .config import SCALINGS, LoraConfig, path_str
+from .stacked import StackedLoraWeight, is_stacked, is_stacked_node, scaling_of, template
 from .tree import fmt_paths, is_node, targets
 from .version import __version__
 from .weight import LoraWeight, is_lora
@@ -43,6 +50,7 @@ __all__ = [
     "abstract_weights",
     "restore_targets",
     "rebuild",
+    "plain_form",
 ]
 
 FORMAT = "lora_jax.checkpoint/1"
@@ -106,6 +114,8 @@ def encode(lora: Any, config: LoraConfig | None = None) -> tuple[dict, list[dict
     >>> meta["structure"]
     {'dict': [['b', None], ['w', {'target': 0}]]}
     """
+    stack = _stack_section(lora)
+    lora = plain_form(lora)
     found = check_lora(lora)
     entries = [_entry(path, w) for path, w in found]
     structure, why = _structure(lora, [w for _, w in found])
@@ -117,7 +127,50 @@ def encode(lora: Any, config: LoraConfig | None = None) -> tuple[dict, list[dict
         structure_note=why,
         config=_config_json(config),
     )
+    if stack is not None:
+        meta["stack"] = stack
     return meta, [{n: getattr(w, n) for n in _FACTORS} for _, w in found]
+
+
+def plain_form(lora: Any) -> Any:
+    """``lora`` with each :class:`StackedLoraWeight` as the ``LoraWeight`` of its weight at
+    the padded rank whose factors lead with the adapter axis (the form a checkpoint stores
+    and checks); plain trees as they are.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> w = plain_form(lj.stack([lora, lora, lora]))["w"]
+    >>> w.rank, w.a.shape
+    (2, (3, 2, 4))
+    """
+    return jax.tree.map(lambda w: template(w, w.a, w.b) if is_stacked(w) else w, lora, is_leaf=is_stacked_node)
+
+
+def _stack_section(lora: Any) -> list[dict] | None:
+    """Each stacked adapter's own targets and numbers (None for a plain tree)."""
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
+    nodes = [(path_str(p), w) for p, w in leaves if is_stacked(w)]
+    if not nodes:
+        return None
+    plain = [path_str(p) for p, w in leaves if is_lora(w)]
+    if plain:
+        raise TypeError(f"a stacked lora tree to save holds plain adapters too, at {fmt_paths(plain, 4)}; "
+                        "save a tree from one lj.stack call, or the plain trees one by one")
+    if len({w.n for _, w in nodes}) > 1:
+        raise ValueError("the stacked adapters hold different numbers of adapters; save a tree from one lj.stack call")
+    if any(isinstance(getattr(w, f), jax.core.Tracer) for _, w in nodes for f in ("scale", "alpha", "rank", "dropout")):
+        raise TypeError("a stacked lora tree to save has traced per-adapter numbers; save concrete arrays")
+    out = []
+    for k in range(nodes[0][1].n):
+        entries = []
+        for path, w in nodes:
+            rank = int(np.asarray(w.rank)[k])
+            if rank:
+                scale, alpha = (float(np.asarray(getattr(w, f))[k]) for f in ("scale", "alpha"))
+                entries.append(dict(path=path, rank=rank, alpha=alpha, scale=scale,
+                                    scaling=scaling_of(scale, alpha, rank), dropout=float(np.asarray(w.dropout)[k])))
+        out.append(dict(targets=entries))
+    return out
 
 
 def _entry(path: str, w: LoraWeight) -> dict:
@@ -339,10 +392,15 @@ class _Check:
                 self.fail(key, meta[key], wants)
         entries = self.field(meta, "targets", "targets", lambda v: isinstance(v, list) and v != [],
                              "a non-empty list of targets")
-        paths = [self.target(e, f"targets[{i}]") for i, e in enumerate(entries)]
+        if "stack" in meta and not (isinstance(meta["stack"], list) and meta["stack"]):
+            self.fail("stack", meta["stack"], "a non-empty list with one object per stacked adapter")
+        n = len(meta["stack"]) if "stack" in meta else None
+        paths = [self.target(e, f"targets[{i}]", n) for i, e in enumerate(entries)]
         dup = sorted({p for p in paths if paths.count(p) > 1})
         if dup:
             self.fail("targets", dup, "each path once")
+        if "stack" in meta:
+            self.stack(meta["stack"], {e["path"]: e["weight"]["rank"] for e in entries})
         if "structure" not in meta:
             self.fail("structure", "missing", "the containers of the lora tree, or null")
         if meta["structure"] is not None:
@@ -351,7 +409,26 @@ class _Check:
             if sorted(used) != list(range(len(entries))):
                 self.fail("structure", f"targets {sorted(used)}", f"each of the {len(entries)} targets once")
 
-    def target(self, e: Any, field: str) -> str:
+    def stack(self, stack: list, r_max: dict) -> None:
+        for k, adapter in enumerate(stack):
+            if not isinstance(adapter, dict):
+                self.fail(f"stack[{k}]", adapter, "an object with targets")
+            entries = self.field(adapter, "targets", f"stack[{k}].targets", lambda v: isinstance(v, list),
+                                 "a list of the adapter's targets")
+            for e in entries:
+                field = f"stack[{k}].targets"
+                if not isinstance(e, dict):
+                    self.fail(field, e, "objects with path, rank, alpha, scale, scaling and dropout")
+                path = self.field(e, "path", f"{field}.path", lambda v: v in r_max, f"one of the targets {sorted(r_max)}")
+                field = f"stack[{k}].targets[{path!r}]"
+                self.field(e, "rank", f"{field}.rank", lambda v: _is_int(v) and 1 <= v <= r_max[path],
+                           f"an int in 1..{r_max[path]} (the stack's padded rank)")
+                self.field(e, "alpha", f"{field}.alpha", lambda v: _is_num(v) and v > 0, "a finite number > 0")
+                self.field(e, "scale", f"{field}.scale", _is_num, "a finite number")
+                self.field(e, "scaling", f"{field}.scaling", _is_str, "the scaling rule's name")
+                self.field(e, "dropout", f"{field}.dropout", lambda v: _is_num(v) and 0 <= v < 1, "a rate in [0, 1)")
+
+    def target(self, e: Any, field: str, n: int | None = None) -> str:
         if not isinstance(e, dict):
             self.fail(field, e, "an object with path, weight, scale_fixed, a and b")
         path = self.field(e, "path", f"{field}.path", _is_str, "the target's path (a string)")
@@ -381,9 +458,9 @@ class _Check:
         stack = [shape[i] for i in axes[2]]
         for name, group in (("a", axes[0]), ("b", axes[1])):
             spec = self.field(e, name, f"{field}.{name}", lambda v: isinstance(v, dict), "an object with shape and dtype")
-            want = [*stack, rank, *(shape[i] for i in group)]
+            want = [*([] if n is None else [n]), *stack, rank, *(shape[i] for i in group)]
             self.field(spec, "shape", f"{field}.{name}.shape", lambda v: v == want,
-                       f"{want} (rank {rank} and weight shape {shape})")
+                       f"{want} (rank {rank} and weight shape {shape}" + ("" if n is None else f", {n} adapters") + ")")
             self.field(spec, "dtype", f"{field}.{name}.dtype", _is_float_dtype, "a float dtype name")
         return path
 
@@ -494,7 +571,11 @@ def restore_targets(meta: dict, like: Any, where) -> list[LoraWeight]:
     ValueError: like holds no lj.LoraWeight; pass the lora tree returned by lj.split
     """
     if like is not None:
-        return _check_like(meta, like, where)
+        if ("stack" in meta) != any(is_stacked(x) for x in jax.tree.leaves(like, is_leaf=is_stacked_node)):
+            kind = "a stacked tree (lj.stack)" if "stack" in meta else "a plain lora tree"
+            raise ValueError(f"like does not match the adapter checkpoint {where}: it holds {kind}, so like must "
+                             "be one too (jax.eval_shape of how it was made gives an abstract one)")
+        return _check_like(meta, plain_form(like), where)
     if meta.get("structure") is None:
         raise ValueError(
             f"the lora tree saved at {where} had containers that cannot be rebuilt from "
@@ -544,11 +625,27 @@ def rebuild(meta: dict, arrays: Sequence[dict], like: Any = None) -> Any:
     (None, 2, True)
     """
     weights = [_weight(e, x["a"], x["b"]) for e, x in zip(meta["targets"], arrays)]
+    if "stack" in meta:
+        weights = _stacked_weights(meta, weights)
     if like is None:
         return _decode(meta["structure"], weights)
-    leaves, treedef = jax.tree.flatten(like, is_leaf=is_node)
+    leaves, treedef = jax.tree.flatten(like, is_leaf=is_stacked_node)
     it = iter(weights)
-    return jax.tree.unflatten(treedef, [next(it) if is_lora(x) else None for x in leaves])
+    return jax.tree.unflatten(treedef, [next(it) if x is not None else None for x in leaves])
+
+
+def _stacked_weights(meta: dict, weights: list[LoraWeight]) -> list[StackedLoraWeight]:
+    """The stored targets (at the padded rank, factors leading with the adapters) as
+    :class:`StackedLoraWeight` with each adapter's numbers from ``meta["stack"]``."""
+    stack = meta["stack"]
+    index = {e["path"]: i for i, e in enumerate(meta["targets"])}
+    data = [{f: np.zeros(len(stack), np.float64) for f in ("scale", "alpha", "rank", "dropout")} for _ in weights]
+    for k, adapter in enumerate(stack):
+        for e in adapter["targets"]:
+            for f in data[index[e["path"]]]:
+                data[index[e["path"]]][f][k] = e[f]
+    return [StackedLoraWeight(w.a, w.b, **d, shape=w.shape, dtype=w.dtype, in_axes=w.in_axes, out_axes=w.out_axes,
+                              stack_axes=w.stack_axes, kind=w.kind) for w, d in zip(weights, data)]
 
 
 def _weight(entry: dict, a, b) -> LoraWeight:

@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import optax
 
+from .stacked import is_stacked
+
 __all__ = ["optimizer", "labels", "apply_updates"]
 
 
@@ -16,6 +18,10 @@ def labels(tree: Any) -> dict:
     >>> import jax.numpy as jnp
     >>> labels({"base": {"w": jnp.ones(2)}, "lora": {"w": None}})
     {'base': {'w': 'base'}, 'lora': {'w': None}}
+
+    In a stacked tree (:func:`lora_jax.stack`) the factors are ``"lora"`` and each
+    adapter's scale, alpha, rank and dropout rate ``"base"`` (frozen: a weight decay would
+    otherwise shrink them).
     """
     if not isinstance(tree, dict) or set(tree) != {"base", "lora"}:
         keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
@@ -23,9 +29,14 @@ def labels(tree: Any) -> dict:
             f"lj.optimizer expects the tree {{'base': base, 'lora': lora}}, got {keys}; "
             "build it as {'base': base, 'lora': lora} from lj.split's result"
         )
+    def lora_label(x):  # a stacked adapter's per-adapter numbers are frozen, like the base
+        if is_stacked(x):
+            return x.replace(a="lora", b="lora", **dict.fromkeys(("scale", "alpha", "rank", "dropout"), "base"))
+        return jax.tree.map(lambda _: "lora", x)
+
     return {
         "base": jax.tree.map(lambda _: "base", tree["base"]),
-        "lora": jax.tree.map(lambda _: "lora", tree["lora"]),
+        "lora": jax.tree.map(lora_label, tree["lora"], is_leaf=is_stacked),
     }
 
 

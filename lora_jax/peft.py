@@ -46,7 +46,8 @@ from safetensors.numpy import load_file, save_file
 from .config import Axes, LoraConfig, Rule, as_axes, path_str, scale_for
 from .quant import is_quantized
 from .split import split
-from .tree import fmt_paths
+from .stacked import stack
+from .tree import _check_lora_arg, fmt_paths
 from .tree import targets as _targets
 from .weight import LoraWeight
 
@@ -362,6 +363,7 @@ def save(
     (4, {'attn.v_proj': 2}, False)
     """
     name_map = _as_name_map(name_map)
+    _check_lora_arg(lora, "peft.save")
     targets = _targets(lora)
     if not targets:
         raise ValueError("save: lora holds no LoraWeight; pass the lora tree from lj.split")
@@ -525,7 +527,7 @@ def _common(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 
 def load(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike | Sequence[str | os.PathLike],
     params: Any,
     name_map: NameMapLike,
     apply_fn: Callable | None = None,
@@ -546,8 +548,13 @@ def load(
     from the name map's ``axes``, else Flax's convention (last axis out, the rest in).
     Embedding adapters need an ``embedding`` leaf (or tracing that finds a lookup).
 
+    Several directories (a list or tuple) load one adapter each and return them stacked
+    (:func:`lora_jax.stack`) in that order, for ``lj.wrap(f)(params, stacked, x,
+    adapter_ids=ids)``: the adapters may differ in rank, alpha, scaling rule and targets.
+
     Args:
-      directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+      directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``; or a
+        list of such directories.
       params: the Flax parameters the adapter was trained for (arrays or
         ``jax.ShapeDtypeStruct``; only shapes and dtypes are read, except to check an
         embedding copy the file may carry).
@@ -570,7 +577,15 @@ def load(
     >>> back = peft.load(d, params, [(r"(\\w+)/kernel", r"\\1_proj")])
     >>> back["q"]["kernel"].a.shape, bool((back["q"]["kernel"].a == lora["q"]["kernel"].a).all())
     ((2, 8), True)
+    >>> _, big = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("q/kernel", rank=4),)))
+    >>> d2 = tempfile.mkdtemp(); _ = peft.save(d2, big, [(r"(\\w+)/kernel", r"\\1_proj")])
+    >>> peft.load([d, d2], params, [(r"(\\w+)/kernel", r"\\1_proj")])["q"]["kernel"].ranks
+    (2, 4)
     """
+    if isinstance(directory, (list, tuple)):
+        if not directory:
+            raise ValueError("load: the list of adapter directories is empty; give one or more directories")
+        return stack([load(d, params, name_map, apply_fn, args, kwargs) for d in directory])
     quantized = [path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
                  if is_quantized(x)]
     if quantized:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from .quant import is_quantized
-from .tree import targets
+from .tree import _check_lora_arg, targets
 
 __all__ = ["summary", "delta_norms"]
 
@@ -38,13 +38,32 @@ def summary(lora: Any, base: Any = None) -> str:
     q     (64, 64)  linear     4     16      4     512
     v     (64, 64)  linear     4     16      4     512
     trainable params: 1,024 || all params: 9,216 || trainable%: 11.1111
+
+    A stacked tree (:func:`lora_jax.stack`) has one row per target with each adapter's
+    rank, alpha and scale joined by ``/`` (``-`` where an adapter lacks the target):
+
+    >>> _, big = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("q", rank=8),), scaling="rslora"))
+    >>> print(lj.summary(lj.stack([lora, big])))
+    path  shape     kind    rank  alpha  scale   params
+    q     (64, 64)  linear   4/8  16/16  4/5.657  2,048
+    v     (64, 64)  linear   4/-   16/-    4/-    1,024
+    trainable params: 3,072 in 2 targets
+    stacked: 2 adapters per target, padded to the largest rank (params count the padding)
     """
     rows = [("path", "shape", "kind", "rank", "alpha", "scale", "params")]
     total = 0
-    for path, w in targets(lora):
-        n = w.num_params
+    stacked = _stacked(lora)
+    for path, w in stacked or targets(lora):
+        if stacked:  # one row per target, each adapter's numbers joined by "/" (- where it has none)
+            n = _size(w.a) + _size(w.b)
+            ranks, alphas, scales = (np.asarray(getattr(w, f)) for f in ("rank", "alpha", "scale"))
+            join = lambda vals, fmt: "/".join(fmt(v) if r else "-" for v, r in zip(vals, ranks))  # noqa: E731
+            row = (join(ranks, lambda v: str(int(v))), join(alphas, lambda v: f"{v:g}"), join(scales, lambda v: f"{v:.4g}"))
+        else:
+            n = w.num_params
+            row = (str(w.rank), f"{w.alpha:g}", f"{w.scale:.4g}")
         total += n
-        rows.append((path, str(tuple(w.shape)), w.kind, str(w.rank), f"{w.alpha:g}", f"{w.scale:.4g}", f"{n:,}"))
+        rows.append((path, str(tuple(w.shape)), w.kind, *row, f"{n:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {3, 4, 5, 6}
     lines = [
@@ -70,8 +89,20 @@ def summary(lora: Any, base: Any = None) -> str:
                 f"|| {original:,} as float ({stored / max(original, 1):.3f}x)"
             )
     else:
-        lines.append(f"trainable params: {total:,} in {len(rows) - 1} adapters")
+        lines.append(f"trainable params: {total:,} in {len(rows) - 1} {'targets' if stacked else 'adapters'}")
+    if stacked:
+        lines.append(f"stacked: {stacked[0][1].n} adapters per target, padded to the largest rank "
+                     "(params count the padding)")
     return "\n".join(lines)
+
+
+def _stacked(lora: Any) -> list:
+    """``(path, StackedLoraWeight)`` of a stacked tree's targets (empty for a plain tree)."""
+    from .stacked import is_stacked, is_stacked_node
+    from .config import path_str
+
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
+    return [(path_str(p), w) for p, w in leaves if is_stacked(w)]
 
 
 def delta_norms(lora: Any) -> dict[str, jax.Array]:
@@ -85,4 +116,5 @@ def delta_norms(lora: Any) -> dict[str, jax.Array]:
     >>> {k: float(v) for k, v in lj.delta_norms(lora).items()}   # B starts at zero
     {'w': 0.0}
     """
+    _check_lora_arg(lora, "delta_norms")
     return {path: w.delta_norm() for path, w in targets(lora)}

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 from .config import LoraConfig, path_str
 from .quant import QuantizedWeight, is_quantized
 from .split import split as _split
+from .stacked import is_stacked, is_stacked_node
 from .tree import is_node, path_diff
 from .tree import merge as _merge
 from .weight import LoraWeight, is_lora
@@ -176,7 +177,7 @@ def _spec_table(lora, base_specs, rules) -> dict[str, PartitionSpec]:
         raise TypeError(
             f"rules must be a sequence of (logical_name, mesh_axes) pairs, got {type(rules).__name__}"
         )
-    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: is_node(x) or is_quantized(x))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: is_stacked_node(x) or is_quantized(x))[0]
     l_paths = [path_str(p) for p, _ in leaves]
     s_leaves = jax.tree_util.tree_flatten_with_path(base_specs, is_leaf=_is_spec_leaf)[0]
     s_paths = [path_str(p) for p, _ in s_leaves]
@@ -320,7 +321,9 @@ def specs(lora: Any, base_specs: Any, *, rules: Rules | None = None) -> Any:
 
     Returns:
       The structure of ``lora``: an :class:`~lora_jax.LoraWeight` whose ``a`` and ``b`` are
-      ``PartitionSpec`` at every target, ``None`` elsewhere.
+      ``PartitionSpec`` at every target, ``None`` elsewhere. For a stacked tree
+      (:func:`lora_jax.stack`) each :class:`~lora_jax.StackedLoraWeight` gets the same
+      specs behind a replicated adapter axis, and replicated per-adapter numbers.
 
     Raises:
       ValueError: ``base_specs`` misses or adds paths; a spec has more entries than its
@@ -339,7 +342,7 @@ def specs(lora: Any, base_specs: Any, *, rules: Rules | None = None) -> Any:
     problems = []
 
     def one(p, w):
-        if not is_lora(w):
+        if not (is_lora(w) or is_stacked(w)):
             return w
         path = path_str(p)
         try:
@@ -347,9 +350,12 @@ def specs(lora: Any, base_specs: Any, *, rules: Rules | None = None) -> Any:
         except ValueError as e:
             problems.append(str(e))
             return w
+        if is_stacked(w):  # the adapter axis and the per-adapter numbers are replicated
+            return w.replace(a=PartitionSpec(None, *a), b=PartitionSpec(None, *b),
+                             **dict.fromkeys(("scale", "alpha", "rank", "dropout"), PartitionSpec()))
         return w.replace(a=a, b=b)
 
-    out = jax.tree_util.tree_map_with_path(one, lora, is_leaf=is_lora)
+    out = jax.tree_util.tree_map_with_path(one, lora, is_leaf=is_stacked_node)
     if problems:
         raise ValueError("; ".join(problems))
     return out
@@ -415,18 +421,20 @@ def shardings(lora: Any, mesh: jax.sharding.Mesh, base_specs: Any, *, rules: Rul
     tree = specs(lora, base_specs, rules=rules)
     problems = []
 
-    def one(p, w):
-        if not is_lora(w):
+    def one(p, w, orig):
+        if not (is_lora(w) or is_stacked(w)):
             return w
         path = path_str(p)
+        shapes = (jax.numpy.shape(orig.a), jax.numpy.shape(orig.b)) if is_stacked(w) else (w.a_shape, w.b_shape)
         msgs = [_check_on_mesh(path, name, tuple(spec), shape, mesh)
-                for name, spec, shape in (("a", w.a, w.a_shape), ("b", w.b, w.b_shape))]
+                for name, spec, shape in (("a", w.a, shapes[0]), ("b", w.b, shapes[1]))]
         if any(msgs):
             problems.extend(m for m in msgs if m)
             return w
-        return w.replace(a=NamedSharding(mesh, w.a), b=NamedSharding(mesh, w.b))
+        rest = {f: NamedSharding(mesh, getattr(w, f)) for f in ("scale", "alpha", "rank", "dropout")} if is_stacked(w) else {}
+        return w.replace(a=NamedSharding(mesh, w.a), b=NamedSharding(mesh, w.b), **rest)
 
-    out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_lora)
+    out = jax.tree_util.tree_map_with_path(one, tree, lora, is_leaf=is_stacked_node)
     if problems:
         raise ValueError("; ".join(problems))
     return out

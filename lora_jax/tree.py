@@ -197,7 +197,14 @@ def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) ->
 
 
 def _check_lora_arg(lora: Any, fn: str) -> None:
-    bad = [path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)[0] if not is_node(x)]
+    from .stacked import is_stacked, is_stacked_node  # (stacked builds on this module)
+
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
+    stacked = [path_str(p) for p, x in leaves if is_stacked(x)]
+    if stacked:
+        raise TypeError(f"{fn}: the lora tree holds stacked adapters (lj.stack) at {fmt_paths(stacked, 4)}; "
+                        f"{fn} takes one adapter: pass lj.unstack(stacked)[k]")
+    bad = [path_str(p) for p, x in leaves if not is_node(x)]
     if bad:
         raise TypeError(f"{fn}: the second argument must be a lora tree from lj.split (lj.LoraWeight at targets, "
                         f"None elsewhere); it holds other leaves at {fmt_paths(bad, 4)} (a parameter tree?)")
