@@ -1,0 +1,148 @@
+"""Many adapters on one base: a mixed batch (each example its own adapter) against one adapter.
+
+On the benchmark LM of ``train_step.py``, in one process, interleaved rounds (medians):
+
+* ``single``: the batch with one adapter (rank 32, factored ``lj.wrap``): the reference;
+* ``mixed/N``: 8 examples using 8 different adapters (ranks 4, 8, ..., 32) from a stack of
+  N adapters (``lj.stack``; N = 1 puts every example on adapter 0), ``adapter_ids=``;
+* ``merged``: the base with one adapter merged in (inference only: what a merged model
+  costs, and what cannot serve a mixed batch);
+* ``loop``: a loop over the 8 adapters, each running its own example (the way libraries
+  without mixed batches serve one).
+
+Each for the forward pass (inference) and a training step (gradients w.r.t. the adapters,
+Adam). Times are ratios to ``single``; compiled temporaries (``memory_analysis``) too.
+
+    python benchmarks/many_adapters.py            # 4 layers, d=256, vocab 4096, batch 8x128
+    python benchmarks/many_adapters.py --lm       # train_step.py's LM: 6 layers, d=512, vocab 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lora_jax as lj
+from train_step import LM, xent
+
+RANKS = (4, 8, 12, 16, 20, 24, 28, 32)
+TARGETS = r".*/(q|k|v|o|up|down)/kernel"
+
+
+def adapters(params, model, x, n):
+    """``n`` adapters of ranks cycling through RANKS, with non-zero B."""
+    out = []
+    for k in range(n):
+        r = RANKS[k % len(RANKS)]
+        cfg = lj.LoraConfig(rules=(lj.Rule(TARGETS, rank=r, alpha=2.0 * r),))
+        _, lora = lj.split(jax.random.key(10 + k), params, cfg)
+        out.append(jax.tree.map(
+            lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(k), w.b.shape)) if lj.is_lora(w) else w,
+            lora, is_leaf=lj.is_lora))
+    return out
+
+
+def build(layers, d, heads, ffn, vocab, batch, seq):
+    model = LM(vocab, d, heads, ffn, layers)
+    ids = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab)
+    x, y = ids[:, :-1], ids[:, 1:]
+    params = jax.jit(model.init)(jax.random.key(1), x)
+    loras = adapters(params, model, x, 64)
+    single = loras[len(RANKS) - 1]  # rank 32, the stacks' padded rank
+    stacks = {n: lj.stack(loras[:n]) for n in (1, 8, 64)}
+    mixed_ids = {1: jnp.zeros(batch, jnp.int32), 8: jnp.arange(batch, dtype=jnp.int32) % 8,
+                 64: jnp.arange(batch, dtype=jnp.int32) % 8}
+    fwd = lj.wrap(model.apply)
+    tx = optax.adam(1e-3)
+
+    def train(loss_fn):
+        def step(lora, opt, x, y):
+            loss, g = jax.value_and_grad(loss_fn)(lora, x, y)
+            upd, opt = tx.update(g, opt, lora)
+            return optax.apply_updates(lora, upd), opt, loss
+        return step
+
+    one = lambda l, x, y: xent(fwd(params, l, x), y)
+    mixed = lambda ids: (lambda s, x, y: xent(fwd(params, s, x, adapter_ids=ids), y))
+
+    def loop(ls, x, y):  # each adapter runs its own example
+        return sum(xent(fwd(params, l, x[i:i + 1]), y[i:i + 1]) for i, l in enumerate(ls)) / len(ls)
+
+    looped = loras[:batch]
+    forward = {
+        "single": (jax.jit(lambda l, x: fwd(params, l, x)), (single, x)),
+        **{f"mixed/{n}": (jax.jit(lambda s, x, ids=mixed_ids[n]: fwd(params, s, x, adapter_ids=ids)), (stacks[n], x))
+           for n in stacks},
+        "merged": (jax.jit(model.apply), (lj.merge(params, single), x)),
+        "loop": (jax.jit(lambda ls, x: [fwd(params, l, x[i:i + 1]) for i, l in enumerate(ls)]), (looped, x)),
+    }
+    training = {
+        "single": (jax.jit(train(one)), (single, tx.init(single), x, y)),
+        **{f"mixed/{n}": (jax.jit(train(mixed(mixed_ids[n]))), (stacks[n], tx.init(stacks[n]), x, y))
+           for n in stacks},
+        "loop": (jax.jit(train(loop)), (looped, tx.init(looped), x, y)),
+    }
+    return forward, training
+
+
+def memory(variants):
+    return {name: fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+            for name, (fn, args) in variants.items()}
+
+
+def timing(variants, rounds, iters):
+    """Median seconds per call; each round runs every variant (side by side)."""
+    for fn, args in variants.values():  # compile + warm up
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (fn, args) in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                jax.block_until_ready(fn(*args))
+            times[name].append((time.perf_counter() - t0) / iters)
+    return {name: (statistics.median(ts), min(ts), max(ts)) for name, ts in times.items()}
+
+
+def report(title, variants, rounds, iters):
+    mem, t = memory(variants), timing(variants, rounds, iters)
+    ref_t, ref_m = t["single"][0], mem["single"]
+    print(f"\n{title} (median of {rounds} interleaved rounds x {iters}; spread = min..max over rounds)")
+    print(f"{'variant':10s} {'ms':>8s} {'x single':>9s} {'spread':>14s} {'temp MiB':>9s} {'x single':>9s}")
+    for name, (med, lo, hi) in t.items():
+        print(f"{name:10s} {med * 1e3:8.1f} {med / ref_t:9.3f} {lo / ref_t:6.3f}..{hi / ref_t:<6.3f} "
+              f"{mem[name] / 2**20:9.1f} {mem[name] / ref_m:9.3f}")
+    print(f"64 stacked vs 8 stacked: {t['mixed/64'][0] / t['mixed/8'][0]:.3f}x time, "
+          f"{mem['mixed/64'] / mem['mixed/8']:.3f}x temporaries")
+    return t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lm", action="store_true", help="train_step.py's LM (6 layers, d=512, vocab 8192)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=3)
+    a = ap.parse_args(argv)
+    if a.lm:
+        shape = dict(layers=6, d=512, heads=8, ffn=2048, vocab=8192, batch=8, seq=128)
+    else:
+        shape = dict(layers=4, d=256, heads=4, ffn=1024, vocab=4096, batch=8, seq=128)
+    print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, shape {shape}")
+    print(f"adapters: ranks {RANKS} cycled, targets {TARGETS}; single = the rank-32 adapter")
+    forward, training = build(**shape)
+    tf = report("forward (inference)", forward, a.rounds, a.iters)
+    tt = report("training step", training, a.rounds, a.iters)
+    print(f"\nmixed batch of 8 adapters vs one adapter: forward {tf['mixed/8'][0] / tf['single'][0]:.3f}x, "
+          f"training step {tt['mixed/8'][0] / tt['single'][0]:.3f}x; merged-weight forward "
+          f"{tf['merged'][0] / tf['single'][0]:.3f}x; loop forward {tf['loop'][0] / tf['single'][0]:.3f}x")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
