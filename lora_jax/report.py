@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from .quant import is_quantized
-from .tree import targets
+from .tree import as_lora, targets
 
 __all__ = ["summary", "delta_norms"]
 
@@ -41,7 +41,7 @@ def summary(lora: Any, base: Any = None) -> str:
     """
     rows = [("path", "shape", "kind", "rank", "alpha", "scale", "params")]
     total = 0
-    for path, w in targets(lora):
+    for path, w in targets(as_lora(lora)):
         n = w.num_params
         total += n
         rows.append((path, str(tuple(w.shape)), w.kind, str(w.rank), f"{w.alpha:g}", f"{w.scale:.4g}", f"{n:,}"))

@@ -50,7 +50,7 @@ from ._jaxpr import HIGHER, PRIMITIVES, SHAPE, WINDOW, bind, closed, reshape_gro
 from .config import path_str
 from .quant import QuantizedWeight, is_quantized
 from .stacked import StackedLoraWeight, is_stacked, is_stacked_node, template
-from .tree import check_fits, fmt_paths, merge
+from .tree import as_lora, check_fits, fmt_paths, merge
 from .weight import LoraWeight, is_lora
 
 __all__ = ["wrap", "STRATEGIES", "MaterializeWarning", "Adapted"]
@@ -1153,6 +1153,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
     @functools.wraps(f)
     def wrapped(base: Any, lora: Any, *args, lora_rng: jax.Array | None = None,
                 adapter_ids: Any = None, **kwargs):
+        lora = as_lora(lora)
         ids = _check_adapter_ids(lora, adapter_ids, strategy, lora_rng, (args, kwargs))
         if strategy == "merge":
             if lora_rng is not None:
