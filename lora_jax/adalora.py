@@ -285,7 +285,8 @@ def orth_reg(lora: Any) -> jax.Array:
     for _, w in _adapters(lora, "orth_reg"):
         for m in w.spec.replace(a=w.p, b=w.q).matrices(jnp.promote_types(jnp.result_type(w.p, w.q), jnp.float32)):
             gram = jnp.einsum("...ri,...si->...rs", m, m, precision=hi)
-            total = total + jnp.sum((gram - jnp.eye(gram.shape[-1], dtype=gram.dtype)) ** 2)
+            eye = jnp.eye(gram.shape[-1], dtype=gram.dtype).reshape((1,) * (gram.ndim - 2) + gram.shape[-2:])
+            total = total + jnp.sum((gram - eye) ** 2)
     return total
 
 
