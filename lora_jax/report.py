@@ -9,7 +9,9 @@ import jax
 import numpy as np
 
 from .quant import is_quantized
+from .config import path_str
 from .tree import as_lora, targets
+from .weight import is_adalora
 
 __all__ = ["summary", "delta_norms"]
 
@@ -41,8 +43,11 @@ def summary(lora: Any, base: Any = None) -> str:
     """
     rows = [("path", "shape", "kind", "rank", "alpha", "scale", "params")]
     total = 0
+    # AdaLoRA adapters (shown at their initial rank) also train their λ
+    lams = {path_str(p): _size(w.lam) for p, w in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_adalora)[0]
+            if is_adalora(w)}
     for path, w in targets(as_lora(lora)):
-        n = w.num_params
+        n = w.num_params + lams.get(path, 0)
         total += n
         rows.append((path, str(tuple(w.shape)), w.kind, str(w.rank), f"{w.alpha:g}", f"{w.scale:.4g}", f"{n:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

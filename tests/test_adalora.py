@@ -79,7 +79,9 @@ def test_split_shapes_init_and_scales():
     # same keys per target as a one-rule split: adding a rule changes no other adapter
     _, alone = lj.adalora.split(jax.random.key(0), PARAMS, lj.LoraConfig(rules=RULES[:1]))
     np.testing.assert_array_equal(alone["w1"].p, w1.p)
-    assert "w1" in lj.summary(lora) and "trainable params" in lj.summary(lora, base)
+    rows = lj.summary(lora).splitlines()
+    assert rows[2].split() == ["w1", "(6,", "8)", "linear", "4", "8", "2", f"{4 * 6 + 4 + 4 * 8}"]
+    assert rows[-1] == f"trainable params: {60 + (3 * 8 + 3 + 3 * 5) + 2 * (4 * 6 + 4 + 4 * 5):,} in 3 adapters"
 
 
 def test_wrap_factored_matches_merge_values_and_grads():
