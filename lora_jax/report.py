@@ -32,6 +32,10 @@ def summary(lora: Any, base: Any = None) -> str:
     (:func:`lora_jax.quantize`) adds a line with its bytes as stored and as the original
     float weights.
 
+    An AdaLoRA tree (:func:`lora_jax.adalora.split`) lists each adapter at its initial
+    rank, its params counting P, λ and Q (the kept ranks are in
+    :func:`lora_jax.adalora.ranks`).
+
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> params = {"q": jnp.ones((64, 64)), "v": jnp.ones((64, 64))}
     >>> base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("q|v", rank=4),)))
@@ -90,4 +94,4 @@ def delta_norms(lora: Any) -> dict[str, jax.Array]:
     >>> {k: float(v) for k, v in lj.delta_norms(lora).items()}   # B starts at zero
     {'w': 0.0}
     """
-    return {path: w.delta_norm() for path, w in targets(lora)}
+    return {path: w.delta_norm() for path, w in targets(as_lora(lora))}

@@ -183,6 +183,9 @@ def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) ->
     Accumulates in float32 and casts back to each base leaf's dtype. Works under ``jit``
     (pass ``donate_argnums=0`` to reuse the base's memory).
 
+    An AdaLoRA tree (:func:`lj.adalora.split <lora_jax.adalora.split>`) merges as its
+    equivalent LoRA tree (:func:`as_lora`): ``W + s·(P·diag(λ))⊗Q``.
+
     A quantized base (:func:`lj.quantize <lora_jax.quantize>`) gives a float tree: every
     :class:`~lora_jax.QuantizedWeight` is dequantized and targets become
     ``deq(W) + s·A⊗B``. A QLoRA adapter was trained against ``deq(W)``, not against the

@@ -99,8 +99,11 @@ def test_wrap_factored_matches_merge_values_and_grads():
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # and the merged weights against numpy
     merged = lj.merge(base, lora)
+    norms = lj.delta_norms(lora)
     for k, want in _np_merged(lora).items():
         np.testing.assert_allclose(merged[k], want, rtol=1e-5, atol=1e-5)
+        if k != "bias":
+            np.testing.assert_allclose(norms[k], np.linalg.norm(want - PARAMS[k]), rtol=1e-5)
     np.testing.assert_allclose(lj.unmerge(merged, lora)["w1"], PARAMS["w1"], atol=1e-5)
 
 
