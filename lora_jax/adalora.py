@@ -229,9 +229,12 @@ def allocator(
             raise ValueError("lj.adalora.allocator: update(grads, state, params) needs params, to score "
                              "|θ·∇θ| and to zero the masked λ; pass the current params (optax: tx.update(grads, "
                              "state, params))")
-        updates, inner = inner_tx.update(grads, state.inner, params)
         ws = [w for _, w in _adapters(params, "allocator")]
         gs = [g for _, g in _adapters(grads, "allocator")]
+        if len(gs) != len(ws) or len(ws) != len(state.mask):
+            raise ValueError(f"lj.adalora.allocator: grads hold {len(gs)} AdaLoRA adapters, params {len(ws)} and "
+                             f"the state {len(state.mask)}; pass the gradients of the tree the state was made for")
+        updates, inner = inner_tx.update(grads, state.inner, params)
         t = state.count
         learn = t < stop
         sens, unc, scores = [], [], []

@@ -309,6 +309,8 @@ def test_errors():
     state = tx.init(lora)
     with pytest.raises(ValueError, match=r"needs params"):
         tx.update(lora, state)
+    with pytest.raises(ValueError, match=r"grads hold 2 AdaLoRA adapters, params 3 and the state 3"):
+        tx.update({**lora, "s": None}, state, lora)
     _, plain = lj.split(jax.random.key(0), PARAMS, CONFIG)
     for fn in (lambda: tx.init(plain), lambda: lj.adalora.orth_reg(plain), lambda: lj.adalora.ranks(plain, state),
                lambda: lj.adalora.to_lora(plain, state)):
