@@ -274,10 +274,16 @@ def test_to_lora_saves_and_exports(tmp_path):
     plain = lj.adalora.to_lora(lora, state)
     ranks = lj.adalora.ranks(lora, state)
     assert ranks["bias"] is None and sum(int(m.sum()) for m in state.mask) == 4
+    assert np.asarray(state.mask[_order("s")]).sum(-1).tolist() == [0, 1]  # layer 0 of s is padded
     assert [plain[k].rank for k in ("w1", "w2", "s")] == [max(ranks[k], 1) for k in ("w1", "w2", "s")]
     merged = lj.merge(base, plain)
     for k in ("w1", "w2", "s"):
         np.testing.assert_allclose(merged[k], lj.merge(base, lora)[k], rtol=1e-5, atol=1e-6)
+    # a target with nothing kept: a rank-1 adapter of zeros
+    none_kept = state._replace(mask=tuple(np.zeros_like(m) if i == _order("w1") else m for i, m in enumerate(state.mask)))
+    empty = lj.adalora.to_lora(lora, none_kept)["w1"]
+    assert empty.rank == 1 and float(jnp.abs(empty.a).max()) == 0.0
+    assert lj.adalora.ranks(lora, none_kept)["w1"] == 0
     lj.checkpoint.save(tmp_path / "ckpt", plain)
     back = lj.checkpoint.restore(tmp_path / "ckpt")
     np.testing.assert_allclose(lj.merge(base, back)["s"], merged["s"], rtol=1e-6)
