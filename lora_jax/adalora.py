@@ -47,7 +47,7 @@ from .config import LoraConfig, path_str
 from .split import split as lora_split
 from .split import target_key
 from .tree import fmt_paths, is_node
-from .weight import AdaLoraWeight, LoraWeight, is_adalora
+from .weight import AdaLoraWeight, is_adalora
 
 __all__ = ["AdaLoraWeight", "AllocatorState", "split", "allocator", "orth_reg", "ranks", "to_lora"]
 

@@ -45,8 +45,8 @@ def _random(lora, seed=0):
                         is_leaf=lambda x: isinstance(x, lj.adalora.AdaLoraWeight))
 
 
-def _np_merged(lora, masks=None):
-    """float64 W + s·(P·diag(λ)) ⊗ Q per target (λ zeroed where ``masks`` is False)."""
+def _np_merged(lora):
+    """float64 W + s·(P·diag(λ)) ⊗ Q per target."""
     out = {}
     for k, w in PARAMS.items():
         ad = lora[k]
@@ -54,8 +54,7 @@ def _np_merged(lora, masks=None):
             out[k] = np.asarray(w, np.float64)
             continue
         spec = ad.spec
-        lam = np.asarray(ad.lam, np.float64) * (1.0 if masks is None else masks[k])
-        a = np.asarray(ad.p, np.float64) * lam[..., None]
+        a = np.asarray(ad.p, np.float64) * np.asarray(ad.lam, np.float64)[..., None]
         ins, outs, stack = AXES[k]
         out[k] = np.asarray(w, np.float64) + np_delta(a, ad.q, ins, outs, stack, spec.scale, w.ndim)
     return out
@@ -129,7 +128,7 @@ def _np_allocator(lora, grads_seq, *, target_rank, total_steps, t_init, t_final,
 
     Params P, Q never change (the inner optimizer is set_to_zero); λ changes by masking only.
     """
-    keys = [k for k in ("w1", "w2", "s")]
+    keys = ("w1", "w2", "s")
     theta = {k: [np.asarray(getattr(lora[k], n), np.float64) for n in ("p", "lam", "q")] for k in keys}
     ibar = {k: [np.zeros_like(x) for x in theta[k]] for k in keys}
     ubar = {k: [np.zeros_like(x) for x in theta[k]] for k in keys}
