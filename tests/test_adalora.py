@@ -78,6 +78,10 @@ def test_split_shapes_init_and_scales():
     # same keys per target as a one-rule split: adding a rule changes no other adapter
     _, alone = lj.adalora.split(jax.random.key(0), PARAMS, lj.LoraConfig(rules=RULES[:1]))
     np.testing.assert_array_equal(alone["w1"].p, w1.p)
+    # axes inferred by tracing, as lj.split does: w2 is used transposed
+    _, traced = lj.adalora.split(jax.random.key(0), PARAMS, lj.LoraConfig(rules=(lj.Rule("w1|w2", rank=3),)),
+                                 apply_fn=_f, args=(np.ones((2, 6), np.float32),))
+    assert (traced["w2"].spec.in_axes, traced["w2"].spec.out_axes, traced["w2"].p.shape) == ((1,), (0,), (3, 8))
     rows = lj.summary(lora).splitlines()
     assert rows[2].split() == ["w1", "(6,", "8)", "linear", "4", "8", "2", f"{4 * 6 + 4 + 4 * 8}"]
     assert rows[-1] == f"trainable params: {60 + (3 * 8 + 3 + 3 * 5) + 2 * (4 * 6 + 4 + 4 * 5):,} in 3 adapters"
