@@ -15,13 +15,13 @@ from .weight import LoraWeight, is_lora
 
 __all__ = [
     "__version__",
-    "adalora",
     "Axes",
     "LoraConfig",
     "LoraWeight",
     "QuantizedWeight",
     "Rule",
     "StackedLoraWeight",
+    "adalora",
     "apply_updates",
     "checkpoint",
     "combine",
