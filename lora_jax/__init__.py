@@ -1,6 +1,6 @@
 """lora_jax: functional low-rank adaptation (LoRA) for JAX and Flax."""
 
-from . import checkpoint, nnx, peft, sharding
+from . import adalora, checkpoint, nnx, peft, sharding
 from .combine import combine, pissa_to_lora
 from .config import Axes, LoraConfig, Rule, path_str, scale_for
 from .optim import apply_updates, labels, optimizer
@@ -21,6 +21,7 @@ __all__ = [
     "QuantizedWeight",
     "Rule",
     "StackedLoraWeight",
+    "adalora",
     "apply_updates",
     "checkpoint",
     "combine",

@@ -40,7 +40,7 @@ from .config import SCALINGS, LoraConfig, path_str
 from .stacked import StackedLoraWeight, is_stacked, is_stacked_node, scaling_of, template
 from .tree import fmt_paths, is_node, targets
 from .version import __version__
-from .weight import LoraWeight, is_lora
+from .weight import LoraWeight, is_adalora, is_lora
 
 __all__ = [
     "FORMAT",
@@ -80,7 +80,11 @@ def check_lora(lora: Any, what: str = "lora") -> list[tuple[str, LoraWeight]]:
     ...
     TypeError: like must hold lj.LoraWeight at targets and None elsewhere, as lj.split returns; found other leaves at w (ArrayImpl)
     """
-    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: is_node(x) or is_adalora(x))[0]
+    ada = [path_str(p) for p, x in leaves if is_adalora(x)]
+    if ada:
+        raise TypeError(f"{what} holds AdaLoRA adapters at {fmt_paths(ada, 4)}; a checkpoint holds plain "
+                        "adapters: save lj.adalora.to_lora(lora, opt_state)")
     others = [f"{path_str(p)} ({type(x).__name__})" for p, x in leaves if not is_node(x)]
     if others:
         raise TypeError(

@@ -9,7 +9,10 @@ import jax
 import numpy as np
 
 from .quant import is_quantized
-from .tree import _check_lora_arg, targets
+from .stacked import is_stacked, is_stacked_node
+from .config import path_str
+from .tree import _check_lora_arg, as_lora, targets
+from .weight import is_adalora
 
 __all__ = ["summary", "delta_norms"]
 
@@ -29,6 +32,10 @@ def summary(lora: Any, base: Any = None) -> str:
     ``print_trainable_parameters``: ``trainable / (base + trainable)``; a quantized base
     (:func:`lora_jax.quantize`) adds a line with its bytes as stored and as the original
     float weights.
+
+    An AdaLoRA tree (:func:`lora_jax.adalora.split`) lists each adapter at its initial
+    rank, its params counting P, λ and Q (the kept ranks are in
+    :func:`lora_jax.adalora.ranks`).
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> params = {"q": jnp.ones((64, 64)), "v": jnp.ones((64, 64))}
@@ -53,14 +60,17 @@ def summary(lora: Any, base: Any = None) -> str:
     rows = [("path", "shape", "kind", "rank", "alpha", "scale", "params")]
     total = 0
     stacked = _stacked(lora)
-    for path, w in stacked or targets(lora):
+    # AdaLoRA adapters (shown at their initial rank) also train their λ
+    lams = {path_str(p): _size(w.lam) for p, w in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_adalora)[0]
+            if is_adalora(w)}
+    for path, w in stacked or targets(as_lora(lora)):
         if stacked:  # one row per target, each adapter's numbers joined by "/" (- where it has none)
             n = _size(w.a) + _size(w.b)
             ranks, alphas, scales = (np.asarray(getattr(w, f)) for f in ("rank", "alpha", "scale"))
             join = lambda vals, fmt: "/".join(fmt(v) if r else "-" for v, r in zip(vals, ranks))  # noqa: E731
             row = (join(ranks, lambda v: str(int(v))), join(alphas, lambda v: f"{v:g}"), join(scales, lambda v: f"{v:.4g}"))
         else:
-            n = w.num_params
+            n = w.num_params + lams.get(path, 0)
             row = (str(w.rank), f"{w.alpha:g}", f"{w.scale:.4g}")
         total += n
         rows.append((path, str(tuple(w.shape)), w.kind, *row, f"{n:,}"))
@@ -98,9 +108,6 @@ def summary(lora: Any, base: Any = None) -> str:
 
 def _stacked(lora: Any) -> list:
     """``(path, StackedLoraWeight)`` of a stacked tree's targets (empty for a plain tree)."""
-    from .stacked import is_stacked, is_stacked_node
-    from .config import path_str
-
     leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
     return [(path_str(p), w) for p, w in leaves if is_stacked(w)]
 
@@ -116,5 +123,6 @@ def delta_norms(lora: Any) -> dict[str, jax.Array]:
     >>> {k: float(v) for k, v in lj.delta_norms(lora).items()}   # B starts at zero
     {'w': 0.0}
     """
+    lora = as_lora(lora)
     _check_lora_arg(lora, "delta_norms")
     return {path: w.delta_norm() for path, w in targets(lora)}

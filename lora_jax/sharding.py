@@ -36,9 +36,9 @@ from .config import LoraConfig, path_str
 from .quant import QuantizedWeight, is_quantized
 from .split import split as _split
 from .stacked import is_stacked, is_stacked_node
-from .tree import is_node, path_diff
+from .tree import fmt_paths, is_node, path_diff
 from .tree import merge as _merge
-from .weight import LoraWeight, is_lora
+from .weight import LoraWeight, is_adalora, is_lora
 
 __all__ = ["specs", "shardings", "shard", "split", "merge", "state_shardings", "quantized_specs"]
 
@@ -338,6 +338,10 @@ def specs(lora: Any, base_specs: Any, *, rules: Rules | None = None) -> Any:
     >>> tuple(s["w"].a), tuple(s["w"].b), s["bias"]
     ((None, 'data'), (None, 'model'), None)
     """
+    ada = [path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_adalora)[0] if is_adalora(x)]
+    if ada:
+        raise TypeError(f"sharding.specs: lora holds AdaLoRA adapters at {fmt_paths(ada, 4)}, which have no "
+                        "derived specs; shard plain adapters (lj.adalora.to_lora(lora, opt_state))")
     table = _spec_table(lora, base_specs, rules)
     problems = []
 

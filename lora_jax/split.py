@@ -96,10 +96,21 @@ def split(
         path, w = paths[i], arrays[i]
         usage = usages[i] if usages is not None else None
         spec, dtype = _make_weight(path, w, rule, config, usage)
-        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        k = target_key(key, path)
         lora_leaves[i], base_leaves[i] = _init(k, w, spec, dtype, config.init)
     treedef = jax.tree.structure(params, is_leaf=is_quantized)
     return jax.tree.unflatten(treedef, base_leaves), jax.tree.unflatten(treedef, lora_leaves)
+
+
+def target_key(key: jax.Array, path: str) -> jax.Array:
+    """The PRNG key of the target at ``path``: ``key`` with the path's CRC-32 folded in.
+
+    >>> import jax
+    >>> bool((jax.random.key_data(target_key(jax.random.key(0), "w")) == jax.random.key_data(
+    ...     jax.random.fold_in(jax.random.key(0), 476252946))).all())
+    True
+    """
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def _select(params, config: LoraConfig, apply_fn, args, kwargs):

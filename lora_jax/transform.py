@@ -48,7 +48,7 @@ from ._jaxpr import HIGHER, PRIMITIVES, SHAPE, WINDOW, bind, closed, reshape_gro
 from .config import path_str
 from .quant import QuantizedWeight, is_quantized
 from . import mixed
-from .tree import check_fits, fmt_paths, merge
+from .tree import as_lora, check_fits, fmt_paths, merge
 from .weight import LoraWeight, is_lora
 
 __all__ = ["wrap", "STRATEGIES", "MaterializeWarning", "Adapted"]
@@ -1025,6 +1025,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
     @functools.wraps(f)
     def wrapped(base: Any, lora: Any, *args, lora_rng: jax.Array | None = None,
                 adapter_ids: Any = None, example_axes: Any = 0, **kwargs):
+        lora = as_lora(lora)
         ids = mixed.check_ids(lora, adapter_ids, strategy, lora_rng)
         if ids is not None:
             return mixed.call(wrapped, f, base, lora, ids, args, kwargs, lora_rng=lora_rng,

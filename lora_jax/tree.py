@@ -14,10 +14,11 @@ import jax.numpy as jnp
 
 from .config import path_str
 from .quant import is_quantized, quantize_array
-from .weight import LoraWeight, is_lora
+from .weight import LoraWeight, is_adalora, is_lora
 
 __all__ = [
     "is_node",
+    "as_lora",
     "is_base_leaf",
     "fmt_paths",
     "path_diff",
@@ -32,6 +33,28 @@ __all__ = [
 def is_node(x) -> bool:
     """``is_leaf`` for lora trees: an adapter or the ``None`` of a non-target."""
     return x is None or is_lora(x)
+
+
+def as_lora(lora: Any) -> Any:
+    """``lora`` with every :class:`~lora_jax.weight.AdaLoraWeight` as its equivalent
+    :class:`LoraWeight` (differentiable); other trees come back as they are.
+
+    Children whose shapes do not fit their metadata are one ``ValueError`` naming the paths.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.adalora.split(jax.random.key(0), {"w": jnp.ones((4, 4))},
+    ...                            lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> type(as_lora(lora)["w"]).__name__, as_lora(lora)["w"].a.shape
+    ('LoraWeight', (2, 4))
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: is_node(x) or is_adalora(x))
+    if not any(is_adalora(x) for _, x in leaves):
+        return lora
+    problems = [m for p, x in leaves if is_adalora(x) for m in x.problems(path_str(p))]
+    if problems:
+        raise ValueError("AdaLoRA adapters do not fit their metadata: " + "; ".join(problems)
+                         + ". Use the tree from lj.adalora.split (or its optimizer updates)")
+    return jax.tree.unflatten(treedef, [x.lora() if is_adalora(x) else x for _, x in leaves])
 
 
 def is_base_leaf(x) -> bool:
@@ -95,6 +118,7 @@ def check_fits(base: Any, lora: Any) -> list[tuple[str, Any, LoraWeight | None]]
     ...
     ValueError: lora does not fit base: k: the adapter was made for shape (3, 4) but the base weight has shape (3, 5)
     """
+    lora = as_lora(lora)
     # None counts as a leaf on both sides, so a base with None entries (a layer without
     # bias) keeps its structure
     b_leaves, b_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_base_leaf)
@@ -159,6 +183,9 @@ def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) ->
     Accumulates in float32 and casts back to each base leaf's dtype. Works under ``jit``
     (pass ``donate_argnums=0`` to reuse the base's memory).
 
+    An AdaLoRA tree (:func:`lj.adalora.split <lora_jax.adalora.split>`) merges as its
+    equivalent LoRA tree (:func:`as_lora`): ``W + s·(P·diag(λ))⊗Q``.
+
     A quantized base (:func:`lj.quantize <lora_jax.quantize>`) gives a float tree: every
     :class:`~lora_jax.QuantizedWeight` is dequantized and targets become
     ``deq(W) + s·A⊗B``. A QLoRA adapter was trained against ``deq(W)``, not against the
@@ -179,6 +206,7 @@ def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) ->
     >>> bool((lj.merge(base, lora)["w"] == params["w"]).all())   # B starts at zero
     True
     """
+    lora = as_lora(lora)
     _check_lora_arg(lora, "merge")
     triples = check_fits(base, lora)
     merged = []
@@ -199,11 +227,15 @@ def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) ->
 def _check_lora_arg(lora: Any, fn: str) -> None:
     from .stacked import is_stacked, is_stacked_node  # (stacked builds on this module)
 
-    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: is_stacked_node(x) or is_adalora(x))[0]
     stacked = [path_str(p) for p, x in leaves if is_stacked(x)]
     if stacked:
         raise TypeError(f"{fn}: the lora tree holds stacked adapters (lj.stack) at {fmt_paths(stacked, 4)}; "
                         f"{fn} takes one adapter: pass lj.unstack(stacked)[k]")
+    ada = [path_str(p) for p, x in leaves if is_adalora(x)]
+    if ada:
+        raise TypeError(f"{fn}: the lora tree holds AdaLoRA adapters at {fmt_paths(ada, 4)}; {fn} takes plain "
+                        "adapters: pass lj.adalora.to_lora(lora, opt_state)")
     bad = [path_str(p) for p, x in leaves if not is_node(x)]
     if bad:
         raise TypeError(f"{fn}: the second argument must be a lora tree from lj.split (lj.LoraWeight at targets, "
@@ -239,6 +271,7 @@ def unmerge(merged: Any, lora: Any) -> Any:
     >>> bool(jnp.allclose(lj.unmerge(lj.merge(base, lora), lora)["w"], base["w"], atol=1e-6))
     True
     """
+    lora = as_lora(lora)
     _check_lora_arg(lora, "unmerge")
     triples = check_fits(merged, lora)
     out = [x if w is None else apply_delta(x.dequantize() if is_quantized(x) else x, w, -1)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LoraWeight", "is_lora"]
+__all__ = ["LoraWeight", "AdaLoraWeight", "is_lora", "is_adalora"]
 
 
 @jax.tree_util.register_dataclass
@@ -169,3 +169,97 @@ def is_lora(x) -> bool:
     """
     return isinstance(x, LoraWeight)
 
+
+
+# LoraWeight's static fields: what an AdaLoraWeight carries for the LoraWeight it stands for
+_STATIC = tuple(f.name for f in dataclasses.fields(LoraWeight) if f.metadata.get("static"))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdaLoraWeight:
+    """An adapter in SVD form (AdaLoRA, Zhang et al. 2023): ``W + scale * (P·diag(λ) ⊗ Q)``.
+
+    The children are ``p`` (the layout of a LoraWeight's ``a``: (*stack, rank, *in)), ``lam``
+    (*stack, rank) and ``q`` (the layout of ``b``: (*stack, rank, *out)). ``meta`` holds the
+    static fields of the equivalent :class:`LoraWeight` as ``(name, value)`` pairs;
+    :attr:`spec` gives them as a LoraWeight without factors, and :meth:`lora` the
+    equivalent LoraWeight, ``a = p·λ`` (differentiable, so gradients reach p, λ and q).
+    Make them with :func:`lora_jax.adalora.split`.
+
+    >>> import jax.numpy as jnp
+    >>> spec = LoraWeight(a=None, b=None, shape=(3, 4), in_axes=(0,), out_axes=(1,), rank=2)
+    >>> w = AdaLoraWeight.of(spec, p=jnp.ones((2, 3)), lam=jnp.array([2.0, 0.0]), q=jnp.ones((2, 4)))
+    >>> w.spec.rank, w.lora().a.tolist()
+    (2, [[2.0, 2.0, 2.0], [0.0, 0.0, 0.0]])
+    """
+
+    p: Any
+    lam: Any
+    q: Any
+    meta: tuple = dataclasses.field(metadata=dict(static=True), default=())
+
+    @classmethod
+    def of(cls, spec: LoraWeight, p, lam, q) -> "AdaLoraWeight":
+        """The SVD-form adapter with ``spec``'s static fields (its factors are ignored).
+
+        >>> import jax.numpy as jnp
+        >>> spec = LoraWeight(a=None, b=None, shape=(2, 2), in_axes=(0,), out_axes=(1,), rank=1)
+        >>> AdaLoraWeight.of(spec, jnp.ones((1, 2)), jnp.zeros(1), jnp.ones((1, 2))).spec.shape
+        (2, 2)
+        """
+        return cls(p=p, lam=lam, q=q, meta=tuple((k, getattr(spec, k)) for k in _STATIC))
+
+    @property
+    def spec(self) -> LoraWeight:
+        """The static fields as a :class:`LoraWeight` whose factors are None."""
+        return LoraWeight(a=None, b=None, **dict(self.meta))
+
+    def replace(self, **kw) -> "AdaLoraWeight":
+        """A copy with some children replaced.
+
+        >>> import jax.numpy as jnp
+        >>> spec = LoraWeight(a=None, b=None, shape=(2, 2), in_axes=(0,), out_axes=(1,), rank=1)
+        >>> w = AdaLoraWeight.of(spec, jnp.ones((1, 2)), jnp.zeros(1), jnp.ones((1, 2)))
+        >>> w.replace(lam=jnp.ones(1)).lora().delta().tolist()
+        [[1.0, 1.0], [1.0, 1.0]]
+        """
+        return dataclasses.replace(self, **kw)
+
+    def problems(self, path: str) -> list[str]:
+        """What is wrong with the children's shapes (empty when they fit the metadata).
+
+        >>> import jax.numpy as jnp
+        >>> spec = LoraWeight(a=None, b=None, shape=(2, 2), in_axes=(0,), out_axes=(1,), rank=1)
+        >>> AdaLoraWeight.of(spec, jnp.ones((1, 2)), jnp.zeros(2), jnp.ones((1, 2))).problems("w")
+        ['w: lam has shape (2,), expected (1,) for rank 1 and weight shape (2, 2)']
+        """
+        s = self.spec
+        want = (("p", self.p, s.a_shape), ("lam", self.lam, (*s.stack_shape, s.rank)), ("q", self.q, s.b_shape))
+        return [f"{path}: {name} has shape {tuple(jnp.shape(x))}, expected {tuple(shape)} for rank "
+                f"{s.rank} and weight shape {tuple(s.shape)}"
+                for name, x, shape in want if tuple(jnp.shape(x)) != tuple(shape)]
+
+    def lora(self) -> LoraWeight:
+        """The equivalent :class:`LoraWeight`: ``a = p`` with row i scaled by ``lam[i]``, ``b = q``.
+
+        >>> import jax.numpy as jnp
+        >>> spec = LoraWeight(a=None, b=None, shape=(2, 3), in_axes=(0,), out_axes=(1,), rank=1, scale=0.5)
+        >>> w = AdaLoraWeight.of(spec, jnp.ones((1, 2)), jnp.full(1, 4.0), jnp.ones((1, 3)))
+        >>> w.lora().delta().tolist()
+        [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+        """
+        s = self.spec
+        lam = jnp.reshape(self.lam, (*jnp.shape(self.lam), *(1,) * len(s.in_axes)))
+        return s.replace(a=self.p * lam.astype(jnp.result_type(self.p)), b=self.q)
+
+
+def is_adalora(x) -> bool:
+    """True for an :class:`AdaLoraWeight` (use as ``is_leaf`` when mapping over AdaLoRA trees).
+
+    >>> import jax.numpy as jnp
+    >>> spec = LoraWeight(a=None, b=None, shape=(2, 2), in_axes=(0,), out_axes=(1,), rank=1)
+    >>> is_adalora(AdaLoraWeight.of(spec, jnp.ones((1, 2)), jnp.zeros(1), jnp.ones((1, 2)))), is_adalora(spec)
+    (True, False)
+    """
+    return isinstance(x, AdaLoraWeight)
