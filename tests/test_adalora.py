@@ -337,3 +337,14 @@ def test_errors():
         lj.merge(base, bad)
     with pytest.raises(ValueError, match=r"w1: lam has shape"):
         lj.wrap(_f)(base, bad, np.ones((1, 6), np.float32))
+
+
+def test_checkpoints_peft_files_and_sharding_take_plain_adapters_and_say_so(tmp_path):
+    _, lora = lj.adalora.split(jax.random.key(0), {"w": jnp.ones((6, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    fix = r"AdaLoRA adapters at w.*lj\.adalora\.to_lora\(lora, opt_state\)"
+    with pytest.raises(TypeError, match=fix):
+        lj.checkpoint.save(tmp_path / "c", lora)
+    with pytest.raises(TypeError, match=fix):
+        lj.peft.save(tmp_path / "p", lora, [(r"w", "w_proj")])
+    with pytest.raises(TypeError, match=fix):
+        lj.sharding.specs(lora, {"w": None})
