@@ -635,7 +635,8 @@ def _dot_general(interp, eqn, invals):
     if t is None:
         t = jnp.einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
     y = jnp.einsum(f"{mid},{l2}->{out}", t.astype(f2.dtype), f2, **kw)
-    return [base + jnp.reshape(y, base.shape).astype(base.dtype)]
+    # (added in y's flat layout: under vmap, adding in base's layout made XLA:CPU copy the base product)
+    return [jnp.reshape(jnp.reshape(base, y.shape) + y.astype(base.dtype), base.shape)]
 
 
 def _flat_input(x, wl, n, pairs):
