@@ -17,8 +17,8 @@ has one rule here:
 * ``jit``, custom_jvp/custom_vjp calls are inlined; ``remat`` is re-applied with its policy;
   ``scan`` slices A and B per step for a weight stacked along the scan axis; ``cond`` and
   ``while`` recurse.
-* anything else materializes ``W + s·A⊗B`` for that use only and warns once naming the
-  primitive (:class:`MaterializeWarning`); so do ``reduce_precision`` and casts to int or
+* anything else materializes ``W + s·A⊗B`` for that use only and warns once per weight
+  and primitive, naming both (:class:`MaterializeWarning`); so do ``reduce_precision`` and casts to int or
   bool, which round the adapted weight as a whole.
 
 The primitives with a rule here are exactly those of the table in :mod:`lora_jax._jaxpr`,
@@ -100,7 +100,9 @@ class Adapted:
     reshapes, slices, casts). ``roles[d] = (kind, k)`` says that dimension ``d`` of ``w`` is
     the ``k``-th stack (``"s"``), input (``"i"``) or output (``"o"``) axis of the factors:
     ``a`` is ``(*stack, r, *in)`` and ``b`` is ``(*stack, r, *out)``. ``key`` is the dropout
-    key (or None). The children are ``w``, ``a``, ``b`` and ``key``; the rest is static.
+    key (or None). ``name`` is the target's parameter path (``params/mlp/up/kernel``; the
+    paths joined by ``+`` when several targets are concatenated). The children are ``w``,
+    ``a``, ``b`` and ``key``; the rest is static.
 
     Per-example adapters (``wrap(...)(base, stacked, ..., adapter_ids=)``): ``examples`` is
     the number of examples E (0 otherwise), and ``a`` and ``b`` gain a leading example axis,
@@ -120,13 +122,15 @@ class Adapted:
     examples: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @classmethod
-    def of(cls, w, lw: LoraWeight, key):
+    def of(cls, w, lw: LoraWeight, key, name: str | None = None):
+        """The value of target ``w`` with adapter ``lw``, named ``name`` (its path; the
+        adapter's rule pattern when None)."""
         roles = []
         for d in range(w.ndim):
             for kind, axes in ((_S, lw.stack_axes), (_I, lw.in_axes), (_O, lw.out_axes)):
                 if d in axes:
                     roles.append((kind, axes.index(d)))
-        return cls(w, lw.a, lw.b, key, tuple(roles), lw.scale, lw.dropout, lw.rule)
+        return cls(w, lw.a, lw.b, key, tuple(roles), lw.scale, lw.dropout, lw.rule if name is None else name)
 
     def replace(self, **kw) -> "Adapted":
         if "roles" in kw:
@@ -381,7 +385,7 @@ class _Interpreter:
     """Evaluates a jaxpr whose inputs may be :class:`Adapted` values."""
 
     def __init__(self, warned: set):
-        self.warned = warned
+        self.warned = warned  # the (weight path, primitive) pairs already warned about
         self.uses = 0  # counts adapter uses, so each gets its own dropout mask
         self.frame: tuple = ((), {}, 0)  # (equations, environment, position) being evaluated
         self.shared: dict = {}  # id(eqn) -> its x·A, computed with a sibling's (same x)
@@ -451,20 +455,20 @@ class _Interpreter:
         return _eval(eqn, invals)
 
     def concrete(self, x, why: str):
-        """A plain array for ``x``: materializes an :class:`Adapted` (warning once per why)
-        and dequantizes a :class:`Dequantized`."""
+        """A plain array for ``x``: materializes an :class:`Adapted` (warning once per weight
+        and ``why``) and dequantizes a :class:`Dequantized`."""
         if _is_deq(x):
             return x.value()
         if not _is_adapted(x):
             return x
         if x.examples:
             _refuse_per_example(x, why)
-        if why not in self.warned:
-            self.warned.add(why)
+        if (x.name, why) not in self.warned:
+            self.warned.add((x.name, why))
             warnings.warn(
                 f"lora_jax.wrap: the adapted weight {x.name!r} reaches {why!r}, which has no "
                 "factored rule; W + s*A@B is materialized for this use (correct, but with "
-                "merge-like memory). Warned once per primitive.",
+                "merge-like memory). Warned once per weight and primitive.",
                 MaterializeWarning,
                 stacklevel=2,
             )
@@ -1076,7 +1080,8 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
         embedding lookup ``W[i] + s·A[i]·B``, a conv a conv with A then a 1×1 product with
         B. A⊗B is never formed and no gradient of W is computed. A use without a factored
         rule (see the module docstring) materializes the weight for that use only and
-        warns once (:class:`MaterializeWarning`). Non-array arguments (flags, strings)
+        warns once per weight and primitive (:class:`MaterializeWarning`, naming the
+        weight's path). Non-array arguments (flags, strings)
         are static.
       ``"merge"``: materialize ``W + s·A⊗B`` (float32 accumulation, base dtype) for every
         target, then call ``f``. Simple and obviously correct: the reference the factored
@@ -1168,8 +1173,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
                    jax.tree.map(lambda w: template(w) if is_stacked(w) else w, lora, is_leaf=is_stacked_node))
         base_leaves, base_def = jax.tree.flatten(base, is_leaf=is_quantized)
         targets = base_def.flatten_up_to(lora)
-        paths = None if ids is None else [
-            path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(base, is_leaf=is_quantized)[0]]
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(base, is_leaf=is_quantized)[0]]
         arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
         closed, out_tree, is_arr = trace(base_def, base_leaves, arg_def, arg_leaves)
         inputs = []
@@ -1178,7 +1182,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
                 w = Dequantized.of(w)
             if is_lora(lw):
                 key = None if lora_rng is None or lw.dropout <= 0 else jax.random.fold_in(lora_rng, i)
-                w = Adapted.of(w, lw, key)
+                w = Adapted.of(w, lw, key, paths[i])
             elif is_stacked(lw):
                 w = _per_example(w, lw, ids, paths[i])
             if arr:

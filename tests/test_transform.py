@@ -136,6 +136,28 @@ def test_fallback_materializes_correctly_and_warns_exactly_once():
     chex.assert_trees_all_close(gr, gm, rtol=1e-5, atol=1e-6)
 
 
+def test_fallback_warns_once_per_weight_and_primitive_naming_the_path():
+    def f(p, x):  # both kernels reach sin; layer_0's twice (two uses, one warning)
+        h = x @ jnp.sin(p["params"]["layer_0"]["mlp"]["kernel"])
+        h = h + x @ jnp.sin(p["params"]["layer_0"]["mlp"]["kernel"]) * 0.5
+        return h @ jnp.sin(p["params"]["layer_1"]["mlp"]["kernel"])
+
+    params = {"params": {f"layer_{i}": {"mlp": {"kernel": _normal(i, (4, 4))}} for i in range(2)}}
+    base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule(".*/kernel", rank=2),)))
+    lora = _randomize_b(lora)
+    x = _normal(2, (3, 4))
+    g = lj.wrap(f)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y = g(base, lora, x)
+        g(base, lora, x * 2)  # the same wrap again: nothing new to say
+    msgs = [str(r.message) for r in rec if issubclass(r.category, MaterializeWarning)]
+    assert len(msgs) == 2, msgs
+    for path, msg in zip(("params/layer_0/mlp/kernel", "params/layer_1/mlp/kernel"), msgs):
+        assert f"{path!r} reaches 'sin'" in msg, msg
+    np.testing.assert_allclose(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-6)
+
+
 def test_reshape_that_mixes_input_and_output_axes_falls_back():
     def f(p, x):  # the whole kernel flattened: one dimension holds both roles
         return x @ p["w"].reshape(-1)[: x.shape[-1] * 2].reshape(x.shape[-1], 2)
