@@ -12,13 +12,29 @@ which original axes are contracted (in), produced (out) or batched/cut (stack).
 Which primitive is which comes from the table in :mod:`lora_jax._jaxpr` that ``wrap``
 shares; a primitive outside it is an opaque use (:meth:`WeightUsage.unknown`).
 
-The same walk finds the output head for :meth:`LoraConfig.all_linear`: the last weight
-whose matmul output reaches the function's result without being mixed into a residual sum.
+The same walk finds the output head for :meth:`LoraConfig.all_linear` (:func:`_heads`).
+A weight's product is an *output* when its result reaches a value the function returns
+through operations other than products with weights and sums with other activations:
+bias adds, activations, masks, casts, reshapes, normalizations, softmax and a loss on
+labels keep it an output; a later layer (a product with another weight) or a residual sum
+ends it. Calls (jit, remat, custom_jvp/vjp) pass this on; loops and branches (scan, while,
+cond) do not. The output products that do not also feed another weight's product (a hidden
+layer returned beside the logits) are the candidates; of them the head is
+
+* each candidate whose output size is the vocabulary: the number of rows of the largest
+  embedding table the function looks up with indices computed from its arguments (tokens;
+  position tables looked up with constant positions do not count): an LM's output
+  embedding, tied or not; else
+* the only candidate, when it changes the width (input size != output size: a classifier,
+  a logits layer); else
+* none: several output layers side by side (CLIP's text and visual projections, which
+  PEFT's ``all-linear`` adapts too), or one that keeps the width (a pooler).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -57,7 +73,7 @@ class WeightUsage:
     """Everything tracing learned about one weight."""
 
     uses: list[Use] = dataclasses.field(default_factory=list)
-    head: bool = False
+    head: bool = False  # the weight is the function's output head (see the module docstring)
 
     def _defining(self) -> tuple[str, Use] | None:
         """The use that decides the axes, and the weight's kind."""
@@ -168,8 +184,9 @@ def _roles(view, dims):
 class _Walker:
     def __init__(self, n_targets: int):
         self.usage = [WeightUsage() for _ in range(n_targets)]
-        self.order: dict[int, int] = {}  # tid -> index of its last matmul (head choice)
-        self.counter = 0
+        self.width: dict[int, tuple[int, int]] = {}  # tid -> (contracted, produced) sizes of its product
+        self.fed: set[int] = set()  # tids whose product's result reaches another weight's product
+        self.rows: dict[int, int] = {}  # tid -> rows an embedding lookup of the arguments picks from
 
     def walk(self, jaxpr, views: dict, taints: dict, derived: set):
         """views: var -> list of entries; taints: var -> frozenset(tid) of the weights whose
@@ -188,6 +205,8 @@ class _Walker:
             elif what == WINDOW:
                 for k, entry in tracked:
                     self._through_window(eqn, k, entry, views)
+                    if name == "gather" and k == 0 and eqn.invars[1] in derived:
+                        self._lookup(eqn, entry)
             elif subs:
                 self._recurse(eqn, subs, views, taints, derived)
             else:
@@ -200,9 +219,8 @@ class _Walker:
     def _taint(self, eqn, name, ins, tracked, subs, taints, derived):
         if _is_product(name):
             t = frozenset(e[0] for k, e in tracked)
-            self.counter += 1
-            for tid in t:
-                self.order[tid] = self.counter
+            if t:  # a layer: what flows into it is no longer an output
+                self.fed.update(tid for _, v in ins if v in derived for tid in taints.get(v, ()))
         elif subs:
             return  # call-like: set by the recursion; loops and branches pass none on
         else:
@@ -212,6 +230,15 @@ class _Walker:
             t = act[0] if act and all(a == act[0] for a in act) else frozenset()
         if t:
             taints.update((ov, t) for ov in eqn.outvars)
+
+    def _lookup(self, eqn, entry):
+        """A gather of rows of a weight by indices computed from the arguments (an embedding
+        lookup of tokens): record the number of rows it picks from."""
+        tid, view, _, _ = entry
+        dn = eqn.params["dimension_numbers"]
+        shape = eqn.invars[0].aval.shape
+        rows = math.prod(shape[d] for d in set(dn.start_index_map) | set(dn.collapsed_slice_dims))
+        self.rows[tid] = max(rows, self.rows.get(tid, 0))
 
     def _through_window(self, eqn, k, entry, views):
         tid, view, cut, idx = entry
@@ -283,14 +310,17 @@ class _Walker:
         tid, view, cut, idx = entry
         name, p = eqn.primitive.name, eqn.params
         ndim = len(view)
+        shape = eqn.invars[k].aval.shape
         if name == "dot_general":
             (lc, rc), (lb, rb) = p["dimension_numbers"]
             contract, batch = (lc, lb) if k == 0 else (rc, rb)
             free = [d for d in range(ndim) if d not in contract and d not in batch]
             groups = (contract, free, batch)
+            self.width[tid] = (math.prod(shape[d] for d in contract), math.prod(shape[d] for d in free))
         elif name == "conv_general_dilated" and k == 1:
             rhs = p["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
             groups = ((rhs[1], *rhs[2:]), (rhs[0],), ())
+            self.width[tid] = (shape[rhs[1]], shape[rhs[0]])
         else:
             self.usage[tid].uses.append(Use(name, cut=cut, indexed=idx, opaque=True))
             return
@@ -351,8 +381,18 @@ def trace_usage(
         views.setdefault(var, []).append((tid, full, frozenset(), frozenset()))
     taints: dict = {}
     walker.walk(jaxpr, views, taints, set(jaxpr.invars[n:]))
-    # the head: of the weights whose matmul output reaches a result, the last one applied
-    reaching = {tid for ov in jaxpr.outvars if not isinstance(ov, jcore.Literal) for tid in taints.get(ov, ())}
-    if reaching:
-        walker.usage[max(reaching, key=lambda t: walker.order.get(t, -1))].head = True
+    outputs = {tid for ov in jaxpr.outvars if not isinstance(ov, jcore.Literal) for tid in taints.get(ov, ())}
+    for tid in _heads(walker, outputs):
+        walker.usage[tid].head = True
     return walker.usage
+
+
+def _heads(walker: _Walker, outputs: set) -> set:
+    """The output head among the weights whose product is an output (``outputs``), by the
+    rule in the module docstring."""
+    candidates = {t for t in outputs - walker.fed if t in walker.width}
+    vocab = max(walker.rows.values(), default=None)
+    heads = {t for t in candidates if walker.width[t][1] == vocab}
+    if not heads and len(candidates) == 1:
+        heads = {t for t in candidates if walker.width[t][0] != walker.width[t][1]}
+    return heads
