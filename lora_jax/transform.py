@@ -10,6 +10,8 @@ has one rule here:
 * ``gather`` along the input (or output) axes: ``W[idx] + s·A[idx]·B`` (embedding lookup);
   along stack axes (an expert per token): A and B are picked alike and stay symbolic.
 * ``conv_general_dilated``: a conv with A (same window, in -> r), then B over the features.
+* ``mul`` by (or ``div`` by) a value constant along the weight's input axes, such as a
+  per-output scale: ``W·c + s·A⊗(B·c)`` (constant along the output axes: ``(A·c)``).
 * shape-only ops (transpose, reshape/squeeze that regroup axes of one role, casts, copies,
   sharding constraints, ``checkpoint_name``, ``optimization_barrier``) and windows (slice,
   dynamic_slice, split) stay symbolic; ``concatenate`` pads each adapted piece's factors
@@ -622,6 +624,64 @@ def _pad_axis(f, ax: int, pad: tuple[int, int]):
     widths = [(0, 0)] * f.ndim
     widths[ax] = pad
     return jnp.pad(f, widths)
+
+
+# -- elementwise rescaling ---------------------------------------------------------------------
+@_rule("mul", "div")
+def _rescale(interp, eqn, invals):
+    """``(W + s·A⊗B)·c = W·c + s·A⊗(B·c)`` when ``c`` is constant along W's input axes (a
+    per-output scale: weight norm's ``g / ||v||``), ``W·c + s·(A·c)⊗B`` when it is constant
+    along the output axes; division by such a ``c`` likewise. Constant means a scalar, or a
+    broadcast (possibly cast) whose operand lacks those axes or has size 1 there. Any other
+    ``c``, and ``c / W``, materialize."""
+    k = 0 if _is_adapted(invals[0]) else 1
+    v, c = invals[k], invals[1 - k]
+    if _is_adapted(c) or _is_deq(c) or (eqn.primitive.name == "div" and k == 1):
+        return None
+    const = _constant_dims(interp, eqn.invars[1 - k], v.w.ndim)
+    kind = _O if set(v.dims(_I)) <= const else _I if set(v.dims(_O)) <= const else None
+    if kind is None:
+        return None
+    (w,) = _eval(eqn, [v.w, c] if k == 0 else [c, v.w])
+    v = v.normalized()
+    f = v.b if kind == _O else v.a
+    if jnp.ndim(c):  # c over the stack and ``kind`` dimensions, in the factor's layout
+        keep = [d for d in range(v.w.ndim) if v.roles[d][0] in (_S, kind)]
+        c = c[tuple(slice(None) if d in keep else 0 for d in range(v.w.ndim))]
+        c = jnp.transpose(c, [keep.index(d) for d in (*v.dims(_S), *v.dims(kind))])
+        c = jnp.expand_dims(c, v.n_stack)  # the rank axis
+    c = c.astype(f.dtype)
+    f = f * c if eqn.primitive.name == "mul" else f / c
+    return [v.replace(w=w, **{"b" if kind == _O else "a": f})]
+
+
+def _constant_dims(interp, var, ndim: int) -> set[int]:
+    """The dimensions along which the value of jaxpr variable ``var`` (an operand of an
+    elementwise op on an ``ndim``-dimensional weight) is constant, as its producer in the
+    jaxpr being evaluated shows: every one for a scalar; its size-1 dimensions (which the
+    op broadcasts); and the new and size-1 dimensions of the ``broadcast_in_dim`` that made
+    it (followed through casts and copies)."""
+    shape = var.aval.shape
+    if not shape:
+        return set(range(ndim))
+    ones = {d for d, n in enumerate(shape) if n == 1}
+    if isinstance(var, jcore.Literal):
+        return ones
+    dims: set = set()
+    eqns, _, pos = interp.frame
+    for e in reversed(eqns[:pos]):
+        if var not in e.outvars:
+            continue
+        name = e.primitive.name
+        if name in ("convert_element_type", "copy", "copy_p") and not isinstance(e.invars[0], jcore.Literal):
+            var = e.invars[0]
+            continue
+        if name == "broadcast_in_dim" and len(e.invars) == 1:
+            bd, src = e.params["broadcast_dimensions"], e.invars[0].aval.shape
+            dims = set(range(ndim)) - set(bd)
+            dims |= {bd[j] for j, n in enumerate(src) if n == 1}
+        break
+    return dims | ones
 
 
 # -- the products -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 A targeted weight enters the traced jaxpr as an input variable. We follow it through
 shape-only operations (transpose, reshape, casts, copies, broadcasts, sharding
-constraints), through windows cut out of it (slices, splits, ``W[i]``, gathers) and into
+constraints), through elementwise rescaling (``W·c``, ``W/c``), through windows cut out of it (slices, splits, ``W[i]``, gathers) and into
 higher-order primitives (jit, remat, scan, cond, while, custom_jvp/vjp). For each dimension
 of the current value we know which axes of the original weight it holds; axes indexed away
 on the way (a scan over a layer stack, ``W[i]``, an expert picked by a gather) are "cut".
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from ._jaxpr import HIGHER, PRODUCT, SHAPE, WINDOW, kind, reshape_groups, subcalls
+from ._jaxpr import HIGHER, PRODUCT, SCALE, SHAPE, WINDOW, kind, reshape_groups, subcalls
 from .quant import is_quantized
 
 __all__ = ["Use", "WeightUsage", "trace_usage"]
@@ -202,6 +202,13 @@ class _Walker:
                     if k == 0 or name == "optimization_barrier":
                         ov = eqn.outvars[k] if name == "optimization_barrier" else eqn.outvars[0]
                         views.setdefault(ov, []).append((tid, _shape_view(eqn, view), cut, idx))
+            elif what == SCALE:  # W·c, c·W, W/c keep W's roles (c not from the arguments)
+                for k, entry in tracked:
+                    other = eqn.invars[1 - k]
+                    if (name == "div" and k == 1) or (not isinstance(other, jcore.Literal) and other in derived):
+                        self._record(eqn, k, entry)
+                    else:
+                        views.setdefault(eqn.outvars[0], []).append(entry)
             elif what == WINDOW:
                 for k, entry in tracked:
                     self._through_window(eqn, k, entry, views)

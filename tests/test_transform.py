@@ -403,3 +403,83 @@ def test_experts_picked_per_token_stay_factored(stored):
         jaxpr = jax.make_jaxpr(lambda l: jax.grad(lambda l: jnp.sum(lj.wrap(f, strategy)(base, l, x, e)))(l))(lora)
         formed = shape in _eqn_shapes(jaxpr.jaxpr)
         assert formed == (strategy == "merge"), strategy
+
+
+class _WeightNorm(nn.Module):
+    """A Dense whose kernel is rescaled per output: ``v · g / ||v0||`` with the norms taken
+    over the inputs of a separate frozen ``v0`` (the scale is constant along the inputs)."""
+
+    features: int = 6
+
+    @nn.compact
+    def __call__(self, x):
+        v = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        v0 = self.param("v0", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        g = self.param("g", nn.initializers.uniform(), (self.features,))
+        return x @ (v * (g / jnp.linalg.norm(v0, axis=0))[None, :])
+
+
+_RESCALED = {  # f, its target, the target's (in, out) axes
+    # per output, the scale on either side of the product
+    "v * c": (lambda p, x: x @ (p["w"] * p["c"][None, :]), "w", ((0,), (1,))),
+    "c * v": (lambda p, x: x @ (p["c"][None, :] * p["w"]), "w", ((0,), (1,))),
+    # divided per output; stored (out, in) as Hugging Face's GPT-2 does
+    "v / c, (out, in)": (lambda p, x: x @ (p["wt"] / (1 + p["c"][:, None] ** 2)).T, "wt", ((1,), (0,))),
+    # per input (constant along the outputs), then by a scalar
+    "per input, scalar": (lambda p, x: x @ (p["w"] * p["r"][:, None] * 0.5), "w", ((0,), (1,))),
+    # a stack of layers, one scale per (layer, output), scanned over
+    "stacked": (lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x,
+                                          p["ws"] * p["cs"][:, None, :])[0], "ws", ((1,), (2,))),
+}
+
+
+def _assert_factored_equals_merge(f, base, lora, x):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y = lj.wrap(f)(base, lora, x)
+        g = jax.grad(lambda l: jnp.sum(jnp.sin(lj.wrap(f)(base, l, x))))(lora)
+    assert not [r for r in rec if issubclass(r.category, MaterializeWarning)], [str(r.message) for r in rec]
+    chex.assert_trees_all_close(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-5)
+    gm = jax.grad(lambda l: jnp.sum(jnp.sin(lj.wrap(f, "merge")(base, l, x))))(lora)
+    chex.assert_trees_all_close(g, gm, rtol=1e-4, atol=1e-5)
+    return y
+
+
+@pytest.mark.parametrize("name", list(_RESCALED))
+def test_rescaled_kernels_stay_factored(name):
+    f, target, axes = _RESCALED[name]
+    params = {"w": _normal(0, (5, 5)), "wt": _normal(1, (5, 5)), "ws": _normal(2, (3, 5, 5)),
+              "c": _normal(3, (5,)), "r": _normal(4, (5,)), "cs": _normal(5, (3, 5))}
+    x = _normal(6, (4, 5))
+    cfg = lj.LoraConfig(rules=(lj.Rule(target, rank=2),))
+    base, lora = lj.split(jax.random.key(1), params, cfg, apply_fn=f, args=(x,))  # axes traced through the scale
+    assert (lora[target].in_axes, lora[target].out_axes) == axes
+    _assert_factored_equals_merge(f, base, _randomize_b(lora), x)
+
+
+def test_weight_norm_module_stays_factored_and_matches_numpy():
+    model, x = _WeightNorm(), _normal(0, (3, 5))
+    variables = model.init(jax.random.key(0), x)
+    base, lora = lj.split(jax.random.key(1), variables, lj.LoraConfig(rules=(lj.Rule(".*/kernel", rank=2),)),
+                          apply_fn=model.apply, args=(x,))
+    lora = _randomize_b(lora)
+    y = _assert_factored_equals_merge(model.apply, base, lora, x)
+    p = {k: np.asarray(v, np.float64) for k, v in variables["params"].items()}
+    w = (p["kernel"] + np_delta_of(lora["params"]["kernel"])) * (p["g"] / np.linalg.norm(p["v0"], axis=0))[None, :]
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_scales_that_vary_along_the_inputs_materialize():
+    # a norm of the adapted kernel itself needs the whole adapted W (mul of W with W), and
+    # an elementwise mask varies along inputs and outputs: both form W + s·A⊗B, correctly
+    cases = {"norm of the kernel": lambda p, x: x @ (p["w"] / jnp.linalg.norm(p["w"], axis=0, keepdims=True)),
+             "mask": lambda p, x: x @ (p["w"] * p["m"]),
+             "c / v": lambda p, x: x @ (p["c"][None, :] / p["w"])}
+    params = {"w": _normal(0, (5, 5)) + 3, "m": _normal(1, (5, 5)), "c": _normal(2, (5,))}
+    x = _normal(3, (4, 5))
+    base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    lora = _randomize_b(lora, scale=0.1)
+    for name, f in cases.items():
+        with pytest.warns(MaterializeWarning, match=r"'w' reaches '(mul|div)'"):
+            y = lj.wrap(f)(base, lora, x)
+        np.testing.assert_allclose(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-5, err_msg=name)
