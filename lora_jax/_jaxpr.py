@@ -13,7 +13,8 @@ primitive a weight meets by the same :data:`PRIMITIVES` table:
   (``mul``, ``div``; weight norm, per-output rescaling); the value keeps the weight's
   axis roles. ``wrap`` keeps it factored when the other value is constant along the
   weight's input axes (or its output axes): ``(W + s·A⊗B)·c = W·c + s·A⊗(B·c)``.
-* ``PRODUCT``: a product whose weight operand defines an adapter (``dot_general``, convs).
+* ``PRODUCT``: a product whose weight operand defines an adapter (``dot_general``, convs,
+  ``ragged_dot_general`` over experts).
 * ``HIGHER``: higher-order primitives whose sub-jaxprs the walkers enter (see
   :func:`subcalls`).
 
@@ -45,7 +46,7 @@ PRIMITIVES: dict[str, str] = {
         SHAPE),
     **dict.fromkeys(("slice", "dynamic_slice", "split", "concatenate", "gather"), WINDOW),
     **dict.fromkeys(("mul", "div"), SCALE),
-    **dict.fromkeys(("dot_general", "conv_general_dilated"), PRODUCT),
+    **dict.fromkeys(("dot_general", "conv_general_dilated", "ragged_dot_general"), PRODUCT),
     **dict.fromkeys(
         ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
          "custom_vjp_call_jaxpr", "remat2", "checkpoint", "remat", "scan", "while", "cond"),

@@ -10,6 +10,9 @@ has one rule here:
 * ``gather`` along the input (or output) axes: ``W[idx] + s·A[idx]·B`` (embedding lookup);
   along stack axes (an expert per token): A and B are picked alike and stay symbolic.
 * ``conv_general_dilated``: a conv with A (same window, in -> r), then B over the features.
+* ``ragged_dot_general`` (``lax.ragged_dot``, experts stacked along W's group axis):
+  ``ragged_dot(x, W, g) + s·ragged_dot(ragged_dot(x, A, g), B, g)`` with the same group
+  sizes.
 * ``mul`` by (or ``div`` by) a value constant along the weight's input axes, such as a
   per-output scale: ``W·c + s·A⊗(B·c)`` (constant along the output axes: ``(A·c)``).
 * shape-only ops (transpose, reshape/squeeze that regroup axes of one role, casts, copies,
@@ -891,6 +894,39 @@ def _pick_from_stack(v: Adapted, eqn, idx) -> Adapted:
         kind, k = v.roles[next(kept_w)]
         roles.append((kind, n_batch + kept_k.index(k)) if kind == _S else (kind, k))
     return v.replace(w=w, a=pick(v.a), b=pick(v.b), roles=roles)
+
+
+@_rule("ragged_dot_general")
+def _ragged_dot(interp, eqn, invals):
+    """Experts stacked along W's group axis, tokens sorted by expert (``lax.ragged_dot``):
+    ``ragged_dot(x, W, g) + s·ragged_dot(ragged_dot(x, A, g), B, g)`` with the same group
+    sizes ``g``, so no (experts, in, out) value is formed; with the output axes contracted,
+    B first. The weight must be the right operand, its group axis its one stack axis."""
+    x, v, sizes = invals
+    p = eqn.params
+    dn = p["ragged_dot_dimension_numbers"]
+    (xc, wc), (xb, wb) = dn.dot_dimension_numbers
+    if (_is_adapted(x) or _is_adapted(sizes) or not _is_adapted(v) or wb or p.get("group_offset") is not None
+            or len(dn.rhs_group_dimensions) != 1 or v.n_stack != 1):
+        return None
+    (group,) = dn.rhs_group_dimensions
+    kinds = {v.roles[d][0] for d in wc}
+    if v.roles[group][0] != _S or len(kinds) != 1 or _S in kinds:
+        return None
+    (first,) = kinds
+    (base,) = _eval(eqn, [x, v.w, sizes])
+    v = v.normalized()
+    f1, f2 = _cast_factors(v, first)  # (E, r, *contracted), (E, r, *produced)
+    free = [d for d in range(jnp.ndim(x)) if d not in xc]
+    (ragged,) = dn.lhs_ragged_dimensions
+    kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
+    t = lax.ragged_dot_general(
+        interp.dropout(x, v), f1, sizes,
+        lax.RaggedDotDimensionNumbers((((*xc,), tuple(v.axis(d) for d in wc)), ((), ())), (ragged,), (0,)), **kw)
+    y = lax.ragged_dot_general(
+        t.astype(f2.dtype), f2, sizes,
+        lax.RaggedDotDimensionNumbers((((t.ndim - 1,), (1,)), ((), ())), (free.index(ragged),), (0,)), **kw)
+    return [base + y.astype(base.dtype)]
 
 
 @_rule("conv_general_dilated")

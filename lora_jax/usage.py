@@ -6,8 +6,9 @@ constraints), through elementwise rescaling (``W·c``, ``W/c``), through windows
 higher-order primitives (jit, remat, scan, cond, while, custom_jvp/vjp). For each dimension
 of the current value we know which axes of the original weight it holds; axes indexed away
 on the way (a scan over a layer stack, ``W[i]``, an expert picked by a gather) are "cut".
-Where the value meets a ``dot_general``, ``gather`` or ``conv_general_dilated`` we read off
-which original axes are contracted (in), produced (out) or batched/cut (stack).
+Where the value meets a ``dot_general``, ``gather``, ``conv_general_dilated`` or
+``ragged_dot_general`` we read off which original axes are contracted (in), produced (out)
+or batched/cut/grouped (stack: a ragged dot's experts).
 
 Which primitive is which comes from the table in :mod:`lora_jax._jaxpr` that ``wrap``
 shares; a primitive outside it is an opaque use (:meth:`WeightUsage.unknown`).
@@ -323,6 +324,13 @@ class _Walker:
             contract, batch = (lc, lb) if k == 0 else (rc, rb)
             free = [d for d in range(ndim) if d not in contract and d not in batch]
             groups = (contract, free, batch)
+            self.width[tid] = (math.prod(shape[d] for d in contract), math.prod(shape[d] for d in free))
+        elif name == "ragged_dot_general" and k == 1 and p["ragged_dot_dimension_numbers"].rhs_group_dimensions:
+            dn = p["ragged_dot_dimension_numbers"]  # experts along the group axis: a stack axis
+            (_, contract), (_, batch) = dn.dot_dimension_numbers
+            stack = (*batch, *dn.rhs_group_dimensions)
+            free = [d for d in range(ndim) if d not in contract and d not in stack]
+            groups = (contract, free, stack)
             self.width[tid] = (math.prod(shape[d] for d in contract), math.prod(shape[d] for d in free))
         elif name == "conv_general_dilated" and k == 1:
             rhs = p["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)

@@ -405,6 +405,64 @@ def test_experts_picked_per_token_stay_factored(stored):
         assert formed == (strategy == "merge"), strategy
 
 
+class _SparseMoE(nn.Module):
+    """A Mixtral-style block: a router picks each token's top-2 of 4 experts (expert 3 is
+    never picked: its router bias is very negative), the (token, expert) pairs are sorted by
+    expert, and the SwiGLU experts run as ragged dots over the sorted rows."""
+
+    d: int = 8
+    ff: int = 12
+    n_exp: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal(batch_axis=(0,))
+        gate = self.param("gate", init, (self.n_exp, self.d, self.ff))
+        up = self.param("up", init, (self.n_exp, self.d, self.ff))
+        down = self.param("down", init, (self.n_exp, self.ff, self.d))
+        bias = jnp.array([0.0] * (self.n_exp - 1) + [-1e4])
+        weights, experts = jax.lax.top_k(nn.Dense(self.n_exp, name="router")(x) + bias[None, :], 2)
+        weights = jax.nn.softmax(weights, axis=-1)
+        order = jnp.argsort(experts.reshape(-1))  # (token, choice) pairs, sorted by expert
+        rows = x[order // 2]
+        sizes = jnp.bincount(experts.reshape(-1), length=self.n_exp).astype(jnp.int32)
+        h = nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+        y = jax.lax.ragged_dot(h, down, sizes)
+        y = jnp.zeros_like(y).at[order].set(y)  # back to (token, choice) order
+        return jnp.einsum("tkd,tk->td", y.reshape(x.shape[0], 2, self.d), weights), sizes
+
+
+@pytest.mark.slow
+def test_ragged_dot_experts_stay_factored():
+    model, x = _SparseMoE(), _normal(0, (6, 8))
+    variables = model.init(jax.random.key(0), x)
+    assert int(model.apply(variables, x)[1][3]) == 0  # an empty expert
+    cfg = lj.LoraConfig(rules=(lj.Rule(".*/(gate|up|down|router/kernel)", rank=2),))
+    base, lora = lj.split(jax.random.key(1), variables, cfg, apply_fn=model.apply, args=(x,))
+    axes = {p: (w.stack_axes, w.in_axes, w.out_axes) for p, w in lj.targets(lora)}
+    assert axes == {"params/gate": ((0,), (1,), (2,)), "params/up": ((0,), (1,), (2,)),
+                    "params/down": ((0,), (1,), (2,)), "params/router/kernel": ((), (0,), (1,))}
+    lora = _randomize_b(lora, scale=0.3)
+    f = lambda v, x: model.apply(v, x)[0]  # noqa: E731
+    loss = lambda strategy: lambda l, x: jnp.sum(jnp.sin(lj.wrap(f, strategy)(base, l, x)))  # noqa: E731
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y = lj.wrap(f)(base, lora, x)
+        g = jax.grad(loss("factored"), argnums=(0, 1))(lora, x)
+        jaxpr = jax.make_jaxpr(jax.grad(loss("factored")))(lora, x)
+    assert not [r for r in rec if issubclass(r.category, MaterializeWarning)], [str(r.message) for r in rec]
+    chex.assert_trees_all_close(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g, jax.grad(loss("merge"), argnums=(0, 1))(lora, x), rtol=1e-4, atol=1e-5)
+    shapes = _eqn_shapes(jaxpr.jaxpr)
+    assert (4, 8, 12) not in shapes and (4, 12, 8) not in shapes  # no adapted expert weight is formed
+    merged = _eqn_shapes(jax.make_jaxpr(jax.grad(loss("merge")))(lora, x).jaxpr)
+    assert (4, 8, 12) in merged  # (the check can fail)
+    # the empty expert's factors get no gradient; the others do
+    for name in ("gate", "up", "down"):
+        gb = np.asarray(g[0]["params"][name].b)
+        assert np.all(gb[3] == 0) and np.all(np.abs(gb[:3]).sum(axis=(1, 2)) > 0), name
+
+
 class _WeightNorm(nn.Module):
     """A Dense whose kernel is rescaled per output: ``v · g / ||v0||`` with the norms taken
     over the inputs of a separate frozen ``v0`` (the scale is constant along the inputs)."""
