@@ -35,6 +35,14 @@ def _randomize_b(lora, key=3, scale=1.0):
     return jax.tree.map(f, lora, is_leaf=lj.is_lora)
 
 
+def _materialized(run):
+    """``run()``'s result and the messages of the MaterializeWarnings it raised."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = run()
+    return out, [str(r.message) for r in rec if issubclass(r.category, MaterializeWarning)]
+
+
 def _eqn_shapes(jaxpr):
     """Shapes of every value any equation produces, sub-jaxprs included."""
     out = []
@@ -121,12 +129,8 @@ def test_fallback_materializes_correctly_and_warns_exactly_once():
     lora = _randomize_b(lora)
     x = _normal(2, (3, 8))
     g = lj.wrap(f)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        y1 = g(base, lora, x)
-        y2 = jax.jit(g)(base, lora, x * 2)
-        gr = jax.grad(lambda l: jnp.sum(g(base, l, x)))(lora)
-    msgs = [str(r.message) for r in rec if issubclass(r.category, MaterializeWarning)]
+    (y1, y2, gr), msgs = _materialized(lambda: (
+        g(base, lora, x), jax.jit(g)(base, lora, x * 2), jax.grad(lambda l: jnp.sum(g(base, l, x)))(lora)))
     assert len(msgs) == 1 and "integer_pow" in msgs[0] and "'w'" in msgs[0], msgs
     w = np.asarray(params["w"], np.float64) + np_delta_of(lora["w"])
     for xx, y in ((x, y1), (x * 2, y2)):
@@ -147,11 +151,7 @@ def test_fallback_warns_once_per_weight_and_primitive_naming_the_path():
     lora = _randomize_b(lora)
     x = _normal(2, (3, 4))
     g = lj.wrap(f)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        y = g(base, lora, x)
-        g(base, lora, x * 2)  # the same wrap again: nothing new to say
-    msgs = [str(r.message) for r in rec if issubclass(r.category, MaterializeWarning)]
+    (y, _), msgs = _materialized(lambda: (g(base, lora, x), g(base, lora, x * 2)))  # the second: nothing new
     assert len(msgs) == 2, msgs
     for path, msg in zip(("params/layer_0/mlp/kernel", "params/layer_1/mlp/kernel"), msgs):
         assert f"{path!r} reaches 'sin'" in msg, msg
@@ -445,12 +445,10 @@ def test_ragged_dot_experts_stay_factored():
     lora = _randomize_b(lora, scale=0.3)
     f = lambda v, x: model.apply(v, x)[0]  # noqa: E731
     loss = lambda strategy: lambda l, x: jnp.sum(jnp.sin(lj.wrap(f, strategy)(base, l, x)))  # noqa: E731
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        y = lj.wrap(f)(base, lora, x)
-        g = jax.grad(loss("factored"), argnums=(0, 1))(lora, x)
-        jaxpr = jax.make_jaxpr(jax.grad(loss("factored")))(lora, x)
-    assert not [r for r in rec if issubclass(r.category, MaterializeWarning)], [str(r.message) for r in rec]
+    (y, g, jaxpr), msgs = _materialized(lambda: (
+        lj.wrap(f)(base, lora, x), jax.grad(loss("factored"), argnums=(0, 1))(lora, x),
+        jax.make_jaxpr(jax.grad(loss("factored")))(lora, x)))
+    assert not msgs, msgs
     chex.assert_trees_all_close(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(g, jax.grad(loss("merge"), argnums=(0, 1))(lora, x), rtol=1e-4, atol=1e-5)
     shapes = _eqn_shapes(jaxpr.jaxpr)
@@ -492,11 +490,9 @@ _RESCALED = {  # f, its target, the target's (in, out) axes
 
 
 def _assert_factored_equals_merge(f, base, lora, x):
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        y = lj.wrap(f)(base, lora, x)
-        g = jax.grad(lambda l: jnp.sum(jnp.sin(lj.wrap(f)(base, l, x))))(lora)
-    assert not [r for r in rec if issubclass(r.category, MaterializeWarning)], [str(r.message) for r in rec]
+    (y, g), msgs = _materialized(lambda: (
+        lj.wrap(f)(base, lora, x), jax.grad(lambda l: jnp.sum(jnp.sin(lj.wrap(f)(base, l, x))))(lora)))
+    assert not msgs, msgs
     chex.assert_trees_all_close(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-5)
     gm = jax.grad(lambda l: jnp.sum(jnp.sin(lj.wrap(f, "merge")(base, l, x))))(lora)
     chex.assert_trees_all_close(g, gm, rtol=1e-4, atol=1e-5)
