@@ -23,8 +23,8 @@ has one rule here:
   ``scan`` slices A and B per step for a weight stacked along the scan axis; ``cond`` and
   ``while`` recurse.
 * anything else materializes ``W + s·A⊗B`` for that use only and warns once per weight
-  and primitive, naming both (:class:`MaterializeWarning`); so do ``reduce_precision`` and casts to int or
-  bool, which round the adapted weight as a whole.
+  and primitive, naming both (:class:`MaterializeWarning`); so do ``reduce_precision``
+  and casts to int or bool, which round the adapted weight as a whole.
 
 The primitives with a rule here are exactly those of the table in :mod:`lora_jax._jaxpr`,
 which axis inference reads too.

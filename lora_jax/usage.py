@@ -2,8 +2,9 @@
 
 A targeted weight enters the traced jaxpr as an input variable. We follow it through
 shape-only operations (transpose, reshape, casts, copies, broadcasts, sharding
-constraints), through elementwise rescaling (``W·c``, ``W/c``), through windows cut out of it (slices, splits, ``W[i]``, gathers) and into
-higher-order primitives (jit, remat, scan, cond, while, custom_jvp/vjp). For each dimension
+constraints), through elementwise rescaling by values not computed from the arguments
+(``W·c``, ``W/c``), through windows cut out of it (slices, splits, ``W[i]``, gathers) and
+into higher-order primitives (jit, remat, scan, cond, while, custom_jvp/vjp). For each dimension
 of the current value we know which axes of the original weight it holds; axes indexed away
 on the way (a scan over a layer stack, ``W[i]``, an expert picked by a gather) are "cut".
 Where the value meets a ``dot_general``, ``gather``, ``conv_general_dilated`` or
@@ -213,7 +214,8 @@ class _Walker:
             elif what == WINDOW:
                 for k, entry in tracked:
                     self._through_window(eqn, k, entry, views)
-                    if name == "gather" and k == 0 and eqn.invars[1] in derived:
+                    if name == "gather" and k == 0 and not isinstance(eqn.invars[1], jcore.Literal) \
+                            and eqn.invars[1] in derived:
                         self._lookup(eqn, entry)
             elif subs:
                 self._recurse(eqn, subs, views, taints, derived)
@@ -242,7 +244,7 @@ class _Walker:
     def _lookup(self, eqn, entry):
         """A gather of rows of a weight by indices computed from the arguments (an embedding
         lookup of tokens): record the number of rows it picks from."""
-        tid, view, _, _ = entry
+        tid = entry[0]
         dn = eqn.params["dimension_numbers"]
         shape = eqn.invars[0].aval.shape
         rows = math.prod(shape[d] for d in set(dn.start_index_map) | set(dn.collapsed_slice_dims))

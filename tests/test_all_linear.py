@@ -208,7 +208,8 @@ _HEADS = {
 def test_traced_head_is_the_output_embedding_or_the_classifier(name):
     model, args, expected = _HEADS[name]
     variables = model.init(jax.random.key(0), *args)
-    _, lora = lj.split(jax.random.key(1), variables, lj.LoraConfig.all_linear(rank=2), apply_fn=model.apply, args=args)
+    _, lora = lj.split(jax.random.key(1), variables, lj.LoraConfig.all_linear(rank=2),
+                       apply_fn=model.apply, args=args)
     assert _targets(lora) == sorted(expected)
 
 
