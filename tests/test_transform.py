@@ -461,6 +461,18 @@ def test_ragged_dot_experts_stay_factored():
         assert np.all(gb[3] == 0) and np.all(np.abs(gb[:3]).sum(axis=(1, 2)) > 0), name
 
 
+def test_ragged_dot_on_experts_stored_out_in():
+    # (E, out, in) experts contracted on their last axis: A is laid over that axis
+    dn = jax.lax.RaggedDotDimensionNumbers((((1,), (2,)), ((), ())), (0,), (0,))
+    sizes = jnp.array([2, 0, 3], jnp.int32)
+    f = lambda p, x: jax.lax.ragged_dot_general(x, p["e"], sizes, dn)  # noqa: E731
+    params, x = {"e": _normal(0, (3, 8, 6))}, _normal(1, (5, 6))
+    base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("e", rank=2),)),
+                          apply_fn=f, args=(x,))
+    assert (lora["e"].stack_axes, lora["e"].in_axes, lora["e"].out_axes) == ((0,), (2,), (1,))
+    _assert_factored_equals_merge(f, base, _randomize_b(lora), x)
+
+
 class _WeightNorm(nn.Module):
     """A Dense whose kernel is rescaled per output: ``v · g / ||v0||`` with the norms taken
     over the inputs of a separate frozen ``v0`` (the scale is constant along the inputs)."""
