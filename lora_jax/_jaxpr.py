@@ -9,7 +9,12 @@ primitive a weight meets by the same :data:`PRIMITIVES` table:
   weight's axis roles (transpose, reshape, casts, copies, sharding constraints, barriers).
 * ``WINDOW``: cuts windows out of the weight or joins it with others (slices, gathers,
   concatenation); the pieces keep the roles.
-* ``PRODUCT``: a product whose weight operand defines an adapter (``dot_general``, convs).
+* ``SCALE``: multiplies the weight elementwise by another value, or divides it by one
+  (``mul``, ``div``; weight norm, per-output rescaling); the value keeps the weight's
+  axis roles. ``wrap`` keeps it factored when the other value is constant along the
+  weight's input axes (or its output axes): ``(W + s·A⊗B)·c = W·c + s·A⊗(B·c)``.
+* ``PRODUCT``: a product whose weight operand defines an adapter (``dot_general``, convs,
+  ``ragged_dot_general`` over experts).
 * ``HIGHER``: higher-order primitives whose sub-jaxprs the walkers enter (see
   :func:`subcalls`).
 
@@ -28,10 +33,10 @@ from typing import Any
 
 from jax.extend import core as jcore
 
-__all__ = ["SHAPE", "WINDOW", "PRODUCT", "HIGHER", "PRIMITIVES", "kind", "closed", "scan_counts",
+__all__ = ["SHAPE", "WINDOW", "SCALE", "PRODUCT", "HIGHER", "PRIMITIVES", "kind", "closed", "scan_counts",
            "subcalls", "bind", "reshape_groups"]
 
-SHAPE, WINDOW, PRODUCT, HIGHER = "shape", "window", "product", "higher-order"
+SHAPE, WINDOW, SCALE, PRODUCT, HIGHER = "shape", "window", "scale", "product", "higher-order"
 
 PRIMITIVES: dict[str, str] = {
     **dict.fromkeys(
@@ -40,7 +45,8 @@ PRIMITIVES: dict[str, str] = {
          "reduce_precision", "optimization_barrier"),
         SHAPE),
     **dict.fromkeys(("slice", "dynamic_slice", "split", "concatenate", "gather"), WINDOW),
-    **dict.fromkeys(("dot_general", "conv_general_dilated"), PRODUCT),
+    **dict.fromkeys(("mul", "div"), SCALE),
+    **dict.fromkeys(("dot_general", "conv_general_dilated", "ragged_dot_general"), PRODUCT),
     **dict.fromkeys(
         ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
          "custom_vjp_call_jaxpr", "remat2", "checkpoint", "remat", "scan", "while", "cond"),

@@ -356,16 +356,28 @@ class LoraConfig:
 
         With ``split(..., apply_fn=...)`` a weight counts as linear when the traced function
         consumes it with a ``dot_general`` (Dense, DenseGeneral, Einsum, hand-written
-        ``x @ W``), and the head is the weight whose product flows into the function's
-        output without another matmul (the logits layer). Without tracing, linear weights
-        are the float leaves named ``kernel`` with at least two dimensions, and the head is
-        found by name (``lm_head``, ``head``, ``classifier``, ``score``, ``logits``,
-        ``output_head``). ``exclude`` adds path regexes to leave alone.
+        ``x @ W``), and the head is found from the trace alone, whatever the weights are
+        called. Without tracing, linear weights are the float leaves named ``kernel`` with
+        at least two dimensions, and a path with a head name in it (``lm_head``, ``head``,
+        ``classifier``, ``score``, ``logits``, ``output_head``) is left out. ``exclude``
+        adds path regexes to leave alone.
 
-        The traced head is the last-applied weight whose product reaches the result through
-        operations other than a residual sum (softmax, masking and a loss on the logits
-        keep it visible); a model that ends in a residual stream (an encoder without a
-        head) has none.
+        The traced head. A weight's product is an output when its result reaches a
+        returned value through operations other than products with weights and sums with
+        other activations (bias adds, activations, masks, casts, reshapes, normalization,
+        softmax and a loss on the logits keep it an output; a later layer or a residual sum
+        ends it). Among the output products that feed no other weight's product, the head
+        is each one whose output size is the vocabulary (the rows of the largest embedding
+        table the function looks up with indices from its arguments: an LM's output
+        embedding); failing that, the only one, if it
+        changes the width (a classifier or logits layer); failing that, none. So hidden
+        layers inside a head module (RoBERTa's ``lm_head/dense``, BERT's
+        ``cls/predictions/transform/dense``) are adapted, and so are output layers side by
+        side (CLIP's ``text_projection`` and ``visual_projection``) and a pooler that keeps
+        the width, as PEFT's ``all-linear`` adapts them; a model that ends in a residual
+        stream (an encoder without a head) has no head. Tracing only one tower of a
+        two-tower model makes its projection the only output layer, hence the head: trace
+        the function that uses both, or give explicit rules.
 
         >>> cfg = LoraConfig.all_linear(rank=4, alpha=8.0, exclude=(r".*/embed/.*",))
         >>> cfg.rules[0].linear_only, cfg.exclude

@@ -123,13 +123,13 @@ def _select(params, config: LoraConfig, apply_fn, args, kwargs):
     candidates = [i for i, p in enumerate(paths) if any(r.matches(p) for r in config.rules)]
     usages = None
     if apply_fn is not None:
-        usages = trace_usage(apply_fn, params, args, kwargs, targets=candidates)
+        usages = trace_usage(apply_fn, params, args, kwargs)  # every leaf: the head needs the embeddings
     hits: dict[int, Rule] = {}
     heads = [paths[i] for i in candidates if usages is not None and usages[i].head]
     for i in candidates:
         path = paths[i]
         if usages is not None:
-            linear = usages[i].is_linear and not usages[i].head and not _head_by_name(path)
+            linear = usages[i].is_linear and not usages[i].head  # names are the untraced fallback
         else:
             linear = _looks_linear(path, arrays[i])
         rule = config.rule_for(path, linear=linear)

@@ -10,6 +10,11 @@ has one rule here:
 * ``gather`` along the input (or output) axes: ``W[idx] + s·A[idx]·B`` (embedding lookup);
   along stack axes (an expert per token): A and B are picked alike and stay symbolic.
 * ``conv_general_dilated``: a conv with A (same window, in -> r), then B over the features.
+* ``ragged_dot_general`` (``lax.ragged_dot``, experts stacked along W's group axis):
+  ``ragged_dot(x, W, g) + s·ragged_dot(ragged_dot(x, A, g), B, g)`` with the same group
+  sizes.
+* ``mul`` by (or ``div`` by) a value constant along the weight's input axes, such as a
+  per-output scale: ``W·c + s·A⊗(B·c)`` (constant along the output axes: ``(A·c)``).
 * shape-only ops (transpose, reshape/squeeze that regroup axes of one role, casts, copies,
   sharding constraints, ``checkpoint_name``, ``optimization_barrier``) and windows (slice,
   dynamic_slice, split) stay symbolic; ``concatenate`` pads each adapted piece's factors
@@ -17,9 +22,9 @@ has one rule here:
 * ``jit``, custom_jvp/custom_vjp calls are inlined; ``remat`` is re-applied with its policy;
   ``scan`` slices A and B per step for a weight stacked along the scan axis; ``cond`` and
   ``while`` recurse.
-* anything else materializes ``W + s·A⊗B`` for that use only and warns once naming the
-  primitive (:class:`MaterializeWarning`); so do ``reduce_precision`` and casts to int or
-  bool, which round the adapted weight as a whole.
+* anything else materializes ``W + s·A⊗B`` for that use only and warns once per weight
+  and primitive, naming both (:class:`MaterializeWarning`); so do ``reduce_precision``
+  and casts to int or bool, which round the adapted weight as a whole.
 
 The primitives with a rule here are exactly those of the table in :mod:`lora_jax._jaxpr`,
 which axis inference reads too.
@@ -78,7 +83,9 @@ class Adapted:
     reshapes, slices, casts). ``roles[d] = (kind, k)`` says that dimension ``d`` of ``w`` is
     the ``k``-th stack (``"s"``), input (``"i"``) or output (``"o"``) axis of the factors:
     ``a`` is ``(*stack, r, *in)`` and ``b`` is ``(*stack, r, *out)``. ``key`` is the dropout
-    key (or None). The children are ``w``, ``a``, ``b`` and ``key``; the rest is static.
+    key (or None). ``name`` is the target's parameter path (``params/mlp/up/kernel``; the
+    paths joined by ``+`` when several targets are concatenated). The children are ``w``,
+    ``a``, ``b`` and ``key``; the rest is static.
 
     """
 
@@ -92,13 +99,15 @@ class Adapted:
     name: str = _static()
 
     @classmethod
-    def of(cls, w, lw: LoraWeight, key):
+    def of(cls, w, lw: LoraWeight, key, name: str | None = None):
+        """The value of target ``w`` with adapter ``lw``, named ``name`` (its path; the
+        adapter's rule pattern when None)."""
         roles = []
         for d in range(w.ndim):
             for kind, axes in ((_S, lw.stack_axes), (_I, lw.in_axes), (_O, lw.out_axes)):
                 if d in axes:
                     roles.append((kind, axes.index(d)))
-        return cls(w, lw.a, lw.b, key, tuple(roles), lw.scale, lw.dropout, lw.rule)
+        return cls(w, lw.a, lw.b, key, tuple(roles), lw.scale, lw.dropout, lw.rule if name is None else name)
 
     def replace(self, **kw) -> "Adapted":
         if "roles" in kw:
@@ -364,7 +373,7 @@ class _Interpreter:
     """Evaluates a jaxpr whose inputs may be :class:`Adapted` values."""
 
     def __init__(self, warned: set):
-        self.warned = warned
+        self.warned = warned  # the (weight path, primitive) pairs already warned about
         self.uses = 0  # counts adapter uses, so each gets its own dropout mask
         self.frame: tuple = ((), {}, 0)  # (equations, environment, position) being evaluated
         self.shared: dict = {}  # id(eqn) -> its x·A, computed with a sibling's (same x)
@@ -429,18 +438,18 @@ class _Interpreter:
         return _eval(eqn, invals)
 
     def concrete(self, x, why: str):
-        """A plain array for ``x``: materializes an :class:`Adapted` (warning once per why)
-        and dequantizes a :class:`Dequantized`."""
+        """A plain array for ``x``: materializes an :class:`Adapted` (warning once per weight
+        and ``why``) and dequantizes a :class:`Dequantized`."""
         if _is_deq(x):
             return x.value()
         if not _is_adapted(x):
             return x
-        if why not in self.warned:
-            self.warned.add(why)
+        if (x.name, why) not in self.warned:
+            self.warned.add((x.name, why))
             warnings.warn(
                 f"lora_jax.wrap: the adapted weight {x.name!r} reaches {why!r}, which has no "
                 "factored rule; W + s*A@B is materialized for this use (correct, but with "
-                "merge-like memory). Warned once per primitive.",
+                "merge-like memory). Warned once per weight and primitive.",
                 MaterializeWarning,
                 stacklevel=2,
             )
@@ -594,6 +603,64 @@ def _pad_axis(f, ax: int, pad: tuple[int, int]):
     widths = [(0, 0)] * f.ndim
     widths[ax] = pad
     return jnp.pad(f, widths)
+
+
+# -- elementwise rescaling ---------------------------------------------------------------------
+@_rule("mul", "div")
+def _rescale(interp, eqn, invals):
+    """``(W + s·A⊗B)·c = W·c + s·A⊗(B·c)`` when ``c`` is constant along W's input axes (a
+    per-output scale: weight norm's ``g / ||v||``), ``W·c + s·(A·c)⊗B`` when it is constant
+    along the output axes; division by such a ``c`` likewise. Constant means a scalar, or a
+    broadcast (possibly cast) whose operand lacks those axes or has size 1 there. Any other
+    ``c``, and ``c / W``, materialize."""
+    k = 0 if _is_adapted(invals[0]) else 1
+    v, c = invals[k], invals[1 - k]
+    if _is_adapted(c) or _is_deq(c) or (eqn.primitive.name == "div" and k == 1):
+        return None
+    const = _constant_dims(interp, eqn.invars[1 - k], v.w.ndim)
+    kind = _O if set(v.dims(_I)) <= const else _I if set(v.dims(_O)) <= const else None
+    if kind is None:
+        return None
+    (w,) = _eval(eqn, [v.w, c] if k == 0 else [c, v.w])
+    v = v.normalized()
+    f = v.b if kind == _O else v.a
+    if jnp.ndim(c):  # c over the stack and ``kind`` dimensions, in the factor's layout
+        keep = [d for d in range(v.w.ndim) if v.roles[d][0] in (_S, kind)]
+        c = c[tuple(slice(None) if d in keep else 0 for d in range(v.w.ndim))]
+        c = jnp.transpose(c, [keep.index(d) for d in (*v.dims(_S), *v.dims(kind))])
+        c = jnp.expand_dims(c, v.n_stack)  # the rank axis
+    c = c.astype(f.dtype)
+    f = f * c if eqn.primitive.name == "mul" else f / c
+    return [v.replace(w=w, **{"b" if kind == _O else "a": f})]
+
+
+def _constant_dims(interp, var, ndim: int) -> set[int]:
+    """The dimensions along which the value of jaxpr variable ``var`` (an operand of an
+    elementwise op on an ``ndim``-dimensional weight) is constant, as its producer in the
+    jaxpr being evaluated shows: every one for a scalar; its size-1 dimensions (which the
+    op broadcasts); and the new and size-1 dimensions of the ``broadcast_in_dim`` that made
+    it (followed through casts and copies)."""
+    shape = var.aval.shape
+    if not shape:
+        return set(range(ndim))
+    ones = {d for d, n in enumerate(shape) if n == 1}
+    if isinstance(var, jcore.Literal):
+        return ones
+    dims: set = set()
+    eqns, _, pos = interp.frame
+    for e in reversed(eqns[:pos]):
+        if var not in e.outvars:
+            continue
+        name = e.primitive.name
+        if name in ("convert_element_type", "copy", "copy_p") and not isinstance(e.invars[0], jcore.Literal):
+            var = e.invars[0]
+            continue
+        if name == "broadcast_in_dim" and len(e.invars) == 1:
+            bd, src = e.params["broadcast_dimensions"], e.invars[0].aval.shape
+            dims = set(range(ndim)) - set(bd)
+            dims |= {bd[j] for j, n in enumerate(src) if n == 1}
+        break
+    return dims | ones
 
 
 # -- the products -----------------------------------------------------------------------------
@@ -760,6 +827,39 @@ def _pick_from_stack(v: Adapted, eqn, idx) -> Adapted:
         kind, k = v.roles[next(kept_w)]
         roles.append((kind, n_batch + kept_k.index(k)) if kind == _S else (kind, k))
     return v.replace(w=w, a=pick(v.a), b=pick(v.b), roles=roles)
+
+
+@_rule("ragged_dot_general")
+def _ragged_dot(interp, eqn, invals):
+    """Experts stacked along W's group axis, tokens sorted by expert (``lax.ragged_dot``):
+    ``ragged_dot(x, W, g) + s·ragged_dot(ragged_dot(x, A, g), B, g)`` with the same group
+    sizes ``g``, so no (experts, in, out) value is formed; with the output axes contracted,
+    B first. The weight must be the right operand, its group axis its one stack axis."""
+    x, v, sizes = invals
+    p = eqn.params
+    dn = p["ragged_dot_dimension_numbers"]
+    (xc, wc), (xb, wb) = dn.dot_dimension_numbers
+    if (_is_adapted(x) or _is_adapted(sizes) or not _is_adapted(v) or wb or p.get("group_offset") is not None
+            or len(dn.rhs_group_dimensions) != 1 or v.n_stack != 1):
+        return None
+    (group,) = dn.rhs_group_dimensions
+    kinds = {v.roles[d][0] for d in wc}
+    if v.roles[group][0] != _S or len(kinds) != 1 or _S in kinds:
+        return None
+    (first,) = kinds
+    (base,) = _eval(eqn, [x, v.w, sizes])
+    v = v.normalized()
+    f1, f2 = _cast_factors(v, first)  # (E, r, *contracted), (E, r, *produced)
+    free = [d for d in range(jnp.ndim(x)) if d not in xc]
+    (ragged,) = dn.lhs_ragged_dimensions
+    kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
+    t = lax.ragged_dot_general(
+        interp.dropout(x, v), f1, sizes,
+        lax.RaggedDotDimensionNumbers((((*xc,), tuple(v.axis(d) for d in wc)), ((), ())), (ragged,), (0,)), **kw)
+    y = lax.ragged_dot_general(
+        t.astype(f2.dtype), f2, sizes,
+        lax.RaggedDotDimensionNumbers((((t.ndim - 1,), (1,)), ((), ())), (free.index(ragged),), (0,)), **kw)
+    return [base + y.astype(base.dtype)]
 
 
 @_rule("conv_general_dilated")
@@ -945,7 +1045,8 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
         embedding lookup ``W[i] + s·A[i]·B``, a conv a conv with A then a 1×1 product with
         B. A⊗B is never formed and no gradient of W is computed. A use without a factored
         rule (see the module docstring) materializes the weight for that use only and
-        warns once (:class:`MaterializeWarning`). Non-array arguments (flags, strings)
+        warns once per weight and primitive (:class:`MaterializeWarning`, naming the
+        weight's path). Non-array arguments (flags, strings)
         are static.
       ``"merge"``: materialize ``W + s·A⊗B`` (float32 accumulation, base dtype) for every
         target, then call ``f``. Simple and obviously correct: the reference the factored
@@ -1044,6 +1145,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
         check_fits(base, lora)
         base_leaves, base_def = jax.tree.flatten(base, is_leaf=is_quantized)
         targets = base_def.flatten_up_to(lora)
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(base, is_leaf=is_quantized)[0]]
         arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
         closed, out_tree, is_arr = trace(base_def, base_leaves, arg_def, arg_leaves)
         inputs = []
@@ -1052,7 +1154,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
                 w = Dequantized.of(w)
             if is_lora(lw):
                 key = None if lora_rng is None or lw.dropout <= 0 else jax.random.fold_in(lora_rng, i)
-                w = Adapted.of(w, lw, key)
+                w = Adapted.of(w, lw, key, paths[i])
             if arr:
                 inputs.append(w)
         inputs += [x for x, arr in zip(arg_leaves, is_arr[len(base_leaves):]) if arr]

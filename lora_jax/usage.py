@@ -2,30 +2,48 @@
 
 A targeted weight enters the traced jaxpr as an input variable. We follow it through
 shape-only operations (transpose, reshape, casts, copies, broadcasts, sharding
-constraints), through windows cut out of it (slices, splits, ``W[i]``, gathers) and into
-higher-order primitives (jit, remat, scan, cond, while, custom_jvp/vjp). For each dimension
+constraints), through elementwise rescaling by values not computed from the arguments
+(``W·c``, ``W/c``), through windows cut out of it (slices, splits, ``W[i]``, gathers) and
+into higher-order primitives (jit, remat, scan, cond, while, custom_jvp/vjp). For each dimension
 of the current value we know which axes of the original weight it holds; axes indexed away
 on the way (a scan over a layer stack, ``W[i]``, an expert picked by a gather) are "cut".
-Where the value meets a ``dot_general``, ``gather`` or ``conv_general_dilated`` we read off
-which original axes are contracted (in), produced (out) or batched/cut (stack).
+Where the value meets a ``dot_general``, ``gather``, ``conv_general_dilated`` or
+``ragged_dot_general`` we read off which original axes are contracted (in), produced (out)
+or batched/cut/grouped (stack: a ragged dot's experts).
 
 Which primitive is which comes from the table in :mod:`lora_jax._jaxpr` that ``wrap``
 shares; a primitive outside it is an opaque use (:meth:`WeightUsage.unknown`).
 
-The same walk finds the output head for :meth:`LoraConfig.all_linear`: the last weight
-whose matmul output reaches the function's result without being mixed into a residual sum.
+The same walk finds the output head for :meth:`LoraConfig.all_linear` (:func:`_heads`).
+A weight's product is an *output* when its result reaches a value the function returns
+through operations other than products with weights and sums with other activations:
+bias adds, activations, masks, casts, reshapes, normalizations, softmax and a loss on
+labels keep it an output; a later layer (a product with another weight) or a residual sum
+ends it. Calls (jit, remat, custom_jvp/vjp) pass this on; loops and branches (scan, while,
+cond) do not. The output products that do not also feed another weight's product (a hidden
+layer returned beside the logits) are the candidates; of them the head is
+
+* each candidate whose output size is the vocabulary: the number of rows of the largest
+  embedding table the function looks up with indices computed from its arguments (tokens;
+  position tables looked up with constant positions do not count): an LM's output
+  embedding, tied or not; else
+* the only candidate, when it changes the width (input size != output size: a classifier,
+  a logits layer); else
+* none: several output layers side by side (CLIP's text and visual projections, which
+  PEFT's ``all-linear`` adapts too), or one that keeps the width (a pooler).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from ._jaxpr import HIGHER, PRODUCT, SHAPE, WINDOW, kind, reshape_groups, subcalls
+from ._jaxpr import HIGHER, PRODUCT, SCALE, SHAPE, WINDOW, kind, reshape_groups, subcalls
 from .quant import is_quantized
 
 __all__ = ["Use", "WeightUsage", "trace_usage"]
@@ -57,7 +75,7 @@ class WeightUsage:
     """Everything tracing learned about one weight."""
 
     uses: list[Use] = dataclasses.field(default_factory=list)
-    head: bool = False
+    head: bool = False  # the weight is the function's output head (see the module docstring)
 
     def _defining(self) -> tuple[str, Use] | None:
         """The use that decides the axes, and the weight's kind."""
@@ -168,8 +186,9 @@ def _roles(view, dims):
 class _Walker:
     def __init__(self, n_targets: int):
         self.usage = [WeightUsage() for _ in range(n_targets)]
-        self.order: dict[int, int] = {}  # tid -> index of its last matmul (head choice)
-        self.counter = 0
+        self.width: dict[int, tuple[int, int]] = {}  # tid -> (contracted, produced) sizes of its product
+        self.fed: set[int] = set()  # tids whose product's result reaches another weight's product
+        self.rows: dict[int, int] = {}  # tid -> rows an embedding lookup of the arguments picks from
 
     def walk(self, jaxpr, views: dict, taints: dict, derived: set):
         """views: var -> list of entries; taints: var -> frozenset(tid) of the weights whose
@@ -185,9 +204,19 @@ class _Walker:
                     if k == 0 or name == "optimization_barrier":
                         ov = eqn.outvars[k] if name == "optimization_barrier" else eqn.outvars[0]
                         views.setdefault(ov, []).append((tid, _shape_view(eqn, view), cut, idx))
+            elif what == SCALE:  # W·c, c·W, W/c keep W's roles (c not from the arguments)
+                for k, entry in tracked:
+                    other = eqn.invars[1 - k]
+                    if (name == "div" and k == 1) or (not isinstance(other, jcore.Literal) and other in derived):
+                        self._record(eqn, k, entry)
+                    else:
+                        views.setdefault(eqn.outvars[0], []).append(entry)
             elif what == WINDOW:
                 for k, entry in tracked:
                     self._through_window(eqn, k, entry, views)
+                    if name == "gather" and k == 0 and not isinstance(eqn.invars[1], jcore.Literal) \
+                            and eqn.invars[1] in derived:
+                        self._lookup(eqn, entry)
             elif subs:
                 self._recurse(eqn, subs, views, taints, derived)
             else:
@@ -200,9 +229,8 @@ class _Walker:
     def _taint(self, eqn, name, ins, tracked, subs, taints, derived):
         if _is_product(name):
             t = frozenset(e[0] for k, e in tracked)
-            self.counter += 1
-            for tid in t:
-                self.order[tid] = self.counter
+            if t:  # a layer: what flows into it is no longer an output
+                self.fed.update(tid for _, v in ins if v in derived for tid in taints.get(v, ()))
         elif subs:
             return  # call-like: set by the recursion; loops and branches pass none on
         else:
@@ -212,6 +240,15 @@ class _Walker:
             t = act[0] if act and all(a == act[0] for a in act) else frozenset()
         if t:
             taints.update((ov, t) for ov in eqn.outvars)
+
+    def _lookup(self, eqn, entry):
+        """A gather of rows of a weight by indices computed from the arguments (an embedding
+        lookup of tokens): record the number of rows it picks from."""
+        tid = entry[0]
+        dn = eqn.params["dimension_numbers"]
+        shape = eqn.invars[0].aval.shape
+        rows = math.prod(shape[d] for d in set(dn.start_index_map) | set(dn.collapsed_slice_dims))
+        self.rows[tid] = max(rows, self.rows.get(tid, 0))
 
     def _through_window(self, eqn, k, entry, views):
         tid, view, cut, idx = entry
@@ -283,14 +320,24 @@ class _Walker:
         tid, view, cut, idx = entry
         name, p = eqn.primitive.name, eqn.params
         ndim = len(view)
+        shape = eqn.invars[k].aval.shape
         if name == "dot_general":
             (lc, rc), (lb, rb) = p["dimension_numbers"]
             contract, batch = (lc, lb) if k == 0 else (rc, rb)
             free = [d for d in range(ndim) if d not in contract and d not in batch]
             groups = (contract, free, batch)
+            self.width[tid] = (math.prod(shape[d] for d in contract), math.prod(shape[d] for d in free))
+        elif name == "ragged_dot_general" and k == 1 and p["ragged_dot_dimension_numbers"].rhs_group_dimensions:
+            dn = p["ragged_dot_dimension_numbers"]  # experts along the group axis: a stack axis
+            (_, contract), (_, batch) = dn.dot_dimension_numbers
+            stack = (*batch, *dn.rhs_group_dimensions)
+            free = [d for d in range(ndim) if d not in contract and d not in stack]
+            groups = (contract, free, stack)
+            self.width[tid] = (math.prod(shape[d] for d in contract), math.prod(shape[d] for d in free))
         elif name == "conv_general_dilated" and k == 1:
             rhs = p["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
             groups = ((rhs[1], *rhs[2:]), (rhs[0],), ())
+            self.width[tid] = (shape[rhs[1]], shape[rhs[0]])
         else:
             self.usage[tid].uses.append(Use(name, cut=cut, indexed=idx, opaque=True))
             return
@@ -351,8 +398,18 @@ def trace_usage(
         views.setdefault(var, []).append((tid, full, frozenset(), frozenset()))
     taints: dict = {}
     walker.walk(jaxpr, views, taints, set(jaxpr.invars[n:]))
-    # the head: of the weights whose matmul output reaches a result, the last one applied
-    reaching = {tid for ov in jaxpr.outvars if not isinstance(ov, jcore.Literal) for tid in taints.get(ov, ())}
-    if reaching:
-        walker.usage[max(reaching, key=lambda t: walker.order.get(t, -1))].head = True
+    outputs = {tid for ov in jaxpr.outvars if not isinstance(ov, jcore.Literal) for tid in taints.get(ov, ())}
+    for tid in _heads(walker, outputs):
+        walker.usage[tid].head = True
     return walker.usage
+
+
+def _heads(walker: _Walker, outputs: set) -> set:
+    """The output head among the weights whose product is an output (``outputs``), by the
+    rule in the module docstring."""
+    candidates = {t for t in outputs - walker.fed if t in walker.width}
+    vocab = max(walker.rows.values(), default=None)
+    heads = {t for t in candidates if walker.width[t][1] == vocab}
+    if not heads and len(candidates) == 1:
+        heads = {t for t in candidates if walker.width[t][0] != walker.width[t][1]}
+    return heads

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lora_jax as lj
@@ -116,3 +117,166 @@ def test_everything_is_head_error_names_the_head():
     variables = model.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"output head.*params/kernel"):
         lj.split(jax.random.key(1), variables, lj.LoraConfig.all_linear(rank=2), apply_fn=model.apply, args=(x,))
+
+
+class _Block(nn.Module):
+    """A residual MLP block: its layers never reach an output on their own."""
+
+    @nn.compact
+    def __call__(self, h):
+        return h + nn.Dense(h.shape[-1], name="down")(nn.gelu(nn.Dense(2 * h.shape[-1], name="up")(h)))
+
+
+class MaskedLM(nn.Module):
+    """RoBERTa-style: a transform (lm_head/dense, hidden -> hidden) under the head's name,
+    then the vocabulary projection (lm_head/decoder)."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        h = _Block(name="layer_0")(nn.Embed(40, 16, name="embed")(tokens))
+        h = nn.LayerNorm(name="ln")(nn.gelu(nn.Dense(16, name="dense")(h)))
+        return nn.Dense(40, name="decoder")(h)
+
+
+class Classifier(nn.Module):
+    """RoBERTa's classification head: classifier/dense (hidden -> hidden), tanh, then
+    classifier/out_proj (hidden -> classes)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = _Block(name="layer_0")(nn.Dense(16, name="stem")(x))
+        h = jnp.tanh(nn.Dense(16, name="dense")(h[:, 0]))
+        return nn.Dense(3, name="out_proj")(h)
+
+
+class Pretraining(nn.Module):
+    """BERT pretraining: masked-LM logits over the vocabulary and a 2-way next-sentence
+    classifier, side by side: only the vocabulary projection is the head."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        h = _Block(name="layer_0")(nn.Embed(40, 16, name="embed")(tokens))
+        t = nn.LayerNorm(name="ln")(nn.gelu(nn.Dense(16, name="transform")(h)))
+        return nn.Dense(40, name="decoder")(t), nn.Dense(2, name="seq_relationship")(h[:, 0])
+
+
+class TwoTower(nn.Module):
+    """CLIP-like: a text and an image tower, each ending in a projection to a shared
+    8-dimensional space; the normalized embeddings are returned with their similarity."""
+
+    similarity: bool = True
+
+    @nn.compact
+    def __call__(self, tokens, patches):
+        t = _Block(name="text_0")(nn.Embed(40, 16, name="embed")(tokens))
+        i = _Block(name="image_0")(nn.Dense(12, name="patch")(patches))
+        t = nn.Dense(8, use_bias=False, name="text_projection")(t[:, 0])
+        i = nn.Dense(8, use_bias=False, name="visual_projection")(i.mean(axis=1))
+        t = t / jnp.linalg.norm(t, axis=-1, keepdims=True)
+        i = i / jnp.linalg.norm(i, axis=-1, keepdims=True)
+        if not self.similarity:
+            return t, i
+        return t @ i.T * jnp.exp(self.param("logit_scale", nn.initializers.zeros, ())), t, i
+
+
+class Pooled(nn.Module):
+    """BERT's base model: the hidden states and a pooler (hidden -> hidden, tanh)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = _Block(name="layer_0")(nn.Dense(16, name="stem")(x))
+        return h, jnp.tanh(nn.Dense(16, name="pooler")(h[:, 0]))
+
+
+_TOKENS = np.arange(10, dtype=np.int32).reshape(2, 5)
+_FEATURES = np.ones((2, 5, 6), np.float32)
+_BLOCK = lambda n: [f"params/{n}/{k}/kernel" for k in ("down", "up")]  # noqa: E731
+_HEADS = {
+    "masked LM": (MaskedLM(), (_TOKENS,), _BLOCK("layer_0") + ["params/dense/kernel"]),
+    "classifier": (Classifier(), (_FEATURES,), _BLOCK("layer_0") + ["params/dense/kernel", "params/stem/kernel"]),
+    "pretraining": (Pretraining(), (_TOKENS,),
+                    _BLOCK("layer_0") + ["params/seq_relationship/kernel", "params/transform/kernel"]),
+    "two towers": (TwoTower(), (_TOKENS, _FEATURES), _BLOCK("image_0") + _BLOCK("text_0") + [
+        "params/patch/kernel", "params/text_projection/kernel", "params/visual_projection/kernel"]),
+    "two towers, embeddings only": (TwoTower(similarity=False), (_TOKENS, _FEATURES), _BLOCK("image_0") + _BLOCK(
+        "text_0") + ["params/patch/kernel", "params/text_projection/kernel", "params/visual_projection/kernel"]),
+    "pooler": (Pooled(), (_FEATURES,), _BLOCK("layer_0") + ["params/pooler/kernel", "params/stem/kernel"]),
+}
+
+
+@pytest.mark.parametrize("name", list(_HEADS))
+def test_traced_head_is_the_output_embedding_or_the_classifier(name):
+    model, args, expected = _HEADS[name]
+    variables = model.init(jax.random.key(0), *args)
+    _, lora = lj.split(jax.random.key(1), variables, lj.LoraConfig.all_linear(rank=2),
+                       apply_fn=model.apply, args=args)
+    assert _targets(lora) == sorted(expected)
+
+
+def test_traced_head_ignores_head_names():
+    # the same masked LM with its layers under the head's name: the transform is adapted,
+    # the decoder left out, and exactly as without the names
+    class Named(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            return MaskedLM(name="lm_head")(tokens)
+
+    model = Named()
+    variables = model.init(jax.random.key(0), _TOKENS)
+    _, lora = lj.split(jax.random.key(1), variables, lj.LoraConfig.all_linear(rank=2),
+                       apply_fn=model.apply, args=(_TOKENS,))
+    assert _targets(lora) == sorted(f"params/lm_head/{p}" for p in (
+        "layer_0/down/kernel", "layer_0/up/kernel", "dense/kernel"))
+
+
+def _hf(cls_name, config, shapes):
+    transformers = pytest.importorskip("transformers")
+    with jax.numpy_rank_promotion("allow"):  # Hugging Face's Flax models rely on rank promotion
+        model = getattr(transformers, cls_name)(config, _do_init=False)
+        return model, jax.jit(model.init_weights, static_argnums=1)(jax.random.key(0), shapes)
+
+
+@pytest.mark.slow
+def test_hugging_face_roberta_lm_head_dense_is_adapted_and_decoder_left_out():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.RobertaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=16, tie_word_embeddings=False)
+    model, params = _hf("FlaxRobertaForMaskedLM", cfg, (1, 6))
+
+    def f(p, ids):
+        with jax.numpy_rank_promotion("allow"):
+            return model(ids, params=p).logits
+
+    _, lora = lj.split(jax.random.key(1), params, lj.LoraConfig.all_linear(rank=2), apply_fn=f,
+                       args=(np.ones((1, 6), np.int32),))
+    layer = "roberta/encoder/layer/0/"
+    assert _targets(lora) == sorted([
+        "lm_head/dense/kernel", *(layer + p + "/kernel" for p in (
+            "attention/output/dense", "attention/self/key", "attention/self/query", "attention/self/value",
+            "intermediate/dense", "output/dense"))])
+
+
+@pytest.mark.slow
+def test_hugging_face_clip_keeps_both_projections():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(hidden_size=12, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4),
+        projection_dim=8)  # as many as the text positions: a position table is no vocabulary
+    model, params = _hf("FlaxCLIPModel", cfg, ((1, 8), (1, 8, 8, 3)))
+
+    def f(p, ids, pixels):
+        with jax.numpy_rank_promotion("allow"):
+            out = model(ids, pixels, params=p)
+            return out.logits_per_text, out.text_embeds, out.image_embeds
+
+    _, lora = lj.split(jax.random.key(1), params, lj.LoraConfig.all_linear(rank=2), apply_fn=f,
+                       args=(np.ones((1, 8), np.int32), np.ones((1, 3, 8, 8), np.float32)))
+    layer = "encoder/layers/0/"
+    tower = [layer + p + "/kernel" for p in ("mlp/fc1", "mlp/fc2", "self_attn/k_proj", "self_attn/out_proj",
+                                               "self_attn/q_proj", "self_attn/v_proj")]
+    # the patch embedding is a conv, which all_linear leaves alone
+    assert _targets(lora) == sorted(["text_projection/kernel", "visual_projection/kernel",
+                                     *(f"{m}/{p}" for m in ("text_model", "vision_model") for p in tower)])

@@ -35,6 +35,14 @@ def _randomize_b(lora, key=3, scale=1.0):
     return jax.tree.map(f, lora, is_leaf=lj.is_lora)
 
 
+def _materialized(run):
+    """``run()``'s result and the messages of the MaterializeWarnings it raised."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = run()
+    return out, [str(r.message) for r in rec if issubclass(r.category, MaterializeWarning)]
+
+
 def _eqn_shapes(jaxpr):
     """Shapes of every value any equation produces, sub-jaxprs included."""
     out = []
@@ -121,12 +129,8 @@ def test_fallback_materializes_correctly_and_warns_exactly_once():
     lora = _randomize_b(lora)
     x = _normal(2, (3, 8))
     g = lj.wrap(f)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        y1 = g(base, lora, x)
-        y2 = jax.jit(g)(base, lora, x * 2)
-        gr = jax.grad(lambda l: jnp.sum(g(base, l, x)))(lora)
-    msgs = [str(r.message) for r in rec if issubclass(r.category, MaterializeWarning)]
+    (y1, y2, gr), msgs = _materialized(lambda: (
+        g(base, lora, x), jax.jit(g)(base, lora, x * 2), jax.grad(lambda l: jnp.sum(g(base, l, x)))(lora)))
     assert len(msgs) == 1 and "integer_pow" in msgs[0] and "'w'" in msgs[0], msgs
     w = np.asarray(params["w"], np.float64) + np_delta_of(lora["w"])
     for xx, y in ((x, y1), (x * 2, y2)):
@@ -134,6 +138,24 @@ def test_fallback_materializes_correctly_and_warns_exactly_once():
         np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
     gm = jax.grad(lambda l: jnp.sum(lj.wrap(f, "merge")(base, l, x)))(lora)
     chex.assert_trees_all_close(gr, gm, rtol=1e-5, atol=1e-6)
+
+
+def test_fallback_warns_once_per_weight_and_primitive_naming_the_path():
+    def f(p, x):  # both kernels reach sin; layer_0's twice (two uses, one warning)
+        h = x @ jnp.sin(p["params"]["layer_0"]["mlp"]["kernel"])
+        h = h + x @ jnp.sin(p["params"]["layer_0"]["mlp"]["kernel"]) * 0.5
+        return h @ jnp.sin(p["params"]["layer_1"]["mlp"]["kernel"])
+
+    params = {"params": {f"layer_{i}": {"mlp": {"kernel": _normal(i, (4, 4))}} for i in range(2)}}
+    base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule(".*/kernel", rank=2),)))
+    lora = _randomize_b(lora)
+    x = _normal(2, (3, 4))
+    g = lj.wrap(f)
+    (y, _), msgs = _materialized(lambda: (g(base, lora, x), g(base, lora, x * 2)))  # the second: nothing new
+    assert len(msgs) == 2, msgs
+    for path, msg in zip(("params/layer_0/mlp/kernel", "params/layer_1/mlp/kernel"), msgs):
+        assert f"{path!r} reaches 'sin'" in msg, msg
+    np.testing.assert_allclose(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-6)
 
 
 def test_reshape_that_mixes_input_and_output_axes_falls_back():
@@ -381,3 +403,149 @@ def test_experts_picked_per_token_stay_factored(stored):
         jaxpr = jax.make_jaxpr(lambda l: jax.grad(lambda l: jnp.sum(lj.wrap(f, strategy)(base, l, x, e)))(l))(lora)
         formed = shape in _eqn_shapes(jaxpr.jaxpr)
         assert formed == (strategy == "merge"), strategy
+
+
+class _SparseMoE(nn.Module):
+    """A Mixtral-style block: a router picks each token's top-2 of 4 experts (expert 3 is
+    never picked: its router bias is very negative), the (token, expert) pairs are sorted by
+    expert, and the SwiGLU experts run as ragged dots over the sorted rows."""
+
+    d: int = 8
+    ff: int = 12
+    n_exp: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal(batch_axis=(0,))
+        gate = self.param("gate", init, (self.n_exp, self.d, self.ff))
+        up = self.param("up", init, (self.n_exp, self.d, self.ff))
+        down = self.param("down", init, (self.n_exp, self.ff, self.d))
+        bias = jnp.array([0.0] * (self.n_exp - 1) + [-1e4])
+        weights, experts = jax.lax.top_k(nn.Dense(self.n_exp, name="router")(x) + bias[None, :], 2)
+        weights = jax.nn.softmax(weights, axis=-1)
+        order = jnp.argsort(experts.reshape(-1))  # (token, choice) pairs, sorted by expert
+        rows = x[order // 2]
+        sizes = jnp.bincount(experts.reshape(-1), length=self.n_exp).astype(jnp.int32)
+        h = nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+        y = jax.lax.ragged_dot(h, down, sizes)
+        y = jnp.zeros_like(y).at[order].set(y)  # back to (token, choice) order
+        return jnp.einsum("tkd,tk->td", y.reshape(x.shape[0], 2, self.d), weights), sizes
+
+
+@pytest.mark.slow
+def test_ragged_dot_experts_stay_factored():
+    model, x = _SparseMoE(), _normal(0, (6, 8))
+    variables = model.init(jax.random.key(0), x)
+    assert int(model.apply(variables, x)[1][3]) == 0  # an empty expert
+    cfg = lj.LoraConfig(rules=(lj.Rule(".*/(gate|up|down|router/kernel)", rank=2),))
+    base, lora = lj.split(jax.random.key(1), variables, cfg, apply_fn=model.apply, args=(x,))
+    axes = {p: (w.stack_axes, w.in_axes, w.out_axes) for p, w in lj.targets(lora)}
+    assert axes == {"params/gate": ((0,), (1,), (2,)), "params/up": ((0,), (1,), (2,)),
+                    "params/down": ((0,), (1,), (2,)), "params/router/kernel": ((), (0,), (1,))}
+    lora = _randomize_b(lora, scale=0.3)
+    f = lambda v, x: model.apply(v, x)[0]  # noqa: E731
+    loss = lambda strategy: lambda l, x: jnp.sum(jnp.sin(lj.wrap(f, strategy)(base, l, x)))  # noqa: E731
+    (y, g, jaxpr), msgs = _materialized(lambda: (
+        lj.wrap(f)(base, lora, x), jax.grad(loss("factored"), argnums=(0, 1))(lora, x),
+        jax.make_jaxpr(jax.grad(loss("factored")))(lora, x)))
+    assert not msgs, msgs
+    chex.assert_trees_all_close(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g, jax.grad(loss("merge"), argnums=(0, 1))(lora, x), rtol=1e-4, atol=1e-5)
+    shapes = _eqn_shapes(jaxpr.jaxpr)
+    assert (4, 8, 12) not in shapes and (4, 12, 8) not in shapes  # no adapted expert weight is formed
+    merged = _eqn_shapes(jax.make_jaxpr(jax.grad(loss("merge")))(lora, x).jaxpr)
+    assert (4, 8, 12) in merged  # (the check can fail)
+    # the empty expert's factors get no gradient; the others do
+    for name in ("gate", "up", "down"):
+        gb = np.asarray(g[0]["params"][name].b)
+        assert np.all(gb[3] == 0) and np.all(np.abs(gb[:3]).sum(axis=(1, 2)) > 0), name
+
+
+def test_ragged_dot_on_experts_stored_out_in():
+    # (E, out, in) experts contracted on their last axis: A is laid over that axis
+    dn = jax.lax.RaggedDotDimensionNumbers((((1,), (2,)), ((), ())), (0,), (0,))
+    sizes = jnp.array([2, 0, 3], jnp.int32)
+    f = lambda p, x: jax.lax.ragged_dot_general(x, p["e"], sizes, dn)  # noqa: E731
+    params, x = {"e": _normal(0, (3, 8, 6))}, _normal(1, (5, 6))
+    base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("e", rank=2),)),
+                          apply_fn=f, args=(x,))
+    assert (lora["e"].stack_axes, lora["e"].in_axes, lora["e"].out_axes) == ((0,), (2,), (1,))
+    _assert_factored_equals_merge(f, base, _randomize_b(lora), x)
+
+
+class _WeightNorm(nn.Module):
+    """A Dense whose kernel is rescaled per output: ``v · g / ||v0||`` with the norms taken
+    over the inputs of a separate frozen ``v0`` (the scale is constant along the inputs)."""
+
+    features: int = 6
+
+    @nn.compact
+    def __call__(self, x):
+        v = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        v0 = self.param("v0", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        g = self.param("g", nn.initializers.uniform(), (self.features,))
+        return x @ (v * (g / jnp.linalg.norm(v0, axis=0))[None, :])
+
+
+_RESCALED = {  # f, its target, the target's (in, out) axes
+    # per output, the scale on either side of the product
+    "v * c": (lambda p, x: x @ (p["w"] * p["c"][None, :]), "w", ((0,), (1,))),
+    "c * v": (lambda p, x: x @ (p["c"][None, :] * p["w"]), "w", ((0,), (1,))),
+    # divided per output; stored (out, in) as Hugging Face's GPT-2 does
+    "v / c, (out, in)": (lambda p, x: x @ (p["wt"] / (1 + p["c"][:, None] ** 2)).T, "wt", ((1,), (0,))),
+    # per input (constant along the outputs), then by a scalar
+    "per input, scalar": (lambda p, x: x @ (p["w"] * p["r"][:, None] * 0.5), "w", ((0,), (1,))),
+    # a stack of layers, one scale per (layer, output), scanned over
+    "stacked": (lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x,
+                                          p["ws"] * p["cs"][:, None, :])[0], "ws", ((1,), (2,))),
+}
+
+
+def _assert_factored_equals_merge(f, base, lora, x):
+    (y, g), msgs = _materialized(lambda: (
+        lj.wrap(f)(base, lora, x), jax.grad(lambda l: jnp.sum(jnp.sin(lj.wrap(f)(base, l, x))))(lora)))
+    assert not msgs, msgs
+    chex.assert_trees_all_close(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-5)
+    gm = jax.grad(lambda l: jnp.sum(jnp.sin(lj.wrap(f, "merge")(base, l, x))))(lora)
+    chex.assert_trees_all_close(g, gm, rtol=1e-4, atol=1e-5)
+    return y
+
+
+@pytest.mark.parametrize("name", list(_RESCALED))
+def test_rescaled_kernels_stay_factored(name):
+    f, target, axes = _RESCALED[name]
+    params = {"w": _normal(0, (5, 5)), "wt": _normal(1, (5, 5)), "ws": _normal(2, (3, 5, 5)),
+              "c": _normal(3, (5,)), "r": _normal(4, (5,)), "cs": _normal(5, (3, 5))}
+    x = _normal(6, (4, 5))
+    cfg = lj.LoraConfig(rules=(lj.Rule(target, rank=2),))
+    base, lora = lj.split(jax.random.key(1), params, cfg, apply_fn=f, args=(x,))  # axes traced through the scale
+    assert (lora[target].in_axes, lora[target].out_axes) == axes
+    _assert_factored_equals_merge(f, base, _randomize_b(lora), x)
+
+
+def test_weight_norm_module_stays_factored_and_matches_numpy():
+    model, x = _WeightNorm(), _normal(0, (3, 5))
+    variables = model.init(jax.random.key(0), x)
+    base, lora = lj.split(jax.random.key(1), variables, lj.LoraConfig(rules=(lj.Rule(".*/kernel", rank=2),)),
+                          apply_fn=model.apply, args=(x,))
+    lora = _randomize_b(lora)
+    y = _assert_factored_equals_merge(model.apply, base, lora, x)
+    p = {k: np.asarray(v, np.float64) for k, v in variables["params"].items()}
+    w = (p["kernel"] + np_delta_of(lora["params"]["kernel"])) * (p["g"] / np.linalg.norm(p["v0"], axis=0))[None, :]
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_scales_that_vary_along_the_inputs_materialize():
+    # a norm of the adapted kernel itself needs the whole adapted W (mul of W with W), and
+    # an elementwise mask varies along inputs and outputs: both form W + s·A⊗B, correctly
+    cases = {"norm of the kernel": lambda p, x: x @ (p["w"] / jnp.linalg.norm(p["w"], axis=0, keepdims=True)),
+             "mask": lambda p, x: x @ (p["w"] * p["m"]),
+             "c / v": lambda p, x: x @ (p["c"][None, :] / p["w"])}
+    params = {"w": _normal(0, (5, 5)) + 3, "m": _normal(1, (5, 5)), "c": _normal(2, (5,))}
+    x = _normal(3, (4, 5))
+    base, lora = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    lora = _randomize_b(lora, scale=0.1)
+    for name, f in cases.items():
+        with pytest.warns(MaterializeWarning, match=r"'w' reaches '(mul|div)'"):
+            y = lj.wrap(f)(base, lora, x)
+        np.testing.assert_allclose(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-5, err_msg=name)

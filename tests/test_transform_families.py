@@ -397,9 +397,9 @@ def hf_model(name):
 HF_EMBED = {"gpt2": r"transformer/wte/embedding", "bert": None,
             "llama": r"model/embed_tokens/embedding"}
 # adapted weights: per layer GPT-2 c_attn, c_proj, c_fc, mlp c_proj; BERT q, k, v and three
-# dense (the pooler's dense, whose product is an output, is the head all_linear leaves out);
+# dense, plus the pooler's dense (an output layer that keeps the width, so not a head);
 # Llama q, k, v, o, gate, up, down; plus the embeddings above
-HF_TARGETS = {"gpt2": 2 * 4 + 1, "bert": 2 * 6, "llama": 2 * 7 + 1}
+HF_TARGETS = {"gpt2": 2 * 4 + 1, "bert": 2 * 6 + 1, "llama": 2 * 7 + 1}
 
 
 @pytest.mark.slow
