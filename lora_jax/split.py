@@ -125,11 +125,11 @@ def _select(params, config: LoraConfig, apply_fn, args, kwargs):
     if apply_fn is not None:
         usages = trace_usage(apply_fn, params, args, kwargs)  # every leaf: the head needs the embeddings
     hits: dict[int, Rule] = {}
-    heads = [paths[i] for i in candidates if usages is not None and usages[i].head]
+    heads = [paths[i] for i in candidates if usages is not None and (usages[i].head or usages[i].router)]
     for i in candidates:
         path = paths[i]
         if usages is not None:
-            linear = usages[i].is_linear and not usages[i].head  # names are the untraced fallback
+            linear = usages[i].is_linear and not usages[i].head and not usages[i].router  # names: untraced fallback
         else:
             linear = _looks_linear(path, arrays[i])
         rule = config.rule_for(path, linear=linear)
@@ -237,7 +237,7 @@ def _check_all_used(config: LoraConfig, paths, hits, heads=()):
             else:
                 why = f"no {what} path fully matches it (re.fullmatch)"
             if rule.linear_only and heads:
-                why += f" (tracing found the output head: {fmt_paths(heads, 3)})"
+                why += f" (tracing found the output head or routers: {fmt_paths(heads, 3)})"
             problems.append(f"rule {rule.pattern!r} matches nothing: {why}")
     for pat in config.exclude:
         if not any(re.fullmatch(pat, p) for p in paths):

@@ -31,6 +31,10 @@ layer returned beside the logits) are the candidates; of them the head is
   a logits layer); else
 * none: several output layers side by side (CLIP's text and visual projections, which
   PEFT's ``all-linear`` adapts too), or one that keeps the width (a pooler).
+
+The same taint finds routers: a weight whose product's result reaches ``top_k``,
+``argmax``/``argmin`` or a sort (a mixture-of-experts gate choosing experts) is a router,
+which :meth:`LoraConfig.all_linear` leaves out too.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ __all__ = ["Use", "WeightUsage", "trace_usage"]
 # Elementwise primitives where an operand that carries no head taint (a mask, one-hot
 # labels) is neutral; for add/sub it is not (a residual stream mixes layers).
 _MIXING = frozenset({"add", "sub", "add_any"})
+# Primitives that turn scores into choices: a weight whose product reaches one is a router.
+_ROUTING = frozenset({"top_k", "argmax", "argmin", "sort"})
 
 
 def _is_product(name: str) -> bool:
@@ -76,6 +82,7 @@ class WeightUsage:
 
     uses: list[Use] = dataclasses.field(default_factory=list)
     head: bool = False  # the weight is the function's output head (see the module docstring)
+    router: bool = False  # the weight's product picks experts (reaches top_k, argmax, a sort)
 
     def _defining(self) -> tuple[str, Use] | None:
         """The use that decides the axes, and the weight's kind."""
@@ -189,6 +196,7 @@ class _Walker:
         self.width: dict[int, tuple[int, int]] = {}  # tid -> (contracted, produced) sizes of its product
         self.fed: set[int] = set()  # tids whose product's result reaches another weight's product
         self.rows: dict[int, int] = {}  # tid -> rows an embedding lookup of the arguments picks from
+        self.routers: set[int] = set()  # tids whose product's result reaches a routing choice
 
     def walk(self, jaxpr, views: dict, taints: dict, derived: set):
         """views: var -> list of entries; taints: var -> frozenset(tid) of the weights whose
@@ -227,6 +235,8 @@ class _Walker:
                 derived.update(eqn.outvars)
 
     def _taint(self, eqn, name, ins, tracked, subs, taints, derived):
+        if name in _ROUTING:
+            self.routers.update(tid for _, v in ins for tid in taints.get(v, ()))
         if _is_product(name):
             t = frozenset(e[0] for k, e in tracked)
             if t:  # a layer: what flows into it is no longer an output
@@ -401,6 +411,8 @@ def trace_usage(
     outputs = {tid for ov in jaxpr.outvars if not isinstance(ov, jcore.Literal) for tid in taints.get(ov, ())}
     for tid in _heads(walker, outputs):
         walker.usage[tid].head = True
+    for tid in walker.routers:
+        walker.usage[tid].router = True
     return walker.usage
 
 

@@ -280,3 +280,32 @@ def test_hugging_face_clip_keeps_both_projections():
     # the patch embedding is a conv, which all_linear leaves alone
     assert _targets(lora) == sorted(["text_projection/kernel", "visual_projection/kernel",
                                      *(f"{m}/{p}" for m in ("text_model", "vision_model") for p in tower)])
+
+
+class _Routed(nn.Module):
+    """A mixture-of-experts layer: a router scores 4 experts, each token takes its top-k
+    (``top_k`` for k = 2, ``argmax`` for k = 1) and the chosen experts' products are mixed."""
+
+    k: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        experts = self.param("experts", nn.initializers.lecun_normal(batch_axis=(0,)), (4, 8, 8))
+        scores = nn.Dense(4, name="router")(x)
+        if self.k == 1:
+            picked, weights = jnp.argmax(scores, -1)[:, None], jnp.ones((x.shape[0], 1))
+        else:
+            weights, picked = jax.lax.top_k(scores, self.k)
+        y = jnp.einsum("td,tkdo->tko", x, experts[picked])
+        return nn.Dense(8, name="out")(x + jnp.einsum("tko,tk->to", y, jax.nn.softmax(weights, -1)))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_router_is_left_out_and_the_experts_adapted(k):
+    model, x = _Routed(k), jnp.ones((6, 8))
+    params = model.init(jax.random.key(0), x)
+    _, lora = lj.split(jax.random.key(1), params, lj.LoraConfig.all_linear(rank=2), apply_fn=model.apply, args=(x,))
+    assert _targets(lora) == ["params/experts", "params/out/kernel"]
+    explicit = lj.LoraConfig(rules=(lj.Rule(r"params/router/kernel", rank=2),))   # asked for by name: adapted
+    _, lora = lj.split(jax.random.key(1), params, explicit, apply_fn=model.apply, args=(x,))
+    assert _targets(lora) == ["params/router/kernel"]
