@@ -42,14 +42,14 @@ PRIMITIVES: dict[str, str] = {
     **dict.fromkeys(
         ("transpose", "reshape", "squeeze", "broadcast_in_dim", "convert_element_type", "copy",
          "copy_p", "stop_gradient", "sharding_constraint", "mesh_cast", "reshard", "name",
-         "reduce_precision", "optimization_barrier"),
+         "reduce_precision", "optimization_barrier", "pvary"),
         SHAPE),
     **dict.fromkeys(("slice", "dynamic_slice", "split", "concatenate", "gather"), WINDOW),
     **dict.fromkeys(("mul", "div"), SCALE),
     **dict.fromkeys(("dot_general", "conv_general_dilated", "ragged_dot_general"), PRODUCT),
     **dict.fromkeys(
         ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-         "custom_vjp_call_jaxpr", "remat2", "checkpoint", "remat", "scan", "while", "cond"),
+         "custom_vjp_call_jaxpr", "remat2", "checkpoint", "remat", "scan", "while", "cond", "shard_map"),
         HIGHER),
 }
 

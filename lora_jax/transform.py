@@ -21,7 +21,8 @@ has one rule here:
   with zeros (several adapted pieces join their ranks).
 * ``jit``, custom_jvp/custom_vjp calls are inlined; ``remat`` is re-applied with its policy;
   ``scan`` slices A and B per step for a weight stacked along the scan axis; ``cond`` and
-  ``while`` recurse.
+  ``while`` recurse; ``shard_map`` runs its body per shard again, A and B entering split
+  like their weight (``pvary`` in the body is a view).
 * anything else materializes ``W + s·A⊗B`` for that use only and warns once per weight
   and primitive, naming both (:class:`MaterializeWarning`); so do ``reduce_precision``
   and casts to int or bool, which round the adapted weight as a whole.
@@ -48,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jcore
+from jax.sharding import PartitionSpec
 
 from ._jaxpr import HIGHER, PRIMITIVES, SHAPE, WINDOW, bind, closed, reshape_groups, scan_counts, subcalls
 from .config import path_str
@@ -489,7 +491,7 @@ def _reshape(interp, eqn, invals):
 
 
 @_rule("convert_element_type", "copy", "copy_p", "sharding_constraint", "mesh_cast",
-       "reshard", "name")
+       "reshard", "name", "pvary")
 def _elementwise_view(interp, eqn, invals):
     (v,) = invals
     new_dtype = eqn.params.get("new_dtype")
@@ -912,6 +914,35 @@ def _remat(interp, eqn, invals):
         return interp.run_closed(inner, list(args))
 
     return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
+
+
+@_rule("shard_map")
+def _shard_map(interp, eqn, invals):
+    """The body runs per shard as a new ``shard_map``: an adapted weight enters as its
+    per-shard ``w`` with A and B split like it (A over W's stack and input axes, B over its
+    stack and output axes, the rank axis whole), so a sharded contraction's partial sums
+    (``psum`` in the body) add up the adapter's share too."""
+    if any(map(_is_deq, invals)):
+        return None
+    p = eqn.params
+    inner = closed(p["jaxpr"])
+    vals, specs = [], []
+    for x, spec in zip(invals, p["in_specs"]):
+        if _is_adapted(x):
+            x = x.normalized()
+            entries = tuple(spec) + (None,) * (x.w.ndim - len(spec))
+            pick = lambda kind: [entries[d] for d in x.dims(kind)]  # noqa: E731
+            spec = x.replace(w=spec, a=PartitionSpec(*pick(_S), None, *pick(_I)),
+                             b=PartitionSpec(*pick(_S), None, *pick(_O)),
+                             key=None if x.key is None else PartitionSpec())
+        vals.append(x)
+        specs.append(spec)
+
+    def body(*args):
+        return tuple(interp.concrete(o, "shard_map output") for o in interp.run_closed(inner, list(args)))
+
+    return list(jax.shard_map(body, mesh=p["mesh"], in_specs=tuple(specs), out_specs=p["out_specs"],
+                              check_vma=p["check_vma"], axis_names=set(p["newly_manual_axes"]))(*vals))
 
 
 @_rule("scan")
