@@ -12,6 +12,8 @@ On the benchmark LM of ``train_step.py``, in one process, interleaved rounds (me
 
 Each for the forward pass (inference) and a training step (gradients w.r.t. the adapters,
 Adam). Times are ratios to ``single``; compiled temporaries (``memory_analysis``) too.
+First, one layer's adapter products two ways (:func:`kernels`): gathered factors (what
+``wrap`` does) against ``lax.ragged_dot`` over rows sorted by adapter.
 
     python benchmarks/many_adapters.py            # 4 layers, d=256, vocab 4096, batch 8x128
     python benchmarks/many_adapters.py --lm       # train_step.py's LM: 6 layers, d=512, vocab 8192
@@ -123,6 +125,36 @@ def report(title, variants, rounds, iters):
     return t
 
 
+def kernels(tokens_per_example, d, rank, examples=8, stacked=(8, 64), rounds=7, iters=3):
+    """The adapter product of one layer, ``(x_e·A_e)·B_e`` for every example, two ways:
+    ``gather`` (each example's factors gathered, products batched over the examples: what
+    ``wrap`` does) and ``ragged`` (rows sorted by adapter, ``lax.ragged_dot`` over the
+    stacked factors with the examples' counts per adapter as group sizes)."""
+    x = jax.random.normal(jax.random.key(0), (examples, tokens_per_example, d))
+    out = {}
+    for n in stacked:
+        a = jax.random.normal(jax.random.key(1), (n, rank, d))
+        b = jax.random.normal(jax.random.key(2), (n, rank, d))
+        ids = jnp.arange(examples, dtype=jnp.int32) % min(n, examples)
+
+        def gather(x, a, b, ids):
+            return jnp.einsum("etr,erd->etd", jnp.einsum("etd,erd->etr", x, a[ids]), b[ids])
+
+        def ragged(x, a, b, ids):
+            order = jnp.argsort(ids)
+            rows = x[order].reshape(-1, d)
+            sizes = jnp.bincount(ids, length=n).astype(jnp.int32) * tokens_per_example
+            h = jax.lax.ragged_dot(rows, jnp.swapaxes(a, 1, 2), sizes)
+            y = jax.lax.ragged_dot(h, b, sizes).reshape(x.shape)
+            return jnp.zeros_like(y).at[order].set(y)
+
+        fns = {f"gather/{n}": (jax.jit(gather), (x, a, b, ids)), f"ragged/{n}": (jax.jit(ragged), (x, a, b, ids))}
+        np.testing.assert_allclose(fns[f"gather/{n}"][0](x, a, b, ids), fns[f"ragged/{n}"][0](x, a, b, ids),
+                                   rtol=1e-3, atol=1e-2)
+        out.update(timing(fns, rounds, iters))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lm", action="store_true", help="train_step.py's LM (6 layers, d=512, vocab 8192)")
@@ -135,6 +167,9 @@ def main(argv=None):
         shape = dict(layers=4, d=256, heads=4, ffn=1024, vocab=4096, batch=8, seq=128)
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, shape {shape}")
     print(f"adapters: ranks {RANKS} cycled, targets {TARGETS}; single = the rank-32 adapter")
+    k = kernels(shape["seq"], shape["d"], 32, shape["batch"], rounds=a.rounds, iters=a.iters)
+    print(f"\none layer's adapter product for {shape['batch']} examples x {shape['seq']} tokens, d={shape['d']}, "
+          f"r=32 (median ms): " + ", ".join(f"{n} {t * 1e3:.2f}" for n, (t, _, _) in k.items()))
     forward, training = build(**shape)
     tf = report("forward (inference)", forward, a.rounds, a.iters)
     tt = report("training step", training, a.rounds, a.iters)
