@@ -130,10 +130,10 @@ def test_expert_stacks_stay_factored(layer):
         leaves = len(jax.tree.leaves(lora))
         loss = lambda strategy: lambda l, x: jnp.sum(jnp.sin(lj.wrap(f, strategy)(base, l, x)))  # noqa: E731
         (y, g, jaxpr), msgs = _materialized(lambda: (
-            lj.wrap(f)(base, lora, x), jax.grad(loss("factored"))(lora, x),
+            jax.jit(lj.wrap(f))(base, lora, x), jax.jit(jax.grad(loss("factored")))(lora, x),
             jax.make_jaxpr(jax.grad(loss("factored")))(lora, x)))
         assert not msgs, msgs
-        ym, gm = lj.wrap(f, "merge")(base, lora, x), jax.grad(loss("merge"))(lora, x)
+        ym, gm = jax.jit(lj.wrap(f, "merge"))(base, lora, x), jax.jit(jax.grad(loss("merge")))(lora, x)
         merged = jax.make_jaxpr(jax.grad(loss("merge")))(lora, x)
     np.testing.assert_allclose(y, ym, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ym))))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(gm)):
