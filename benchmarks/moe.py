@@ -16,9 +16,14 @@ which adapts the expert stacks and leaves the router out): Gemma 4's ``MoERagged
 over the tokens sorted by expert) and Qwen 3's ``MoELayer`` on CPU (a dense loop over the
 experts). Qwen 3's ``shard_map`` + megablox path is not measured: its ``gmm`` is a TPU Pallas
 kernel, and the factored transform materializes the expert stacks at its ``pallas_call``.
+Which strategy needs fewer temporaries depends on the tokens per step: merge holds each merged
+stack and its gradient (E·in·out, whatever the tokens), the factored step's extra values grow
+with the rows (tokens × top-k), and on CPU each ``ragged_dot`` is lowered through an E-fold
+masked copy of its input; ``--tokens`` changes the count.
 
     python benchmarks/moe.py                 # 2 layers, d=512, ff=1024, 8 experts, 1024 tokens, r=8
     python benchmarks/moe.py --tunix         # tunix layers: d=256, ff=512, 8 experts, 512 tokens, r=8
+    python benchmarks/moe.py --tunix --tokens 64
 """
 
 from __future__ import annotations
@@ -157,6 +162,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--tunix", action="store_true", help="google-tunix's Gemma 4 and Qwen 3 MoE layers")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per step with --tunix (a multiple of 4)")
     a = ap.parse_args(argv)
     backend = f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}"
     if not a.tunix:
@@ -171,7 +177,7 @@ def main(argv=None):
         sys.exit(1)
     # tunix uses flax and jax APIs that warn of their deprecation at every call
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    shape = dict(d=256, ff=512, n_exp=8, tokens=512, rank=8)
+    shape = dict(d=256, ff=512, n_exp=8, tokens=a.tokens, rank=8)
     print(f"{backend}, tunix {getattr(tunix, '__version__', '?')}, shape {shape}")
     for layer, title in (("gemma4", "gemma4.MoERagged"), ("qwen3", "qwen3.MoELayer (CPU: dense loop)")):
         report(title, build_tunix(layer, **shape), a.rounds, a.iters)
