@@ -379,8 +379,8 @@ class LoraConfig:
         two-tower model makes its projection the only output layer, hence the head: trace
         the function that uses both, or give explicit rules.
 
-        Routers are left out too: a weight whose product's result reaches ``top_k``,
-        ``argmax``/``argmin`` or a sort (a mixture-of-experts gate, the ``(d, E)`` weight
+        Routers are left out too: a weight whose product's result reaches ``top_k``
+        (or ``approx_max_k``), ``argmax``/``argmin`` or a sort (a mixture-of-experts gate, the ``(d, E)`` weight
         that picks each token's experts) is not adapted; the experts are.
 
         >>> cfg = LoraConfig.all_linear(rank=4, alpha=8.0, exclude=(r".*/embed/.*",))

@@ -32,9 +32,9 @@ layer returned beside the logits) are the candidates; of them the head is
 * none: several output layers side by side (CLIP's text and visual projections, which
   PEFT's ``all-linear`` adapts too), or one that keeps the width (a pooler).
 
-The same taint finds routers: a weight whose product's result reaches ``top_k``,
-``argmax``/``argmin`` or a sort (a mixture-of-experts gate choosing experts) is a router,
-which :meth:`LoraConfig.all_linear` leaves out too.
+The same taint finds routers: a weight whose product's result reaches ``top_k`` (or
+``approx_max_k``), ``argmax``/``argmin`` or a sort (a mixture-of-experts gate choosing
+experts) is a router, which :meth:`LoraConfig.all_linear` leaves out too.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ __all__ = ["Use", "WeightUsage", "trace_usage"]
 # labels) is neutral; for add/sub it is not (a residual stream mixes layers).
 _MIXING = frozenset({"add", "sub", "add_any"})
 # Primitives that turn scores into choices: a weight whose product reaches one is a router.
-_ROUTING = frozenset({"top_k", "argmax", "argmin", "sort"})
+_ROUTING = frozenset({"top_k", "approx_top_k", "argmax", "argmin", "sort"})
 
 
 def _is_product(name: str) -> bool:

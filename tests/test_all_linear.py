@@ -284,7 +284,8 @@ def test_hugging_face_clip_keeps_both_projections():
 
 class _Routed(nn.Module):
     """A mixture-of-experts layer: a router scores 4 experts, each token takes its top-k
-    (``top_k`` for k = 2, ``argmax`` for k = 1) and the chosen experts' products are mixed."""
+    (``argmax`` for k = 1, ``top_k`` for k = 2, ``approx_max_k`` for k = 3, choosing 2) and
+    the chosen experts' products are mixed."""
 
     k: int = 2
 
@@ -294,13 +295,15 @@ class _Routed(nn.Module):
         scores = nn.Dense(4, name="router")(x)
         if self.k == 1:
             picked, weights = jnp.argmax(scores, -1)[:, None], jnp.ones((x.shape[0], 1))
+        elif self.k == 2:
+            weights, picked = jax.lax.top_k(scores, 2)
         else:
-            weights, picked = jax.lax.top_k(scores, self.k)
+            weights, picked = jax.lax.approx_max_k(scores, 2)
         y = jnp.einsum("td,tkdo->tko", x, experts[picked])
         return nn.Dense(8, name="out")(x + jnp.einsum("tko,tk->to", y, jax.nn.softmax(weights, -1)))
 
 
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("k", [1, 2, 3])
 def test_the_router_is_left_out_and_the_experts_adapted(k):
     model, x = _Routed(k), jnp.ones((6, 8))
     params = model.init(jax.random.key(0), x)
