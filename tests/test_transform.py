@@ -446,11 +446,11 @@ def test_ragged_dot_experts_stay_factored():
     f = lambda v, x: model.apply(v, x)[0]  # noqa: E731
     loss = lambda strategy: lambda l, x: jnp.sum(jnp.sin(lj.wrap(f, strategy)(base, l, x)))  # noqa: E731
     (y, g, jaxpr), msgs = _materialized(lambda: (
-        lj.wrap(f)(base, lora, x), jax.grad(loss("factored"), argnums=(0, 1))(lora, x),
+        jax.jit(lj.wrap(f))(base, lora, x), jax.jit(jax.grad(loss("factored"), argnums=(0, 1)))(lora, x),
         jax.make_jaxpr(jax.grad(loss("factored")))(lora, x)))
     assert not msgs, msgs
-    chex.assert_trees_all_close(y, lj.wrap(f, "merge")(base, lora, x), rtol=1e-5, atol=1e-5)
-    chex.assert_trees_all_close(g, jax.grad(loss("merge"), argnums=(0, 1))(lora, x), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(y, jax.jit(lj.wrap(f, "merge"))(base, lora, x), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g, jax.jit(jax.grad(loss("merge"), argnums=(0, 1)))(lora, x), rtol=1e-4, atol=1e-5)
     shapes = _eqn_shapes(jaxpr.jaxpr)
     assert (4, 8, 12) not in shapes and (4, 12, 8) not in shapes  # no adapted expert weight is formed
     merged = _eqn_shapes(jax.make_jaxpr(jax.grad(loss("merge")))(lora, x).jaxpr)
