@@ -23,7 +23,6 @@ from the numbers (``"lora"`` when scale = alpha/r, ``"rslora"`` when scale = alp
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -34,113 +33,11 @@ import numpy as np
 from .combine import _gather
 from .config import path_str
 from .tree import _check_lora_arg, is_node
-from .weight import LoraWeight, is_lora
+from .weight import LoraWeight, StackedLoraWeight, is_lora, is_stacked
 
 __all__ = ["StackedLoraWeight", "is_stacked", "is_stacked_node", "stack", "swap", "unstack", "template", "scaling_of"]
 
 _PER_ADAPTER = ("scale", "alpha", "rank", "dropout")
-
-
-def _static(**kw):
-    return dataclasses.field(metadata=dict(static=True), **kw)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
-class StackedLoraWeight:
-    """The adapters of ``n`` lora trees at one weight W, along a leading adapter axis.
-
-    Children (arrays)::
-
-        a.shape == (n, *W.shape[stack_axes], r_max, *W.shape[in_axes])
-        b.shape == (n, *W.shape[stack_axes], r_max, *W.shape[out_axes])
-        scale.shape == alpha.shape == rank.shape == dropout.shape == (n,)
-
-    ``r_max`` is the largest rank; adapter ``k``'s own factors are ``a[k]`` and ``b[k]``
-    cut to ``rank[k]``, the rest is zeros. An adapter without this target has rank 0, zero
-    factors and scale 0. :func:`stack` makes the per-adapter numbers float64 NumPy arrays
-    (ranks are whole numbers stored as floats, so ``jax.grad`` accepts the tree), and
-    :func:`unstack` gives them back exactly; once they pass through ``jit`` (or any JAX
-    operation) they are JAX arrays, float32 unless x64 is on. They are constants of the
-    adapters: their gradient through ``wrap`` is zero, and :func:`lora_jax.optimizer`
-    keeps them frozen (a bare optax optimizer with weight decay would shrink them).
-
-    Static fields: ``shape``, ``dtype``, ``in_axes``, ``out_axes``, ``stack_axes`` and
-    ``kind``: W's, shared by all adapters.
-
-    >>> import jax, jax.numpy as jnp, lora_jax as lj
-    >>> params = {"w": jnp.ones((6, 4))}
-    >>> _, l2 = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("w", rank=2, alpha=1.0),)))
-    >>> _, l3 = lj.split(jax.random.key(1), params, lj.LoraConfig(rules=(lj.Rule("w", rank=3, alpha=1.0),)))
-    >>> s = lj.stack([l2, l3])["w"]
-    >>> s.a.shape, s.b.shape, s.ranks, s.scale.tolist()
-    ((2, 3, 6), (2, 3, 4), (2, 3), [0.5, 0.3333333333333333])
-    """
-
-    a: Any
-    b: Any
-    scale: Any
-    alpha: Any
-    rank: Any
-    dropout: Any
-    shape: tuple[int, ...] = _static(default=())
-    dtype: str = _static(default="float32")
-    in_axes: tuple[int, ...] = _static(default=())
-    out_axes: tuple[int, ...] = _static(default=())
-    stack_axes: tuple[int, ...] = _static(default=())
-    kind: str = _static(default="linear")
-
-    @property
-    def n(self) -> int:
-        """The number of stacked adapters."""
-        return int(jnp.shape(self.a)[0])
-
-    @property
-    def r_max(self) -> int:
-        """The padded rank: the largest adapter's."""
-        return int(jnp.shape(self.a)[1 + len(self.stack_axes)])
-
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        """Each adapter's own rank (0 where it lacks this target); needs concrete arrays."""
-        if isinstance(self.rank, jax.core.Tracer):
-            raise TypeError("StackedLoraWeight.ranks reads the ranks as Python ints and cannot run under "
-                            "jit/grad tracing; use the array .rank there")
-        return tuple(int(r) for r in np.asarray(self.rank))
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.in_axes)
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.out_axes)
-
-    @property
-    def stack_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.stack_axes)
-
-    def replace(self, **kw) -> "StackedLoraWeight":
-        """A copy with some fields replaced.
-
-        >>> import jax, jax.numpy as jnp, lora_jax as lj
-        >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
-        >>> s = lj.stack([lora])["w"]
-        >>> s.replace(b=s.b + 1).b.sum().item()
-        4.0
-        """
-        return dataclasses.replace(self, **kw)
-
-
-def is_stacked(x) -> bool:
-    """True for a :class:`StackedLoraWeight`.
-
-    >>> import jax, jax.numpy as jnp, lora_jax as lj
-    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
-    >>> is_stacked(lj.stack([lora, lora])["w"]), is_stacked(lora["w"])
-    (True, False)
-    """
-    return isinstance(x, StackedLoraWeight)
 
 
 def is_stacked_node(x) -> bool:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from .config import path_str
 from .quant import is_quantized, quantize_array
-from .weight import LoraWeight, is_adalora, is_lora
+from .weight import LoraWeight, is_adalora, is_lora, is_stacked
 
 __all__ = [
     "is_node",
@@ -225,9 +225,8 @@ def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) ->
 
 
 def _check_lora_arg(lora: Any, fn: str) -> None:
-    from .stacked import is_stacked, is_stacked_node  # (stacked builds on this module)
-
-    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: is_stacked_node(x) or is_adalora(x))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(
+        lora, is_leaf=lambda x: is_node(x) or is_stacked(x) or is_adalora(x))[0]
     stacked = [path_str(p) for p, x in leaves if is_stacked(x)]
     if stacked:
         raise TypeError(f"{fn}: the lora tree holds stacked adapters (lj.stack) at {fmt_paths(stacked, 4)}; "
