@@ -155,8 +155,10 @@ def kernels(tokens_per_example, d, rank, examples=8, stacked=(8, 64), rounds=7, 
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def lm_args(doc: str, argv=None):
+    """The command line of the LM benchmarks: ``--lm`` (train_step.py's LM), ``--rounds``,
+    ``--iters``; returns the arguments and the model shape, and prints the backend."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--lm", action="store_true", help="train_step.py's LM (6 layers, d=512, vocab 8192)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=3)
@@ -166,6 +168,11 @@ def main(argv=None):
     else:
         shape = dict(layers=4, d=256, heads=4, ffn=1024, vocab=4096, batch=8, seq=128)
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, shape {shape}")
+    return a, shape
+
+
+def main(argv=None):
+    a, shape = lm_args(__doc__, argv)
     print(f"adapters: ranks {RANKS} cycled, targets {TARGETS}; single = the rank-32 adapter")
     k = kernels(shape["seq"], shape["d"], 32, shape["batch"], rounds=a.rounds, iters=a.iters)
     print(f"\none layer's adapter product for {shape['batch']} examples x {shape['seq']} tokens, d={shape['d']}, "

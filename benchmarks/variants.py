@@ -17,13 +17,11 @@ steps run in the middle of the budget schedule, where the masks are recomputed.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import optax
 
 import lora_jax as lj
-from many_adapters import timing
+from many_adapters import lm_args, timing
 from train_step import LM, xent
 
 TARGETS = r".*/(q|k|v|o|up|down)/kernel"
@@ -61,16 +59,7 @@ def build(layers, d, heads, ffn, vocab, batch, seq, rank=8):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lm", action="store_true", help="train_step.py's LM (6 layers, d=512, vocab 8192)")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=3)
-    a = ap.parse_args(argv)
-    if a.lm:
-        shape = dict(layers=6, d=512, heads=8, ffn=2048, vocab=8192, batch=8, seq=128)
-    else:
-        shape = dict(layers=4, d=256, heads=4, ffn=1024, vocab=4096, batch=8, seq=128)
-    print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, shape {shape}")
+    a, shape = lm_args(__doc__, argv)
     variants = build(**shape)
     mem = {n: fn.lower(*args).compile().memory_analysis().temp_size_in_bytes for n, (fn, args) in variants.items()}
     t = timing(variants, a.rounds, a.iters)

@@ -13,9 +13,26 @@ import numpy as np
 __all__ = ["LoraWeight", "AdaLoraWeight", "StackedLoraWeight", "is_lora", "is_adalora", "is_stacked"]
 
 
+class _WeightAxes:
+    """The weight's shape split by role, from the fields ``shape``, ``stack_axes``,
+    ``in_axes`` and ``out_axes`` (shared by the adapter nodes)."""
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.stack_axes)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.in_axes)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[i] for i in self.out_axes)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
-class LoraWeight:
+class LoraWeight(_WeightAxes):
     """The adapter of one weight W: arrays ``a`` and ``b`` plus static metadata.
 
     The adapted weight is ``W + scale * (a ⊗ b)``. The children (what ``jax.grad``,
@@ -62,18 +79,6 @@ class LoraWeight:
     rule: str = dataclasses.field(metadata=dict(static=True), default="")
 
     # -- shapes -------------------------------------------------------------------------
-    @property
-    def stack_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.stack_axes)
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.in_axes)
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.out_axes)
-
     @property
     def a_shape(self) -> tuple[int, ...]:
         return (*self.stack_shape, self.rank, *self.in_shape)
@@ -267,7 +272,7 @@ def is_adalora(x) -> bool:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
-class StackedLoraWeight:
+class StackedLoraWeight(_WeightAxes):
     """The adapters of ``n`` lora trees at one weight W, along a leading adapter axis.
 
     Children (arrays)::
@@ -327,18 +332,6 @@ class StackedLoraWeight:
             raise TypeError("StackedLoraWeight.ranks reads the ranks as Python ints and cannot run under "
                             "jit/grad tracing; use the array .rank there")
         return tuple(int(r) for r in np.asarray(self.rank))
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.in_axes)
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.out_axes)
-
-    @property
-    def stack_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[i] for i in self.stack_axes)
 
     def replace(self, **kw) -> "StackedLoraWeight":
         """A copy with some fields replaced.
