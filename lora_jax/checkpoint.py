@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from .config import LoraConfig, path_str
-from .metadata import FORMAT, abstract_weights, check_format, encode, rebuild, restore_targets
+from .metadata import FORMAT, abstract_weights, check_format, encode, lam_specs, rebuild, restore_targets
 from . import quant
 from .tree import check_fits, is_node, targets
 from .tree import merge as _merge_trees
@@ -260,7 +260,8 @@ def _restore_lora(meta: dict, like: Any, restore_fn, where, extra: dict | None =
     """Rebuild the lora tree from ``meta``; returns ``(lora, other restored items)``."""
     _check_stored(meta, where)
     weights = restore_targets(meta, like, where)
-    factors = [{"a": _abstract(w.a), "b": _abstract(w.b)} for w in weights]
+    factors = [{"a": _abstract(w.a), "b": _abstract(w.b), **({} if lam is None else {"lam": _abstract(lam)})}
+               for w, lam in zip(weights, lam_specs(meta, like))]
     extra = extra or {}
     with _reading(where, "adapter checkpoint"):
         out = restore_fn(ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(factors), **extra}))
@@ -272,20 +273,23 @@ def _check_stored(meta: dict, where) -> None:
     from it in number, shape or dtype (orbax would cast them to what the metadata says)."""
     stored = _stored_tree(where / _ARRAYS, "adapter checkpoint's factors")
     try:
-        got = [{n: (tuple(x[n].shape), np.dtype(x[n].dtype).name) for n in ("a", "b")} for x in stored]
+        got = [{n: (tuple(x[n].shape), np.dtype(x[n].dtype).name) for n in ("a", "b", "lam") if n != "lam" or n in x}
+               for x in stored]
     except (TypeError, KeyError, AttributeError):
         raise ValueError(f"{where}: the stored factors ({where / _ARRAYS}) are not a list of {{'a', 'b'}} "
                          "arrays; the checkpoint is damaged: save the adapter again") from None
-    want = [{n: (tuple(e[n]["shape"]), e[n]["dtype"]) for n in ("a", "b")} for e in meta["targets"]]
+    want = [{n: (tuple(e[n]["shape"]), e[n]["dtype"]) for n in ("a", "b", "lam") if n in e} for e in meta["targets"]]
     if len(got) != len(want):
         raise ValueError(f"{where}: the metadata lists {len(want)} targets but {len(got)} are stored; the "
                          "checkpoint is damaged: save the adapter again")
     for e, w, g in zip(meta["targets"], want, got):
-        for n in ("a", "b"):
-            if w[n] != g[n]:
+        for n in sorted(w.keys() | g.keys()):
+            if w.get(n) != g.get(n):
+                said = "no such array" if n not in w else f"shape {w[n][0]} dtype {w[n][1]}"
+                found = "missing" if n not in g else f"{g[n][0]} {g[n][1]}"
                 raise ValueError(
-                    f"{where}: target {e['path']!r}: the metadata gives factor {n} shape {w[n][0]} dtype {w[n][1]} "
-                    f"but the stored array is {g[n][0]} {g[n][1]}; the checkpoint is damaged: save the adapter again"
+                    f"{where}: target {e['path']!r}: the metadata gives factor {n} {said} but the stored array "
+                    f"is {found}; the checkpoint is damaged: save the adapter again"
                 )
 
 
@@ -504,6 +508,11 @@ def merge(
         raise ValueError(
             f"{adapter_dir} holds {len(meta['stack'])} stacked adapters (lj.stack); a merge takes one adapter: "
             "restore the stack, take lj.unstack(stacked)[k], save that with lj.checkpoint.save and merge it"
+        )
+    if any("lam" in e for e in meta["targets"]):
+        raise ValueError(
+            f"{adapter_dir} holds AdaLoRA adapters (P, λ, Q and no kept ranks); a merge takes a plain adapter: "
+            "save lj.adalora.to_lora(lora, opt_state) with lj.checkpoint.save and merge that"
         )
     shapes = _stored_tree(base_dir)
     like = _fit_adapter(meta, shapes, adapter_dir, base_dir)  # shapes only: no weight is read yet

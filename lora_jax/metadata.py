@@ -13,6 +13,8 @@ The metadata is one JSON object::
     structure         the containers of the lora tree (None when they cannot be rebuilt)
     structure_note    why structure is None
     config            the LoraConfig that made the adapter (for reference), or None
+    (per target, AdaLoRA adapters only) lam: the shape and dtype of λ, stored beside P and Q
+                      (which are the target's a and b)
     stack             (stacked trees from lj.stack only) one object per adapter, in order:
                       its targets, each with path, rank, alpha, scale, scaling and dropout
 
@@ -40,7 +42,7 @@ from .config import SCALINGS, LoraConfig, path_str
 from .stacked import StackedLoraWeight, is_stacked, is_stacked_node, scaling_of, template
 from .tree import fmt_paths, is_node, targets
 from .version import __version__
-from .weight import LoraWeight, is_adalora, is_lora
+from .weight import AdaLoraWeight, LoraWeight, is_adalora, is_lora
 
 __all__ = [
     "FORMAT",
@@ -51,6 +53,7 @@ __all__ = [
     "restore_targets",
     "rebuild",
     "plain_form",
+    "lam_specs",
 ]
 
 FORMAT = "lora_jax.checkpoint/1"
@@ -80,11 +83,7 @@ def check_lora(lora: Any, what: str = "lora") -> list[tuple[str, LoraWeight]]:
     ...
     TypeError: like must hold lj.LoraWeight at targets and None elsewhere, as lj.split returns; found other leaves at w (ArrayImpl)
     """
-    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: is_node(x) or is_adalora(x))[0]
-    ada = [path_str(p) for p, x in leaves if is_adalora(x)]
-    if ada:
-        raise TypeError(f"{what} holds AdaLoRA adapters at {fmt_paths(ada, 4)}; a checkpoint holds plain "
-                        "adapters: save lj.adalora.to_lora(lora, opt_state)")
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_node)[0]
     others = [f"{path_str(p)} ({type(x).__name__})" for p, x in leaves if not is_node(x)]
     if others:
         raise TypeError(
@@ -119,9 +118,13 @@ def encode(lora: Any, config: LoraConfig | None = None) -> tuple[dict, list[dict
     {'dict': [['b', None], ['w', {'target': 0}]]}
     """
     stack = _stack_section(lora)
+    lams = _lams(lora)
     lora = plain_form(lora)
     found = check_lora(lora)
     entries = [_entry(path, w) for path, w in found]
+    for e in entries:
+        if e["path"] in lams:
+            e["lam"] = dict(shape=list(np.shape(lams[e["path"]])), dtype=np.dtype(lams[e["path"]].dtype).name)
     structure, why = _structure(lora, [w for _, w in found])
     meta = dict(
         format=FORMAT,
@@ -133,13 +136,24 @@ def encode(lora: Any, config: LoraConfig | None = None) -> tuple[dict, list[dict
     )
     if stack is not None:
         meta["stack"] = stack
-    return meta, [{n: getattr(w, n) for n in _FACTORS} for _, w in found]
+    arrays = [{n: getattr(w, n) for n in _FACTORS} for _, w in found]
+    for (path, _), x in zip(found, arrays):
+        if path in lams:
+            x["lam"] = lams[path]
+    return meta, arrays
+
+
+def _lams(lora: Any) -> dict:
+    """``{path: λ}`` of the AdaLoRA adapters in ``lora``."""
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=lambda x: is_node(x) or is_adalora(x))[0]
+    return {path_str(p): w.lam for p, w in leaves if is_adalora(w)}
 
 
 def plain_form(lora: Any) -> Any:
     """``lora`` with each :class:`StackedLoraWeight` as the ``LoraWeight`` of its weight at
-    the padded rank whose factors lead with the adapter axis (the form a checkpoint stores
-    and checks); plain trees as they are.
+    the padded rank whose factors lead with the adapter axis, and each AdaLoRA adapter as
+    the ``LoraWeight`` whose factors are its P and Q (the forms a checkpoint stores and
+    checks; λ is stored beside them); plain trees as they are.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
@@ -147,7 +161,14 @@ def plain_form(lora: Any) -> Any:
     >>> w.rank, w.a.shape
     (2, (3, 2, 4))
     """
-    return jax.tree.map(lambda w: template(w, w.a, w.b) if is_stacked(w) else w, lora, is_leaf=is_stacked_node)
+    def plain(w):
+        if is_stacked(w):
+            return template(w, w.a, w.b)
+        if is_adalora(w):  # P and Q as the factors; λ is stored beside them
+            return w.spec.replace(a=w.p, b=w.q)
+        return w
+
+    return jax.tree.map(plain, lora, is_leaf=lambda x: is_stacked_node(x) or is_adalora(x))
 
 
 def _stack_section(lora: Any) -> list[dict] | None:
@@ -466,6 +487,13 @@ class _Check:
             self.field(spec, "shape", f"{field}.{name}.shape", lambda v: v == want,
                        f"{want} (rank {rank} and weight shape {shape}" + ("" if n is None else f", {n} adapters") + ")")
             self.field(spec, "dtype", f"{field}.{name}.dtype", _is_float_dtype, "a float dtype name")
+        if "lam" in e:  # an AdaLoRA adapter's λ: one value per layer and rank
+            if n is not None:
+                self.fail(f"{field}.lam", e["lam"], "no λ in a stacked checkpoint")
+            spec = self.field(e, "lam", f"{field}.lam", lambda v: isinstance(v, dict), "an object with shape and dtype")
+            want = [*stack, rank]
+            self.field(spec, "shape", f"{field}.lam.shape", lambda v: v == want, f"{want} (rank {rank})")
+            self.field(spec, "dtype", f"{field}.lam.dtype", _is_float_dtype, "a float dtype name")
         return path
 
     def node(self, node: Any, field: str, n: int, used: list, depth: int) -> None:
@@ -631,11 +659,29 @@ def rebuild(meta: dict, arrays: Sequence[dict], like: Any = None) -> Any:
     weights = [_weight(e, x["a"], x["b"]) for e, x in zip(meta["targets"], arrays)]
     if "stack" in meta:
         weights = _stacked_weights(meta, weights)
+    weights = [AdaLoraWeight.of(w, p=w.a, lam=x["lam"], q=w.b) if "lam" in e else w
+               for e, w, x in zip(meta["targets"], weights, arrays)]
     if like is None:
         return _decode(meta["structure"], weights)
-    leaves, treedef = jax.tree.flatten(like, is_leaf=is_stacked_node)
+    leaves, treedef = jax.tree.flatten(like, is_leaf=lambda x: is_stacked_node(x) or is_adalora(x))
     it = iter(weights)
     return jax.tree.unflatten(treedef, [next(it) if x is not None else None for x in leaves])
+
+
+def lam_specs(meta: dict, like: Any) -> list:
+    """Per stored target, the ``jax.ShapeDtypeStruct`` its λ restores to (like's λ, with
+    its sharding, when ``like`` is given), or None for a target without λ.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, ada = lj.adalora.split(jax.random.key(0), {"w": jnp.ones((4, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
+    >>> lam_specs(encode(ada)[0], None)
+    [ShapeDtypeStruct(shape=(2,), dtype=float32)]
+    """
+    if like is not None:
+        lams = _lams(like)
+        return [None if "lam" not in e else lams.get(e["path"]) for e in meta["targets"]]
+    return [None if "lam" not in e else jax.ShapeDtypeStruct(tuple(e["lam"]["shape"]), np.dtype(e["lam"]["dtype"]))
+            for e in meta["targets"]]
 
 
 def _stacked_weights(meta: dict, weights: list[LoraWeight]) -> list[StackedLoraWeight]:

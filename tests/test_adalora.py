@@ -339,12 +339,40 @@ def test_errors():
         lj.wrap(_f)(base, bad, np.ones((1, 6), np.float32))
 
 
-def test_checkpoints_peft_files_and_sharding_take_plain_adapters_and_say_so(tmp_path):
-    _, lora = lj.adalora.split(jax.random.key(0), {"w": jnp.ones((6, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))
-    fix = r"AdaLoRA adapters at w.*lj\.adalora\.to_lora\(lora, opt_state\)"
+def test_checkpoints_keep_adalora_trees_and_peft_files_and_sharding_say_what_they_take(tmp_path):
+    base, lora = lj.adalora.split(jax.random.key(0), PARAMS, CONFIG)
+    lora = _random(lora, seed=3)
+    lj.checkpoint.save(tmp_path / "c", lora)
+    entries = {e["path"]: e for e in lj.checkpoint.metadata(tmp_path / "c")["targets"]}
+    assert entries["s"]["lam"]["shape"] == [2, entries["s"]["weight"]["rank"]]   # (layers, rank)
+    for back in (lj.checkpoint.restore(tmp_path / "c"), lj.checkpoint.restore(tmp_path / "c", like=lora)):
+        assert jax.tree.structure(back) == jax.tree.structure(lora)   # AdaLoraWeight nodes, same static fields
+        for g, w in zip(jax.tree.leaves(back), jax.tree.leaves(lora), strict=True):
+            np.testing.assert_array_equal(g, w)
+    lj.checkpoint.save_params(tmp_path / "base", PARAMS)
+    with pytest.raises(ValueError, match="AdaLoRA adapters.*lj.adalora.to_lora"):
+        lj.checkpoint.merge(tmp_path / "base", tmp_path / "c", tmp_path / "out")
+    fix = r"AdaLoRA adapters at .*lj\.adalora\.to_lora\(lora, opt_state\)"
     with pytest.raises(TypeError, match=fix):
-        lj.checkpoint.save(tmp_path / "c", lora)
+        lj.peft.save(tmp_path / "p", lora, lambda path: path)
     with pytest.raises(TypeError, match=fix):
-        lj.peft.save(tmp_path / "p", lora, [(r"w", "w_proj")])
-    with pytest.raises(TypeError, match=fix):
-        lj.sharding.specs(lora, {"w": None})
+        lj.sharding.specs(lora, jax.tree.map(lambda _: None, PARAMS))
+
+
+def test_a_training_checkpoint_resumes_the_allocation(tmp_path):
+    base, lora = lj.adalora.split(jax.random.key(0), PARAMS, CONFIG)
+    tx = lj.adalora.allocator(optax.adam(1e-2), target_rank=1, total_steps=6, t_init=1, t_final=1, delta_t=1)
+    opt = tx.init(lora)
+    step = jax.jit(lambda l, o, g: (lambda u, o: (optax.apply_updates(l, u), o))(*tx.update(g, o, l)))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        lora, opt = step(lora, opt, jax.tree.map(lambda x: rng.standard_normal(np.shape(x)).astype(np.float32), lora))
+    with lj.checkpoint.Manager(tmp_path / "m") as mgr:
+        mgr.save(3, lora, opt)
+    with lj.checkpoint.Manager(tmp_path / "m") as mgr:
+        at, lora2, opt2 = mgr.restore(opt_state=jax.eval_shape(tx.init, lora))
+    assert at == 3 and jax.tree.structure(lora2) == jax.tree.structure(lora)
+    assert jax.tree.structure(opt2) == jax.tree.structure(opt)
+    for a, b in zip(jax.tree.leaves((lora2, opt2)), jax.tree.leaves((lora, opt)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert lj.adalora.ranks(lora2, opt2) == lj.adalora.ranks(lora, opt)
