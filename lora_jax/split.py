@@ -4,13 +4,16 @@ the same rules and infer their axes the same way."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import re
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import HEAD_NAMES, Axes, LoraConfig, Rule, path_str, scaling_name
 from .quant import check_qtype, is_quantized, quantize_array
@@ -89,15 +92,35 @@ def split(
         return jax.eval_shape(lambda k, p: split(k, p, config, apply_fn, args, kwargs), key, params)
     paths, arrays, hits, usages = _select(params, config, apply_fn, args, kwargs)
 
-    # one adapter per target
+    # one adapter per target, all initialized by one compiled program
     lora_leaves: list = [None] * len(arrays)
     base_leaves = list(arrays)
+    targets, folds, weights = [], [], []
     for i, rule in hits.items():
         path, w = paths[i], arrays[i]
         usage = usages[i] if usages is not None else None
         spec, dtype = _make_weight(path, w, rule, config, usage)
-        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        lora_leaves[i], base_leaves[i] = _init(k, w, spec, dtype, config.init)
+        if config.init == "pissa" and is_quantized(w):
+            raise ValueError(
+                f"{path}: rule {rule.pattern!r}: init='pissa' needs the float weight to move its "
+                "top singular directions into the adapter, but the target is quantized; split "
+                "the float base with init='pissa' and quantize the residual base afterwards"
+            )
+        targets.append((i, _Target(_static_fields(spec), dtype.name)))
+        folds.append(zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        weights.append(w if config.init == "pissa" else None)
+    if targets:
+        plan = tuple(t for _, t in targets)
+        done = _init_all(key, np.asarray(folds, np.uint32), weights, plan, config.init)
+        for (i, _), (lora_leaves[i], base) in zip(targets, done):
+            if base is not None:
+                base_leaves[i] = base
+        if config.init == "gaussian":
+            # A = N(0, 1) / rank, the division in a program of its own (see _divide)
+            gauss = [i for i, _ in targets if lora_leaves[i].kind != "embed"]
+            divided = _divide([lora_leaves[i].a for i in gauss], tuple(lora_leaves[i].rank for i in gauss))
+            for i, a in zip(gauss, divided):
+                lora_leaves[i] = lora_leaves[i].replace(a=a)
     treedef = jax.tree.structure(params, is_leaf=is_quantized)
     return jax.tree.unflatten(treedef, base_leaves), jax.tree.unflatten(treedef, lora_leaves)
 
@@ -313,31 +336,60 @@ def _check_rank(path, shape, axes: Axes, rule: Rule):
         )
 
 
+class _Target(NamedTuple):
+    """What the init of one target depends on, hashable (a static argument of the jit)."""
+
+    fields: tuple  # LoraWeight's static fields, as (name, value) pairs
+    dtype: str  # the factors' dtype
+
+
+def _static_fields(spec: LoraWeight) -> tuple:
+    return tuple((f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.name not in ("a", "b"))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _init_all(key, folds, weights, plan: tuple, init: str):
+    """``[(lora_weight, residual base or None)]`` for every target of ``plan``: one program
+    for all of them, rather than one eager compile per new shape. Target ``j`` draws from
+    ``fold_in(key, folds[j])``; ``weights[j]`` is the float weight (PiSSA) or None. Under
+    ``init="gaussian"``, A comes back undivided by the rank (:func:`_divide` does that)."""
+    out = []
+    for j, (target, w) in enumerate(zip(plan, weights)):
+        spec = LoraWeight(a=None, b=None, **dict(target.fields))
+        k = jax.random.fold_in(key, folds[j])
+        out.append(_init(k, w, spec, jnp.dtype(target.dtype), init))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _divide(xs, divisors: tuple):
+    """``[x / d]``, in a program apart from the sampler that made ``x``: XLA computes a
+    division by a constant as a multiplication by its reciprocal, and after the sampler it
+    would fold that reciprocal into the sampler's own last constant, which changes the last
+    bit of the result; apart, the values equal those of dividing the sample eagerly."""
+    return [x / d for x, d in zip(xs, divisors)]
+
+
 def _init(key, w, spec: LoraWeight, dtype, init: str):
-    """Fill ``spec``'s a and b (in ``dtype``); return ``(lora_weight, base_leaf)``."""
+    """Fill ``spec``'s a and b (in ``dtype``); return ``(lora_weight, residual base or None)``.
+    Under ``init="gaussian"`` A is N(0, 1), still to be divided by the rank."""
     ka, kb = jax.random.split(key)
     fan_in = math.prod(spec.in_shape)
     if init == "pissa":
-        if is_quantized(w):
-            raise ValueError(
-                f"{spec.rule!r}: init='pissa' needs the float weight to move its top singular "
-                "directions into the adapter, but the target is quantized; split the float "
-                "base with init='pissa' and quantize the residual base afterwards"
-            )
         return _pissa(w, spec, dtype)
     if spec.kind == "embed":
         # PEFT / loralib: the lookup side starts at zero, the other gaussian.
         a = jnp.zeros(spec.a_shape, dtype)
         b = jax.random.normal(kb, spec.b_shape, dtype)
     elif init == "gaussian":
-        a = jax.random.normal(ka, spec.a_shape, dtype) / spec.rank
+        a = jax.random.normal(ka, spec.a_shape, dtype)
         b = jnp.zeros(spec.b_shape, dtype)
     else:
         # kaiming-uniform with a=sqrt(5), as torch.nn.Linear / PEFT: bound = 1/sqrt(fan_in)
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(ka, spec.a_shape, dtype, -bound, bound)
         b = jnp.zeros(spec.b_shape, dtype)
-    return spec.replace(a=a, b=b), w
+    return spec.replace(a=a, b=b), None
 
 
 def _to_matrix(w, spec: LoraWeight):
