@@ -111,7 +111,8 @@ def split(
         weights.append(w if config.init == "pissa" else None)
     if targets:
         plan = tuple(t for _, t in targets)
-        done = _init_all(key, np.asarray(folds, np.uint32), weights, plan, config.init)
+        pad = bool(jax.config.jax_threefry_partitionable) and str(jax.random.key_impl(key)) == "threefry2x32"
+        done = _init_all(key, np.asarray(folds, np.uint32), weights, plan, config.init, pad)
         for (i, _), (lora_leaves[i], base) in zip(targets, done):
             if base is not None:
                 base_leaves[i] = base
@@ -347,17 +348,48 @@ def _static_fields(spec: LoraWeight) -> tuple:
     return tuple((f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.name not in ("a", "b"))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _init_all(key, folds, weights, plan: tuple, init: str):
-    """``[(lora_weight, residual base or None)]`` for every target of ``plan``: one program
-    for all of them, rather than one eager compile per new shape. Target ``j`` draws from
-    ``fold_in(key, folds[j])``; ``weights[j]`` is the float weight (PiSSA) or None. Under
-    ``init="gaussian"``, A comes back undivided by the rank (:func:`_divide` does that)."""
-    out = []
-    for j, (target, w) in enumerate(zip(plan, weights)):
-        spec = LoraWeight(a=None, b=None, **dict(target.fields))
-        k = jax.random.fold_in(key, folds[j])
-        out.append(_init(k, w, spec, jnp.dtype(target.dtype), init))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _init_all(key, folds, weights, plan: tuple, init: str, pad: bool):
+    """``[(lora_weight, residual base or None)]`` for every target of ``plan``, in one
+    program. Target ``j`` draws from ``fold_in(key, folds[j])`` what the eager init draws;
+    ``weights[j]`` is the float weight (PiSSA) or None. Under ``init="gaussian"``, A comes
+    back undivided by the rank (:func:`_divide` does that).
+
+    XLA's compile time grows with the number of samplers in a program, so the draws share
+    samplers: one per distribution, dtype and size, ``vmap``-ed over the targets' keys and
+    bounds. With ``pad`` (threefry keys in partitionable mode, where element ``i`` of a draw
+    depends only on the key and ``i``), a draw of ``n`` values is the first ``n`` of a draw
+    of ``n`` rounded up to a power of two, so targets of different sizes share one sampler.
+    """
+    specs = [LoraWeight(a=None, b=None, **dict(t.fields)) for t in plan]
+    out: list = [None] * len(plan)
+    if init == "pissa":
+        return [_pissa(w, spec, jnp.dtype(t.dtype)) for spec, t, w in zip(specs, plan, weights)]
+    # every target's two keys, from one (vmapped) fold_in and split
+    pairs = jax.vmap(lambda d: jax.random.split(jax.random.fold_in(key, d)))(folds)
+    draws: dict[tuple, list] = {}  # (distribution, dtype, size) -> [(j, side, key, shape, bound)]
+    for j, (spec, target) in enumerate(zip(specs, plan)):
+        ka, kb = pairs[j, 0], pairs[j, 1]
+        if spec.kind == "embed":  # PEFT / loralib: the lookup side starts at zero, the other gaussian
+            draw = ("normal", "b", kb, spec.b_shape, None)
+        elif init == "gaussian":
+            draw = ("normal", "a", ka, spec.a_shape, None)
+        else:  # kaiming-uniform with a=sqrt(5), as torch.nn.Linear / PEFT: bound = 1/sqrt(fan_in)
+            draw = ("uniform", "a", ka, spec.a_shape, 1.0 / math.sqrt(math.prod(spec.in_shape)))
+        n = math.prod(draw[3])
+        size = 1 << (n - 1).bit_length() if pad else n
+        draws.setdefault((draw[0], target.dtype, size), []).append((j, *draw[1:]))
+    for (dist, dtype, size), items in draws.items():
+        keys = jnp.stack([k for _, _, k, _, _ in items])
+        if dist == "normal":
+            x = jax.vmap(lambda k: jax.random.normal(k, (size,), dtype))(keys)
+        else:
+            bounds = jnp.asarray([bd for *_, bd in items], dtype)
+            x = jax.vmap(lambda k, b: jax.random.uniform(k, (size,), dtype, -b, b))(keys, bounds)
+        for row, (j, side, _, shape, _) in enumerate(items):
+            spec, drawn = specs[j], x[row, : math.prod(shape)].reshape(shape)
+            zeros_a, zeros_b = jnp.zeros(spec.a_shape, dtype), jnp.zeros(spec.b_shape, dtype)
+            out[j] = (spec.replace(a=drawn, b=zeros_b) if side == "a" else spec.replace(a=zeros_a, b=drawn)), None
     return out
 
 
@@ -368,28 +400,6 @@ def _divide(xs, divisors: tuple):
     would fold that reciprocal into the sampler's own last constant, which changes the last
     bit of the result; apart, the values equal those of dividing the sample eagerly."""
     return [x / d for x, d in zip(xs, divisors)]
-
-
-def _init(key, w, spec: LoraWeight, dtype, init: str):
-    """Fill ``spec``'s a and b (in ``dtype``); return ``(lora_weight, residual base or None)``.
-    Under ``init="gaussian"`` A is N(0, 1), still to be divided by the rank."""
-    ka, kb = jax.random.split(key)
-    fan_in = math.prod(spec.in_shape)
-    if init == "pissa":
-        return _pissa(w, spec, dtype)
-    if spec.kind == "embed":
-        # PEFT / loralib: the lookup side starts at zero, the other gaussian.
-        a = jnp.zeros(spec.a_shape, dtype)
-        b = jax.random.normal(kb, spec.b_shape, dtype)
-    elif init == "gaussian":
-        a = jax.random.normal(ka, spec.a_shape, dtype)
-        b = jnp.zeros(spec.b_shape, dtype)
-    else:
-        # kaiming-uniform with a=sqrt(5), as torch.nn.Linear / PEFT: bound = 1/sqrt(fan_in)
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(ka, spec.a_shape, dtype, -bound, bound)
-        b = jnp.zeros(spec.b_shape, dtype)
-    return spec.replace(a=a, b=b), None
 
 
 def _to_matrix(w, spec: LoraWeight):
