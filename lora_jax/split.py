@@ -359,37 +359,58 @@ def _init_all(key, folds, weights, plan: tuple, init: str, pad: bool):
     samplers: one per distribution, dtype and size, ``vmap``-ed over the targets' keys and
     bounds. With ``pad`` (threefry keys in partitionable mode, where element ``i`` of a draw
     depends only on the key and ``i``), a draw of ``n`` values is the first ``n`` of a draw
-    of ``n`` rounded up to a power of two, so targets of different sizes share one sampler.
+    of ``n`` rounded up to a power of two, so targets of different sizes share one sampler
+    (and sizes are pooled further into the largest, see :func:`_pooled`).
     """
     specs = [LoraWeight(a=None, b=None, **dict(t.fields)) for t in plan]
-    out: list = [None] * len(plan)
     if init == "pissa":
         return [_pissa(w, spec, jnp.dtype(t.dtype)) for spec, t, w in zip(specs, plan, weights)]
-    # every target's two keys, from one (vmapped) fold_in and split
-    pairs = jax.vmap(lambda d: jax.random.split(jax.random.fold_in(key, d)))(folds)
-    draws: dict[tuple, list] = {}  # (distribution, dtype, size) -> [(j, side, key, shape, bound)]
+    draws: dict[tuple, list] = {}  # (distribution, side, dtype, size) -> [(j, shape, bound)]
     for j, (spec, target) in enumerate(zip(specs, plan)):
-        ka, kb = pairs[j, 0], pairs[j, 1]
         if spec.kind == "embed":  # PEFT / loralib: the lookup side starts at zero, the other gaussian
-            draw = ("normal", "b", kb, spec.b_shape, None)
+            dist, side, shape, bound = "normal", 1, spec.b_shape, 0.0
         elif init == "gaussian":
-            draw = ("normal", "a", ka, spec.a_shape, None)
+            dist, side, shape, bound = "normal", 0, spec.a_shape, 0.0
         else:  # kaiming-uniform with a=sqrt(5), as torch.nn.Linear / PEFT: bound = 1/sqrt(fan_in)
-            draw = ("uniform", "a", ka, spec.a_shape, 1.0 / math.sqrt(math.prod(spec.in_shape)))
-        n = math.prod(draw[3])
+            dist, side, shape, bound = "uniform", 0, spec.a_shape, 1.0 / math.sqrt(math.prod(spec.in_shape))
+        n = math.prod(shape)
         size = 1 << (n - 1).bit_length() if pad else n
-        draws.setdefault((draw[0], target.dtype, size), []).append((j, *draw[1:]))
-    for (dist, dtype, size), items in draws.items():
-        keys = jnp.stack([k for _, _, k, _, _ in items])
-        if dist == "normal":
-            x = jax.vmap(lambda k: jax.random.normal(k, (size,), dtype))(keys)
-        else:
-            bounds = jnp.asarray([bd for *_, bd in items], dtype)
-            x = jax.vmap(lambda k, b: jax.random.uniform(k, (size,), dtype, -b, b))(keys, bounds)
-        for row, (j, side, _, shape, _) in enumerate(items):
+        draws.setdefault((dist, side, target.dtype, size), []).append((j, shape, bound))
+    if pad:
+        draws = _pooled(draws)
+
+    out: list = [None] * len(plan)
+    for (dist, side, dtype, size), items in draws.items():
+
+        def draw(fold, bound):
+            # the target's key pair is split(fold_in(key, fold)): A draws from the first
+            k = jax.random.split(jax.random.fold_in(key, fold))[side]
+            if dist == "normal":
+                return jax.random.normal(k, (size,), dtype)
+            return jax.random.uniform(k, (size,), dtype, -bound, bound)
+
+        rows = np.asarray([j for j, _, _ in items])
+        x = jax.vmap(draw)(folds[rows], jnp.asarray([bd for *_, bd in items], dtype))
+        for row, (j, shape, _) in enumerate(items):
             spec, drawn = specs[j], x[row, : math.prod(shape)].reshape(shape)
-            zeros_a, zeros_b = jnp.zeros(spec.a_shape, dtype), jnp.zeros(spec.b_shape, dtype)
-            out[j] = (spec.replace(a=drawn, b=zeros_b) if side == "a" else spec.replace(a=zeros_a, b=drawn)), None
+            zero = jnp.zeros(spec.b_shape if side == 0 else spec.a_shape, dtype)
+            out[j] = (spec.replace(a=drawn, b=zero) if side == 0 else spec.replace(a=zero, b=drawn)), None
+    return out
+
+
+def _pooled(draws: dict, waste: int = 4) -> dict:
+    """``draws`` with the sizes of each distribution, side and dtype drawn by one sampler of
+    the largest size, where that draws at most ``waste`` times the values asked for."""
+    kinds: dict[tuple, list] = {}
+    for (dist, side, dtype, size), items in draws.items():
+        kinds.setdefault((dist, side, dtype), []).append((size, items))
+    out = {}
+    for kind, groups in kinds.items():
+        top = max(size for size, _ in groups)
+        asked = sum(math.prod(shape) for _, items in groups for _, shape, _ in items)
+        if top * sum(len(items) for _, items in groups) <= waste * asked:
+            groups = [(top, [it for _, items in groups for it in items])]
+        out.update({(*kind, size): items for size, items in groups})
     return out
 
 
