@@ -111,17 +111,10 @@ def split(
         weights.append(w if config.init == "pissa" else None)
     if targets:
         plan = tuple(t for _, t in targets)
-        pad = bool(jax.config.jax_threefry_partitionable) and str(jax.random.key_impl(key)) == "threefry2x32"
-        done = _init_all(key, np.asarray(folds, np.uint32), weights, plan, config.init, pad)
-        for (i, _), (lora_leaves[i], base) in zip(targets, done):
+        for (i, _), (lora_leaves[i], base) in zip(targets, _init_all(key, np.asarray(folds, np.uint32), weights,
+                                                                     plan, config.init)):
             if base is not None:
                 base_leaves[i] = base
-        if config.init == "gaussian":
-            # A = N(0, 1) / rank, the division in a program of its own (see _divide)
-            gauss = [i for i, _ in targets if lora_leaves[i].kind != "embed"]
-            divided = _divide([lora_leaves[i].a for i in gauss], tuple(lora_leaves[i].rank for i in gauss))
-            for i, a in zip(gauss, divided):
-                lora_leaves[i] = lora_leaves[i].replace(a=a)
     treedef = jax.tree.structure(params, is_leaf=is_quantized)
     return jax.tree.unflatten(treedef, base_leaves), jax.tree.unflatten(treedef, lora_leaves)
 
@@ -348,39 +341,84 @@ def _static_fields(spec: LoraWeight) -> tuple:
     return tuple((f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.name not in ("a", "b"))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _init_all(key, folds, weights, plan: tuple, init: str, pad: bool):
-    """``[(lora_weight, residual base or None)]`` for every target of ``plan``, in one
-    program. Target ``j`` draws from ``fold_in(key, folds[j])`` what the eager init draws;
-    ``weights[j]`` is the float weight (PiSSA) or None. Under ``init="gaussian"``, A comes
-    back undivided by the rank (:func:`_divide` does that).
+def _init_all(key, folds, weights, plan: tuple, init: str) -> list:
+    """``[(lora_weight, residual base or None)]`` for every target of ``plan``. Target ``j``
+    draws from ``fold_in(key, folds[j])`` what the eager init draws; ``weights[j]`` is the
+    float weight (PiSSA) or None."""
+    specs = [LoraWeight(a=None, b=None, **dict(t.fields)) for t in plan]
+    if init == "pissa":
+        return _pissa_all(weights, plan)
+    pad = bool(jax.config.jax_threefry_partitionable) and str(jax.random.key_impl(key)) == "threefry2x32"
+    groups = _draw_groups(specs, plan, init, pad)
+    drawn = _draw(key, folds, groups)
+    divided = [i for i, g in enumerate(groups) if g[4] != 1]
+    if divided:  # gaussian A = N(0, 1) / rank, in a program of its own (see _divide)
+        for i, x in zip(divided, _divide([drawn[i] for i in divided], tuple(groups[i][4] for i in divided))):
+            drawn[i] = x
+    out: list = [None] * len(plan)
+    for (_, side, dtype, size, _, items), x in zip(groups, drawn):
+        # cut the rows apart outside the programs, one eager x[r] at a time: each compiles
+        # once per shape, where a program that cuts all rows compiles a kernel per target
+        for r, (j, shape, _) in enumerate(items):
+            n = math.prod(shape)
+            value = (x[r, :n] if n < size else x[r]).reshape(shape)
+            spec = specs[j]
+            zero = jnp.zeros(spec.b_shape if side == 0 else spec.a_shape, dtype)
+            out[j] = (spec.replace(a=value, b=zero) if side == 0 else spec.replace(a=zero, b=value)), None
+    return out
+
+
+def _draw_groups(specs, plan, init: str, pad: bool) -> tuple:
+    """The draws of every target, grouped: ``(distribution, side, dtype, size, divisor,
+    ((j, shape, bound), ...))``, one sampler per group.
 
     XLA's compile time grows with the number of samplers in a program, so the draws share
     samplers: one per distribution, dtype and size, ``vmap``-ed over the targets' keys and
     bounds. With ``pad`` (threefry keys in partitionable mode, where element ``i`` of a draw
     depends only on the key and ``i``), a draw of ``n`` values is the first ``n`` of a draw
     of ``n`` rounded up to a power of two, so targets of different sizes share one sampler
-    (and sizes are pooled further into the largest, see :func:`_pooled`).
-    """
-    specs = [LoraWeight(a=None, b=None, **dict(t.fields)) for t in plan]
-    if init == "pissa":
-        return [_pissa(w, spec, jnp.dtype(t.dtype)) for spec, t, w in zip(specs, plan, weights)]
-    draws: dict[tuple, list] = {}  # (distribution, side, dtype, size) -> [(j, shape, bound)]
+    (and sizes are pooled further into the largest, see :func:`_pooled`). ``divisor`` is
+    the rank that the gaussian init divides A by (1: none)."""
+    draws: dict[tuple, list] = {}
     for j, (spec, target) in enumerate(zip(specs, plan)):
+        divisor = 1
         if spec.kind == "embed":  # PEFT / loralib: the lookup side starts at zero, the other gaussian
             dist, side, shape, bound = "normal", 1, spec.b_shape, 0.0
         elif init == "gaussian":
-            dist, side, shape, bound = "normal", 0, spec.a_shape, 0.0
+            dist, side, shape, bound, divisor = "normal", 0, spec.a_shape, 0.0, spec.rank
         else:  # kaiming-uniform with a=sqrt(5), as torch.nn.Linear / PEFT: bound = 1/sqrt(fan_in)
             dist, side, shape, bound = "uniform", 0, spec.a_shape, 1.0 / math.sqrt(math.prod(spec.in_shape))
         n = math.prod(shape)
         size = 1 << (n - 1).bit_length() if pad else n
-        draws.setdefault((dist, side, target.dtype, size), []).append((j, shape, bound))
+        draws.setdefault((dist, side, target.dtype, size, divisor), []).append((j, shape, bound))
     if pad:
         draws = _pooled(draws)
+    return tuple((*k, tuple(items)) for k, items in draws.items())
 
-    out: list = [None] * len(plan)
-    for (dist, side, dtype, size), items in draws.items():
+
+def _pooled(draws: dict, waste: int = 4) -> dict:
+    """``draws`` with the sizes of each distribution, side, dtype and divisor drawn by one
+    sampler of the largest size, where that draws at most ``waste`` times the values asked
+    for."""
+    kinds: dict[tuple, list] = {}
+    for (dist, side, dtype, size, divisor), items in draws.items():
+        kinds.setdefault((dist, side, dtype, divisor), []).append((size, items))
+    out = {}
+    for (dist, side, dtype, divisor), groups in kinds.items():
+        top = max(size for size, _ in groups)
+        asked = sum(math.prod(shape) for _, items in groups for _, shape, _ in items)
+        if top * sum(len(items) for _, items in groups) <= waste * asked:
+            groups = [(top, [it for _, items in groups for it in items])]
+        out.update({(dist, side, dtype, size, divisor): items for size, items in groups})
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _draw(key, folds, groups: tuple) -> list:
+    """One ``(len(items), size)`` array per group of :func:`_draw_groups`, in one program;
+    row ``r`` is drawn as the target of ``items[r]`` draws it eagerly."""
+    out = []
+    for dist, side, dtype, size, _, items in groups:
 
         def draw(fold, bound):
             # the target's key pair is split(fold_in(key, fold)): A draws from the first
@@ -390,27 +428,7 @@ def _init_all(key, folds, weights, plan: tuple, init: str, pad: bool):
             return jax.random.uniform(k, (size,), dtype, -bound, bound)
 
         rows = np.asarray([j for j, _, _ in items])
-        x = jax.vmap(draw)(folds[rows], jnp.asarray([bd for *_, bd in items], dtype))
-        for row, (j, shape, _) in enumerate(items):
-            spec, drawn = specs[j], x[row, : math.prod(shape)].reshape(shape)
-            zero = jnp.zeros(spec.b_shape if side == 0 else spec.a_shape, dtype)
-            out[j] = (spec.replace(a=drawn, b=zero) if side == 0 else spec.replace(a=zero, b=drawn)), None
-    return out
-
-
-def _pooled(draws: dict, waste: int = 4) -> dict:
-    """``draws`` with the sizes of each distribution, side and dtype drawn by one sampler of
-    the largest size, where that draws at most ``waste`` times the values asked for."""
-    kinds: dict[tuple, list] = {}
-    for (dist, side, dtype, size), items in draws.items():
-        kinds.setdefault((dist, side, dtype), []).append((size, items))
-    out = {}
-    for kind, groups in kinds.items():
-        top = max(size for size, _ in groups)
-        asked = sum(math.prod(shape) for _, items in groups for _, shape, _ in items)
-        if top * sum(len(items) for _, items in groups) <= waste * asked:
-            groups = [(top, [it for _, items in groups for it in items])]
-        out.update({(*kind, size): items for size, items in groups})
+        out.append(jax.vmap(draw)(folds[rows], jnp.asarray([bd for *_, bd in items], dtype)))
     return out
 
 
@@ -421,6 +439,12 @@ def _divide(xs, divisors: tuple):
     would fold that reciprocal into the sampler's own last constant, which changes the last
     bit of the result; apart, the values equal those of dividing the sample eagerly."""
     return [x / d for x, d in zip(xs, divisors)]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pissa_all(weights, plan: tuple) -> list:
+    """:func:`_pissa` of every target, in one program."""
+    return [_pissa(w, LoraWeight(a=None, b=None, **dict(t.fields)), jnp.dtype(t.dtype)) for t, w in zip(plan, weights)]
 
 
 def _to_matrix(w, spec: LoraWeight):
