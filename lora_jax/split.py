@@ -92,7 +92,7 @@ def split(
         return jax.eval_shape(lambda k, p: split(k, p, config, apply_fn, args, kwargs), key, params)
     paths, arrays, hits, usages = _select(params, config, apply_fn, args, kwargs)
 
-    # one adapter per target, all initialized by one compiled program
+    # one adapter per target; their random draws share one compiled program (_init_all)
     lora_leaves: list = [None] * len(arrays)
     base_leaves = list(arrays)
     targets, folds, weights = [], [], []
