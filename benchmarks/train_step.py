@@ -153,10 +153,19 @@ def memory(steps):
     return out
 
 
-def timing(steps, rounds, iters):
+CHAINED = {"full": (0, 1), "factored": (1, 2), "merge": (1, 2), "combined": (0, 1)}
+
+
+def timing(steps, rounds, iters, chained=CHAINED):
     """Median seconds per step; each round runs every variant (side by side)."""
+    return {name: statistics.median(ts) for name, ts in timing_samples(steps, rounds, iters, chained).items()}
+
+
+def timing_samples(steps, rounds, iters, chained=CHAINED):
+    """Seconds per step of every round, per variant; each round runs every variant (side by
+    side). ``chained[name]`` are the argument positions that the step's first outputs (its
+    donated state) feed back into."""
     state = {name: list(copy(args())) for name, (fn, args) in steps.items()}
-    chained = {"full": (0, 1), "factored": (1, 2), "merge": (1, 2), "combined": (0, 1)}
 
     def run(name):
         fn = steps[name][0]
@@ -176,7 +185,7 @@ def timing(steps, rounds, iters):
             for _ in range(iters):
                 run(name)
             times[name].append((time.perf_counter() - t0) / iters)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def main(argv=None):

@@ -17,13 +17,13 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import zlib
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from .config import path_str
+from .split import path_fold
 from .tree import _check_lora_arg, check_fits, is_node, path_diff
 from .weight import LoraWeight, is_lora
 
@@ -82,7 +82,8 @@ def combine(
 
     DARE's masks: adapter ``i`` (its index in ``loras``) at target ``path`` keeps the entries
     where ``jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key,
-    zlib.crc32(path.encode()) & 0x7FFFFFFF), i), density, (a.size + b.size,))`` is True:
+    path_fold(path)), i), density, (a.size + b.size,))`` is True (``path_fold`` from
+    ``lora_jax.split``: the path's CRC-32 in 31 bits):
     the first ``a.size`` entries in ``a``'s shape for ``a``, the rest for ``b``. So a mask
     can be reproduced, and no target's or adapter's masks depend on the others.
 
@@ -138,7 +139,7 @@ def combine(
         a, b = _combine_factors(
             tuple((w.a, w.b) for _, w in group),
             jnp.asarray([weights[i] * w.scale for i, w in group]),
-            jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF) if dare else None,
+            jax.random.fold_in(key, path_fold(path)) if dare else None,
             jnp.asarray([i for i, _ in group], jnp.int32),
             method=method, rank=rank, density=density, sign_method=majority_sign_method,
             layout=_layout_of(first),

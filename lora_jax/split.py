@@ -4,13 +4,16 @@ the same rules and infer their axes the same way."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import re
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import HEAD_NAMES, Axes, LoraConfig, Rule, path_str, scaling_name
 from .quant import check_qtype, is_quantized, quantize_array
@@ -89,17 +92,41 @@ def split(
         return jax.eval_shape(lambda k, p: split(k, p, config, apply_fn, args, kwargs), key, params)
     paths, arrays, hits, usages = _select(params, config, apply_fn, args, kwargs)
 
-    # one adapter per target
+    # one adapter per target; their random draws share one compiled program (_init_all)
     lora_leaves: list = [None] * len(arrays)
     base_leaves = list(arrays)
+    targets, folds, weights = [], [], []
     for i, rule in hits.items():
         path, w = paths[i], arrays[i]
         usage = usages[i] if usages is not None else None
         spec, dtype = _make_weight(path, w, rule, config, usage)
-        k = target_key(key, path)
-        lora_leaves[i], base_leaves[i] = _init(k, w, spec, dtype, config.init)
+        if config.init == "pissa" and is_quantized(w):
+            raise ValueError(
+                f"{path}: rule {rule.pattern!r}: init='pissa' needs the float weight to move its "
+                "top singular directions into the adapter, but the target is quantized; split "
+                "the float base with init='pissa' and quantize the residual base afterwards"
+            )
+        targets.append((i, _Target(_static_fields(spec), dtype.name)))
+        folds.append(path_fold(path))
+        weights.append(w if config.init == "pissa" else None)
+    if targets:
+        plan = tuple(t for _, t in targets)
+        for (i, _), (lora_leaves[i], base) in zip(targets, _init_all(key, np.asarray(folds, np.uint32), weights,
+                                                                     plan, config.init)):
+            if base is not None:
+                base_leaves[i] = base
     treedef = jax.tree.structure(params, is_leaf=is_quantized)
     return jax.tree.unflatten(treedef, base_leaves), jax.tree.unflatten(treedef, lora_leaves)
+
+
+def path_fold(path: str) -> int:
+    """The number folded into the PRNG key for the target at ``path`` (its CRC-32, 31 bits):
+    one key per path, the same whatever else the tree holds.
+
+    >>> path_fold("w")
+    476252946
+    """
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF
 
 
 def target_key(key: jax.Array, path: str) -> jax.Array:
@@ -110,7 +137,7 @@ def target_key(key: jax.Array, path: str) -> jax.Array:
     ...     jax.random.fold_in(jax.random.key(0), 476252946))).all())
     True
     """
-    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(key, path_fold(path))
 
 
 def _select(params, config: LoraConfig, apply_fn, args, kwargs):
@@ -324,31 +351,121 @@ def _check_rank(path, shape, axes: Axes, rule: Rule):
         )
 
 
-def _init(key, w, spec: LoraWeight, dtype, init: str):
-    """Fill ``spec``'s a and b (in ``dtype``); return ``(lora_weight, base_leaf)``."""
-    ka, kb = jax.random.split(key)
-    fan_in = math.prod(spec.in_shape)
+class _Target(NamedTuple):
+    """What the init of one target depends on, hashable (a static argument of the jit)."""
+
+    fields: tuple  # LoraWeight's static fields, as (name, value) pairs
+    dtype: str  # the factors' dtype
+
+
+def _static_fields(spec: LoraWeight) -> tuple:
+    return tuple((f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.name not in ("a", "b"))
+
+
+def _init_all(key, folds, weights, plan: tuple, init: str) -> list:
+    """``[(lora_weight, residual base or None)]`` for every target of ``plan``. Target ``j``
+    draws from ``fold_in(key, folds[j])`` what the eager init draws; ``weights[j]`` is the
+    float weight (PiSSA) or None."""
+    specs = [LoraWeight(a=None, b=None, **dict(t.fields)) for t in plan]
     if init == "pissa":
-        if is_quantized(w):
-            raise ValueError(
-                f"{spec.rule!r}: init='pissa' needs the float weight to move its top singular "
-                "directions into the adapter, but the target is quantized; split the float "
-                "base with init='pissa' and quantize the residual base afterwards"
-            )
-        return _pissa(w, spec, dtype)
-    if spec.kind == "embed":
-        # PEFT / loralib: the lookup side starts at zero, the other gaussian.
-        a = jnp.zeros(spec.a_shape, dtype)
-        b = jax.random.normal(kb, spec.b_shape, dtype)
-    elif init == "gaussian":
-        a = jax.random.normal(ka, spec.a_shape, dtype) / spec.rank
-        b = jnp.zeros(spec.b_shape, dtype)
-    else:
-        # kaiming-uniform with a=sqrt(5), as torch.nn.Linear / PEFT: bound = 1/sqrt(fan_in)
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(ka, spec.a_shape, dtype, -bound, bound)
-        b = jnp.zeros(spec.b_shape, dtype)
-    return spec.replace(a=a, b=b), w
+        return _pissa_all(weights, plan)
+    pad = bool(jax.config.jax_threefry_partitionable) and str(jax.random.key_impl(key)) == "threefry2x32"
+    groups = _draw_groups(specs, plan, init, pad)
+    drawn = _draw(key, folds, groups)
+    divided = [i for i, g in enumerate(groups) if g[4] != 1]
+    if divided:  # gaussian A = N(0, 1) / rank, in a program of its own (see _divide)
+        for i, x in zip(divided, _divide([drawn[i] for i in divided], tuple(groups[i][4] for i in divided))):
+            drawn[i] = x
+    out: list = [None] * len(plan)
+    for (_, side, dtype, size, _, items), x in zip(groups, drawn):
+        # cut the rows apart outside the programs, one eager x[r] at a time: each compiles
+        # once per shape, where a program that cuts all rows compiles a kernel per target
+        for r, (j, shape, _) in enumerate(items):
+            n = math.prod(shape)
+            value = (x[r, :n] if n < size else x[r]).reshape(shape)
+            spec = specs[j]
+            zero = jnp.zeros(spec.b_shape if side == 0 else spec.a_shape, dtype)
+            out[j] = (spec.replace(a=value, b=zero) if side == 0 else spec.replace(a=zero, b=value)), None
+    return out
+
+
+def _draw_groups(specs, plan, init: str, pad: bool) -> tuple:
+    """The draws of every target, grouped: ``(distribution, side, dtype, size, divisor,
+    ((j, shape, bound), ...))``, one sampler per group.
+
+    XLA's compile time grows with the number of samplers in a program, so the draws share
+    samplers: one per distribution, dtype and size, ``vmap``-ed over the targets' keys and
+    bounds. With ``pad`` (threefry keys in partitionable mode, where element ``i`` of a draw
+    depends only on the key and ``i``), a draw of ``n`` values is the first ``n`` of a draw
+    of ``n`` rounded up to a power of two, so targets of different sizes share one sampler
+    (and sizes are pooled further into the largest, see :func:`_pooled`). ``divisor`` is
+    the rank that the gaussian init divides A by (1: none)."""
+    draws: dict[tuple, list] = {}
+    for j, (spec, target) in enumerate(zip(specs, plan)):
+        divisor = 1
+        if spec.kind == "embed":  # PEFT / loralib: the lookup side starts at zero, the other gaussian
+            dist, side, shape, bound = "normal", 1, spec.b_shape, 0.0
+        elif init == "gaussian":
+            dist, side, shape, bound, divisor = "normal", 0, spec.a_shape, 0.0, spec.rank
+        else:  # kaiming-uniform with a=sqrt(5), as torch.nn.Linear / PEFT: bound = 1/sqrt(fan_in)
+            dist, side, shape, bound = "uniform", 0, spec.a_shape, 1.0 / math.sqrt(math.prod(spec.in_shape))
+        n = math.prod(shape)
+        size = 1 << (n - 1).bit_length() if pad else n
+        draws.setdefault((dist, side, target.dtype, size, divisor), []).append((j, shape, bound))
+    if pad:
+        draws = _pooled(draws)
+    return tuple((*k, tuple(items)) for k, items in draws.items())
+
+
+def _pooled(draws: dict, waste: int = 4) -> dict:
+    """``draws`` with the sizes of each distribution, side, dtype and divisor drawn by one
+    sampler of the largest size, where that draws at most ``waste`` times the values asked
+    for."""
+    kinds: dict[tuple, list] = {}
+    for (dist, side, dtype, size, divisor), items in draws.items():
+        kinds.setdefault((dist, side, dtype, divisor), []).append((size, items))
+    out = {}
+    for (dist, side, dtype, divisor), groups in kinds.items():
+        top = max(size for size, _ in groups)
+        asked = sum(math.prod(shape) for _, items in groups for _, shape, _ in items)
+        if top * sum(len(items) for _, items in groups) <= waste * asked:
+            groups = [(top, [it for _, items in groups for it in items])]
+        out.update({(dist, side, dtype, size, divisor): items for size, items in groups})
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _draw(key, folds, groups: tuple) -> list:
+    """One ``(len(items), size)`` array per group of :func:`_draw_groups`, in one program;
+    row ``r`` is drawn as the target of ``items[r]`` draws it eagerly."""
+    out = []
+    for dist, side, dtype, size, _, items in groups:
+
+        def draw(fold, bound):
+            # the target's key pair is split(fold_in(key, fold)): A draws from the first
+            k = jax.random.split(jax.random.fold_in(key, fold))[side]
+            if dist == "normal":
+                return jax.random.normal(k, (size,), dtype)
+            return jax.random.uniform(k, (size,), dtype, -bound, bound)
+
+        rows = np.asarray([j for j, _, _ in items])
+        out.append(jax.vmap(draw)(folds[rows], jnp.asarray([bd for *_, bd in items], dtype)))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _divide(xs, divisors: tuple):
+    """``[x / d]``, in a program apart from the sampler that made ``x``: XLA computes a
+    division by a constant as a multiplication by its reciprocal, and after the sampler it
+    would fold that reciprocal into the sampler's own last constant, which changes the last
+    bit of the result; apart, the values equal those of dividing the sample eagerly."""
+    return [x / d for x, d in zip(xs, divisors)]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pissa_all(weights, plan: tuple) -> list:
+    """:func:`_pissa` of every target, in one program."""
+    return [_pissa(w, LoraWeight(a=None, b=None, **dict(t.fields)), jnp.dtype(t.dtype)) for t, w in zip(plan, weights)]
 
 
 def _to_matrix(w, spec: LoraWeight):

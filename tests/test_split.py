@@ -1,6 +1,8 @@
 """split / merge / unmerge, init schemes, abstract trees, delta math against numpy."""
 
+import re
 import time
+import zlib
 
 import chex
 import hypothesis.strategies as st
@@ -94,6 +96,75 @@ def test_pissa_residual_and_top_singular_directions():
     # the residual's spectrum is W's tail
     R = np.asarray(base["params"]["blk"]["attn"]["q"]["kernel"], np.float64)
     np.testing.assert_allclose(np.linalg.svd(R, compute_uv=False)[: len(s) - w.rank], s[w.rank :], rtol=1e-4, atol=1e-4)
+
+
+def _eager_init(key, path, w, W, init):
+    """The adapter's factors as the per-target eager init makes them: ``jax.random`` calls on
+    a key folded in from the path, one array operation at a time."""
+    k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    ka, kb = jax.random.split(k)
+    dtype = w.a.dtype
+    if init == "pissa":  # W stored (in, out)
+        u, s, vh = jnp.linalg.svd(jnp.asarray(W, jnp.float32), full_matrices=False)
+        root = jnp.sqrt(s[: w.rank] / w.scale)[:, None]
+        return (root * u[:, : w.rank].T).astype(dtype), (root * vh[: w.rank]).astype(dtype)
+    if w.kind == "embed":
+        return jnp.zeros(w.a.shape, dtype), jax.random.normal(kb, w.b.shape, dtype)
+    if init == "gaussian":
+        return jax.random.normal(ka, w.a.shape, dtype) / w.rank, jnp.zeros(w.b.shape, dtype)
+    bound = 1.0 / np.sqrt(np.prod(w.in_shape))
+    return jax.random.uniform(ka, w.a.shape, dtype, -bound, bound), jnp.zeros(w.b.shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa"])
+def test_init_values_equal_the_eager_per_target_init_bit_for_bit(init, dtype):
+    # ranks 3 and 5: their reciprocals are inexact, so a division folded differently shows
+    ks = jax.random.split(jax.random.key(7), 4)
+    params = {"q": {"kernel": jax.random.normal(ks[0], (24, 20))}, "up": {"kernel": jax.random.normal(ks[1], (20, 36))},
+              "conv": {"kernel": jax.random.normal(ks[2], (3, 3, 4, 6))}}
+    rules = [lj.Rule(r"(q|up)/kernel", rank=3, alpha=5.0)]
+    if init != "pissa":
+        params["embed"] = {"embedding": jax.random.normal(ks[3], (50, 12))}
+        rules += [lj.Rule(r"conv/kernel", rank=5, alpha=7.0), lj.Rule(r"embed/embedding", rank=5, alpha=7.0)]
+    key = jax.random.key(11)
+    base, lora = lj.split(key, params, lj.LoraConfig(rules=tuple(rules), init=init, dtype=dtype))
+    assert len(lj.targets(lora)) == len(rules) + 1
+    for path, w in lj.targets(lora):
+        name = path.split("/")[0]
+        W = params[name]["kernel" if name != "embed" else "embedding"]
+        a, b = _eager_init(key, path, w, W, init)
+        assert w.a.dtype == (dtype or jnp.float32)
+        np.testing.assert_array_equal(np.asarray(w.a, np.float32), np.asarray(a, np.float32), err_msg=path)
+        np.testing.assert_array_equal(np.asarray(w.b, np.float32), np.asarray(b, np.float32), err_msg=path)
+        if init == "pissa":
+            # the residual W - s·A⊗B: eagerly, XLA rounds s·A⊗B before subtracting; compiled
+            # in one program the product and the subtraction fuse into one multiply-add, so
+            # the two agree to a rounding of W's magnitude (not bit for bit)
+            d = w.scale * jnp.einsum("ri,ro->io", w.a.astype(jnp.float32), w.b.astype(jnp.float32),
+                                     precision=jax.lax.Precision.HIGHEST)
+            ulp = np.finfo(np.float32).eps * float(jnp.abs(W).max())
+            np.testing.assert_allclose(np.asarray(base[name]["kernel"]), np.asarray(W - d), rtol=0, atol=ulp)
+        else:
+            assert base[name] is params[name] or base[name]["kernel" if name != "embed" else "embedding"] is W
+
+
+def test_split_compiles_its_random_draws_once_whatever_the_number_of_shapes(caplog):
+    # the programs that draw random numbers (jax.random's samplers and key derivations, or
+    # the one program that draws for every target); eager slices and zeros are cheap
+    drawing = re.compile(r"Compiling jit\((\w*(uniform|normal|threefry|split|fold_in|draw)\w*)\)")
+
+    def samplers(n):
+        params = {f"l{i}": {"kernel": jnp.zeros((8 + i, 16 + 2 * i))} for i in range(n)}
+        cfg = lj.LoraConfig(rules=(lj.Rule(r".*/kernel", rank=2),))
+        key = jax.random.key(n)
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level("DEBUG"):
+            jax.block_until_ready(lj.split(key, params, cfg))
+        return [m.group(1) for r in caplog.records if (m := drawing.search(r.getMessage()))]
+
+    few, many = samplers(3), samplers(9)  # new shapes in each call
+    assert len(few) == 1 and len(many) == 1, (few, many)
 
 
 def test_merge_matches_numpy_and_unmerge_inverts():
