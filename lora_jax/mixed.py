@@ -11,8 +11,9 @@ everything ``wrap`` follows: scan, remat, attention, embeddings, convs, reshaped
 and quantized weights.
 
 What it asks of ``f``: the examples are independent (what a per-example adapter means;
-statistics across the batch, such as batch norm in training mode, become per example), and
-each output has an example axis. The example axis of each output is found by evaluating
+statistics across the batch, such as batch norm in training mode, become per example), it
+accepts a batch of one (a ``shard_map`` that splits the batch axis cannot), and each output
+has an example axis. The example axis of each output is found by evaluating
 the shapes of ``f`` for batches of one and of two examples (once per input signature): the
 one axis that grows. An output with none (a loss averaged over the batch) is refused:
 reduce after ``wrap``.
@@ -71,6 +72,8 @@ def check_ids(lora, adapter_ids, strategy: str, lora_rng):
         for p, w in nodes:
             _dropout_rate(p, w)
     ids = adapter_ids if isinstance(adapter_ids, jax.Array) else np.asarray(adapter_ids)
+    if ids.size == 0:
+        raise ValueError(f"adapter_ids is empty (shape {tuple(ids.shape)}); give one adapter index per example")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"adapter_ids must be integers (one adapter index per example), got dtype {ids.dtype}; "
                         "e.g. jnp.array([0, 1, -1], jnp.int32)")
@@ -146,6 +149,10 @@ def _arg_axes(example_axes, args, kwargs, treedef) -> list:
     return treedef.flatten_up_to(full)
 
 
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
 def _where(p) -> str:
     return ("args" if p[0].idx == 0 else "kwargs") + jax.tree_util.keystr(p[1:])
 
@@ -154,8 +161,7 @@ def _mapped(leaves, axes, examples: int) -> list:
     """Per leaf, the axis it is mapped along (None: shared or static)."""
     out = []
     for (p, x), ax in zip(leaves, axes):
-        is_arr = isinstance(x, (jax.Array, np.ndarray, np.generic))
-        if ax is _SHARED or not is_arr or np.ndim(x) == 0:
+        if ax is _SHARED or not _is_array(x) or np.ndim(x) == 0:
             out.append(None)
             continue
         if isinstance(ax, bool) or not isinstance(ax, int) or not -x.ndim <= ax < x.ndim:
@@ -163,10 +169,12 @@ def _mapped(leaves, axes, examples: int) -> list:
                              f"use an axis in {-x.ndim}..{x.ndim - 1}, or None for an argument all examples share")
         ax %= x.ndim
         if x.shape[ax] != examples:
+            fix = ("keyword arguments run along axis 0 (as in jax.vmap): pass an argument all examples share "
+                   "positionally, with example_axes None for it" if p[0].idx == 1 else
+                   "pass example_axes= for other layouts, None for an argument all examples share")
             raise ValueError(
                 f"the argument {_where(p)} has shape {tuple(x.shape)}, but adapter_ids has {examples} examples: "
-                f"each array argument needs the examples along its example axis (axis {ax}); pass "
-                "example_axes= for other layouts, None for an argument all examples share"
+                f"each array argument needs the examples along its example axis (axis {ax}); {fix}"
             )
         out.append(ax)
     return out
@@ -181,14 +189,14 @@ def _out_axes(f: Callable, base, treedef, leaves, axes, cache: dict):
     arg_vals = [x for _, x in leaves]
     try:
         key = (base_def, treedef, tuple(axes), *(abstract(x) if a else ("static", x) for x, a in zip(base_leaves, is_arr)),
-               *(jax.ShapeDtypeStruct(x.shape, x.dtype) if ax is not None else ("static", x) for x, ax in zip(arg_vals, axes)))
+               *(jax.ShapeDtypeStruct(np.shape(x), x.dtype) if _is_array(x) else ("static", x) for x in arg_vals))
         hash(key)
     except TypeError:
         key = None
     if key is not None and key in cache:
         return cache[key]
 
-    def shapes(size):
+    def shapes(size):  # (a shared array argument enters as a value: f may branch on its shape only)
         def run(base_arrays, mapped_arrays):
             it, mt = iter(base_arrays), iter(mapped_arrays)
             b = [next(it) if a else x for x, a in zip(base_leaves, is_arr)]
@@ -200,7 +208,13 @@ def _out_axes(f: Callable, base, treedef, leaves, axes, cache: dict):
                   for x, ax in zip(arg_vals, axes) if ax is not None]
         return jax.eval_shape(run, [abstract(x) for x, a in zip(base_leaves, is_arr) if a], mapped)
 
-    one, two = shapes(1), shapes(2)
+    try:
+        one, two = shapes(1), shapes(2)
+    except Exception as e:  # noqa: BLE001 - say why f ran on one example, keep the error as it is
+        e.add_note("(lj.wrap with adapter_ids runs f on each example alone, as a batch of one, and on two to find "
+                   "the outputs' example axes: f must accept batches of any size; a shard_map over the batch "
+                   "axis cannot split one example)")
+        raise
     out = []
     for (p, s1), s2 in zip(jax.tree_util.tree_flatten_with_path(one)[0], jax.tree.leaves(two)):
         grow = [d for d, (m, n) in enumerate(zip(s1.shape, s2.shape)) if m != n]

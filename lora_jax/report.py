@@ -63,8 +63,9 @@ def summary(lora: Any, base: Any = None) -> str:
     # AdaLoRA adapters (shown at their initial rank) also train their λ
     lams = {path_str(p): _size(w.lam) for p, w in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_adalora)[0]
             if is_adalora(w)}
-    for path, w in stacked or targets(as_lora(lora)):
-        if stacked:  # one row per target, each adapter's numbers joined by "/" (- where it has none)
+    rows_of = _targets_and_stacks(as_lora(lora)) if stacked else targets(as_lora(lora))
+    for path, w in rows_of:
+        if is_stacked(w):  # one row per target, each adapter's numbers joined by "/" (- where it has none)
             n = _size(w.a) + _size(w.b)
             ranks, alphas, scales = (np.asarray(getattr(w, f)) for f in ("rank", "alpha", "scale"))
             join = lambda vals, fmt: "/".join(fmt(v) if r else "-" for v, r in zip(vals, ranks))  # noqa: E731
@@ -104,6 +105,12 @@ def summary(lora: Any, base: Any = None) -> str:
         lines.append(f"stacked: {stacked[0][1].n} adapters per target, padded to the largest rank "
                      "(params count the padding)")
     return "\n".join(lines)
+
+
+def _targets_and_stacks(lora: Any) -> list:
+    """``(path, adapter)`` of every target, stacked or plain, in tree order."""
+    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
+    return [(path_str(p), w) for p, w in leaves if w is not None]
 
 
 def _stacked(lora: Any) -> list:

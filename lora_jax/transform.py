@@ -921,9 +921,17 @@ def _shard_map(interp, eqn, invals):
     """The body runs per shard as a new ``shard_map``: an adapted weight enters as its
     per-shard ``w`` with A and B split like it (A over W's stack and input axes, B over its
     stack and output axes, the rank axis whole), so a sharded contraction's partial sums
-    (``psum`` in the body) add up the adapter's share too."""
+    (``psum`` in the body) add up the adapter's share too. Adapter-input dropout is refused
+    there (one key per shard would repeat its masks on every shard)."""
     if any(map(_is_deq, invals)):
         return None
+    keyed = [x.name for x in invals if _is_adapted(x) and x.key is not None]
+    if keyed:
+        raise ValueError(
+            f"lj.wrap: adapter-input dropout (lora_rng) for {fmt_paths(keyed, 4)} inside shard_map is not "
+            "applied: one key per shard would repeat the masks across shards; pass lora_rng=None, or "
+            "leave these targets out of adapters with dropout"
+        )
     p = eqn.params
     inner = closed(p["jaxpr"])
     vals, specs = [], []
@@ -933,8 +941,7 @@ def _shard_map(interp, eqn, invals):
             entries = tuple(spec) + (None,) * (x.w.ndim - len(spec))
             pick = lambda kind: [entries[d] for d in x.dims(kind)]  # noqa: E731
             spec = x.replace(w=spec, a=PartitionSpec(*pick(_S), None, *pick(_I)),
-                             b=PartitionSpec(*pick(_S), None, *pick(_O)),
-                             key=None if x.key is None else PartitionSpec())
+                             b=PartitionSpec(*pick(_S), None, *pick(_O)))
         vals.append(x)
         specs.append(spec)
 

@@ -5,6 +5,7 @@ merge strategy and the same model on one device without shard_map."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.extend.core import jaxprs_in_params
 from jax.sharding import PartitionSpec as P
 
@@ -70,3 +71,13 @@ def test_shard_map_layers_stay_factored_and_equal_one_device():
     shard = {(D, FF // 4), (FF // 4, D)}
     assert not shard & _shapes(jax.make_jaxpr(jax.grad(loss(factored)))(lora, x).jaxpr)
     assert shard & _shapes(jax.make_jaxpr(jax.grad(loss(merged)))(lora, x).jaxpr)   # (the check can fail)
+
+
+def test_adapter_dropout_inside_shard_map_is_refused_by_path():
+    mesh = _mesh()
+    params = {"up": jnp.ones((D, FF)), "down": jnp.ones((FF, D))}
+    x = jnp.ones((B, D))
+    cfg = lj.LoraConfig(rules=(lj.Rule("up", rank=2, dropout=0.5),))
+    _, lora = lj.split(jax.random.key(3), params, cfg, apply_fn=parallel(mesh), args=(x,))
+    with pytest.raises(ValueError, match=r"dropout \(lora_rng\) for up inside shard_map.*lora_rng=None"):
+        lj.wrap(parallel(mesh))(params, lora, x, lora_rng=jax.random.key(0))

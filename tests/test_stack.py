@@ -352,3 +352,26 @@ def test_bad_adapter_ids_and_arguments_are_clear_errors():
     mean = lj.wrap(lambda p, x: jnp.mean(model.apply(p, x)))
     with pytest.raises(ValueError, match=r"output of f has shape \(\) for one example.*reduce after"):
         mean(base, stacked, x, adapter_ids=IDS)
+    with pytest.raises(ValueError, match="adapter_ids is empty"):
+        g(base, stacked, x, adapter_ids=[])
+    shifted = lj.wrap(lambda p, x, bias: model.apply(p, x) + bias)
+    with pytest.raises(ValueError, match=r"kwargs\['bias'\] has shape \(6,\).*keyword arguments run along axis 0"):
+        shifted(base, stacked, x, bias=jnp.ones(6), adapter_ids=IDS)
+    pairs = lj.wrap(lambda p, x: model.apply(p, x.reshape(-1, 2, x.shape[-1])[:, 0]))   # needs an even batch
+    with pytest.raises(TypeError) as info:
+        pairs(base, stacked, x, adapter_ids=IDS)
+    assert any("runs f on each example alone" in n for n in getattr(info.value, "__notes__", []))
+
+
+def test_a_shared_argument_does_not_trace_f_again_on_each_call():
+    model, x, everywhere, some, base, loras = _setup(_mlp)
+    traces = []
+
+    def f(p, x, shift):
+        traces.append(1)
+        return model.apply(p, x) + shift
+
+    g, stacked = lj.wrap(f), lj.stack(loras)
+    for _ in range(3):
+        g(base, stacked, x, jnp.float32(0.5), adapter_ids=IDS)
+    assert len(traces) == 3   # one factored trace, and the shapes for one and two examples, once

@@ -142,3 +142,13 @@ def test_functions_of_one_adapter_refuse_a_stack_with_the_fix():
                  lambda: peft.save("/nonexistent", stacked, MAP)):
         with pytest.raises(TypeError, match=r"holds stacked adapters \(lj.stack\) at q/kernel, v/kernel.*unstack"):
             call()
+
+
+def test_summary_of_a_stack_beside_a_plain_adapter_lists_both():
+    loras = _adapters()
+    tree = lj.stack(loras)
+    tree["v"]["kernel"] = loras[0]["v"]["kernel"]     # one plain adapter every example shares
+    text = lj.summary(tree)
+    assert "q/kernel" in text and "v/kernel" in text, text
+    q = tree["q"]["kernel"]
+    assert f"{q.a.size + q.b.size + loras[0]['v']['kernel'].num_params:,} in 2 targets" in text
