@@ -488,7 +488,9 @@ def split(
 
     The adapters are initialized inside one ``jit`` whose ``out_shardings`` are
     :func:`shardings`: each device computes only its own shards (no host round trip and
-    no gather; the values equal those of the unsharded ``lj.split``). Under
+    no gather). The values equal those of the unsharded ``lj.split`` bit for bit for the
+    default init; the gaussian init's division by the rank, compiled into the same
+    program as the draw, may round the last bit differently (within one float32 ulp). Under
     ``init="pissa"`` the residual base is computed in the same ``jit`` and keeps the
     base's shardings.
 

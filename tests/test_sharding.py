@@ -1,5 +1,6 @@
 """Sharding: adapter layouts derived from the base's, sharded training equal to one device."""
 
+import dataclasses
 import math
 import re
 
@@ -254,6 +255,12 @@ def test_sharded_split_equals_split_without_host_transfers():
     assert got == {"dense/kernel": (P(None, "data"), P(None, "model")),
                    "attn_out/kernel": (P(None, "model", None), P(None, "data")),
                    "embed/embedding": (P(None, "model"), P(None, "data"))}
+    # the gaussian init: equal up to the last bit of its division by the rank (documented)
+    gauss = dataclasses.replace(cfg, init="gaussian")
+    got = jax.device_get(sharding.split(key, on_mesh, gauss)[1])
+    want = lj.split(jax.random.key(3), params, gauss)[1]
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=np.finfo(np.float32).eps, atol=0)
 
 
 def test_gather_parser_reads_hlo():
