@@ -39,10 +39,10 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from .config import SCALINGS, LoraConfig, path_str
-from .stacked import StackedLoraWeight, is_stacked, is_stacked_node, scaling_of, template
+from .stacked import StackedLoraWeight, adapter_numbers, is_stacked, is_stacked_node, stacked_targets, template
 from .tree import fmt_paths, is_node, targets
 from .version import __version__
-from .weight import AdaLoraWeight, LoraWeight, is_adalora, is_lora
+from .weight import PER_ADAPTER, AdaLoraWeight, LoraWeight, is_adalora, is_lora
 
 __all__ = [
     "FORMAT",
@@ -173,28 +173,21 @@ def plain_form(lora: Any) -> Any:
 
 def _stack_section(lora: Any) -> list[dict] | None:
     """Each stacked adapter's own targets and numbers (None for a plain tree)."""
-    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
-    nodes = [(path_str(p), w) for p, w in leaves if is_stacked(w)]
+    nodes = stacked_targets(lora)
     if not nodes:
         return None
-    plain = [path_str(p) for p, w in leaves if is_lora(w)]
+    plain = [p for p, _ in targets(lora)]
     if plain:
         raise TypeError(f"a stacked lora tree to save holds plain adapters too, at {fmt_paths(plain, 4)}; "
                         "save a tree from one lj.stack call, or the plain trees one by one")
     if len({w.n for _, w in nodes}) > 1:
         raise ValueError("the stacked adapters hold different numbers of adapters; save a tree from one lj.stack call")
-    if any(isinstance(getattr(w, f), jax.core.Tracer) for _, w in nodes for f in ("scale", "alpha", "rank", "dropout")):
+    if any(isinstance(getattr(w, f), jax.core.Tracer) for _, w in nodes for f in PER_ADAPTER):
         raise TypeError("a stacked lora tree to save has traced per-adapter numbers; save concrete arrays")
     out = []
     for k in range(nodes[0][1].n):
-        entries = []
-        for path, w in nodes:
-            rank = int(np.asarray(w.rank)[k])
-            if rank:
-                scale, alpha = (float(np.asarray(getattr(w, f))[k]) for f in ("scale", "alpha"))
-                entries.append(dict(path=path, rank=rank, alpha=alpha, scale=scale,
-                                    scaling=scaling_of(scale, alpha, rank), dropout=float(np.asarray(w.dropout)[k])))
-        out.append(dict(targets=entries))
+        numbers = [(path, adapter_numbers(w, k)) for path, w in nodes]
+        out.append(dict(targets=[dict(path=path, **n) for path, n in numbers if n is not None]))
     return out
 
 
@@ -689,7 +682,7 @@ def _stacked_weights(meta: dict, weights: list[LoraWeight]) -> list[StackedLoraW
     :class:`StackedLoraWeight` with each adapter's numbers from ``meta["stack"]``."""
     stack = meta["stack"]
     index = {e["path"]: i for i, e in enumerate(meta["targets"])}
-    data = [{f: np.zeros(len(stack), np.float64) for f in ("scale", "alpha", "rank", "dropout")} for _ in weights]
+    data = [{f: np.zeros(len(stack), np.float64) for f in PER_ADAPTER} for _ in weights]
     for k, adapter in enumerate(stack):
         for e in adapter["targets"]:
             for f in data[index[e["path"]]]:

@@ -21,7 +21,7 @@ reduce after ``wrap``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,24 +30,24 @@ from jax import lax
 
 from .config import path_str
 from .quant import is_quantized
-from .stacked import StackedLoraWeight, is_stacked, is_stacked_node, template
-from .tree import fmt_paths
+from .stacked import StackedLoraWeight, is_stacked, is_stacked_node, stacked_targets, template
+from .tree import fmt_paths, is_array
 
 __all__ = ["check_ids", "call"]
 
 _SHARED = "shared"  # an argument that all examples share (example axis None)
 
 
-def check_ids(lora, adapter_ids, strategy: str, lora_rng):
+def check_ids(lora, adapter_ids, strategy: str):
     """``adapter_ids`` as an int32 array, checked against the stacked adapters in ``lora``;
     None for a lora tree without stacked adapters.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
-    >>> check_ids(lj.stack([lora, lora]), [1, -1], "factored", None).tolist()
+    >>> check_ids(lj.stack([lora, lora]), [1, -1], "factored").tolist()
     [1, -1]
     """
-    nodes = _stacked_nodes(lora)
+    nodes = stacked_targets(lora)
     if not nodes:
         if adapter_ids is not None:
             raise ValueError("adapter_ids is for stacked lora trees (lj.stack([lora_0, lora_1, ...])), but this "
@@ -68,9 +68,6 @@ def check_ids(lora, adapter_ids, strategy: str, lora_rng):
         raise ValueError(f"the stacked adapters hold different numbers of adapters {sorted(counts)} "
                          "(trees from different lj.stack calls?); stack all adapters in one lj.stack call")
     (n,) = counts
-    if lora_rng is not None:
-        for p, w in nodes:
-            _dropout_rate(p, w)
     ids = adapter_ids if isinstance(adapter_ids, jax.Array) else np.asarray(adapter_ids)
     if ids.size == 0:
         raise ValueError(f"adapter_ids is empty (shape {tuple(ids.shape)}); give one adapter index per example")
@@ -86,11 +83,6 @@ def check_ids(lora, adapter_ids, strategy: str, lora_rng):
             raise ValueError(f"{fmt_paths(bad, 4)} out of range for {n} stacked adapters; use 0..{n - 1}, "
                              "or -1 for the base alone")
     return jnp.asarray(ids, jnp.int32)
-
-
-def _stacked_nodes(lora) -> list[tuple[str, StackedLoraWeight]]:
-    return [(path_str(p), w) for p, w in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
-            if is_stacked(w)]
 
 
 def _dropout_rate(path: str, w: StackedLoraWeight) -> float:
@@ -149,10 +141,6 @@ def _arg_axes(example_axes, args, kwargs, treedef) -> list:
     return treedef.flatten_up_to(full)
 
 
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
 def _where(p) -> str:
     return ("args" if p[0].idx == 0 else "kwargs") + jax.tree_util.keystr(p[1:])
 
@@ -161,7 +149,7 @@ def _mapped(leaves, axes, examples: int) -> list:
     """Per leaf, the axis it is mapped along (None: shared or static)."""
     out = []
     for (p, x), ax in zip(leaves, axes):
-        if ax is _SHARED or not _is_array(x) or np.ndim(x) == 0:
+        if ax is _SHARED or not is_array(x) or np.ndim(x) == 0:
             out.append(None)
             continue
         if isinstance(ax, bool) or not isinstance(ax, int) or not -x.ndim <= ax < x.ndim:
@@ -185,11 +173,11 @@ def _out_axes(f: Callable, base, treedef, leaves, axes, cache: dict):
     one example to a batch of two."""
     base_leaves, base_def = jax.tree.flatten(base, is_leaf=is_quantized)
     abstract = lambda x: x.abstract() if is_quantized(x) else jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-    is_arr = [is_quantized(x) or isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in base_leaves]
+    is_arr = [is_quantized(x) or is_array(x) for x in base_leaves]
     arg_vals = [x for _, x in leaves]
     try:
         key = (base_def, treedef, tuple(axes), *(abstract(x) if a else ("static", x) for x, a in zip(base_leaves, is_arr)),
-               *(jax.ShapeDtypeStruct(np.shape(x), x.dtype) if _is_array(x) else ("static", x) for x in arg_vals))
+               *(jax.ShapeDtypeStruct(np.shape(x), x.dtype) if is_array(x) else ("static", x) for x in arg_vals))
         hash(key)
     except TypeError:
         key = None

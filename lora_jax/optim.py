@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import optax
 
-from .stacked import is_stacked
+from .weight import PER_ADAPTER, is_stacked
 
 __all__ = ["optimizer", "labels", "apply_updates"]
 
@@ -31,7 +31,7 @@ def labels(tree: Any) -> dict:
         )
     def lora_label(x):  # a stacked adapter's per-adapter numbers are frozen, like the base
         if is_stacked(x):
-            return x.replace(a="lora", b="lora", **dict.fromkeys(("scale", "alpha", "rank", "dropout"), "base"))
+            return x.replace(a="lora", b="lora", **dict.fromkeys(PER_ADAPTER, "base"))
         return jax.tree.map(lambda _: "lora", x)
 
     return {

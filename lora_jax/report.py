@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from .quant import is_quantized
-from .stacked import is_stacked, is_stacked_node
+from .stacked import is_stacked, is_stacked_node, stacked_targets
 from .config import path_str
 from .tree import _check_lora_arg, as_lora, targets
 from .weight import is_adalora
@@ -59,7 +59,7 @@ def summary(lora: Any, base: Any = None) -> str:
     """
     rows = [("path", "shape", "kind", "rank", "alpha", "scale", "params")]
     total = 0
-    stacked = _stacked(lora)
+    stacked = stacked_targets(lora)
     # AdaLoRA adapters (shown at their initial rank) also train their λ
     lams = {path_str(p): _size(w.lam) for p, w in jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_adalora)[0]
             if is_adalora(w)}
@@ -111,12 +111,6 @@ def _targets_and_stacks(lora: Any) -> list:
     """``(path, adapter)`` of every target, stacked or plain, in tree order."""
     leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
     return [(path_str(p), w) for p, w in leaves if w is not None]
-
-
-def _stacked(lora: Any) -> list:
-    """``(path, StackedLoraWeight)`` of a stacked tree's targets (empty for a plain tree)."""
-    leaves = jax.tree_util.tree_flatten_with_path(lora, is_leaf=is_stacked_node)[0]
-    return [(path_str(p), w) for p, w in leaves if is_stacked(w)]
 
 
 def delta_norms(lora: Any) -> dict[str, jax.Array]:

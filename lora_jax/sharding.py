@@ -36,9 +36,9 @@ from .config import LoraConfig, path_str
 from .quant import QuantizedWeight, is_quantized
 from .split import split as _split
 from .stacked import is_stacked, is_stacked_node
-from .tree import fmt_paths, is_node, path_diff
+from .tree import fmt_paths, path_diff
 from .tree import merge as _merge
-from .weight import LoraWeight, is_adalora, is_lora
+from .weight import PER_ADAPTER, LoraWeight, is_adalora, is_lora
 
 __all__ = ["specs", "shardings", "shard", "split", "merge", "state_shardings", "quantized_specs"]
 
@@ -356,7 +356,7 @@ def specs(lora: Any, base_specs: Any, *, rules: Rules | None = None) -> Any:
             return w
         if is_stacked(w):  # the adapter axis and the per-adapter numbers are replicated
             return w.replace(a=PartitionSpec(None, *a), b=PartitionSpec(None, *b),
-                             **dict.fromkeys(("scale", "alpha", "rank", "dropout"), PartitionSpec()))
+                             **dict.fromkeys(PER_ADAPTER, PartitionSpec()))
         return w.replace(a=a, b=b)
 
     out = jax.tree_util.tree_map_with_path(one, lora, is_leaf=is_stacked_node)
@@ -435,7 +435,7 @@ def shardings(lora: Any, mesh: jax.sharding.Mesh, base_specs: Any, *, rules: Rul
         if any(msgs):
             problems.extend(m for m in msgs if m)
             return w
-        rest = {f: NamedSharding(mesh, getattr(w, f)) for f in ("scale", "alpha", "rank", "dropout")} if is_stacked(w) else {}
+        rest = {f: NamedSharding(mesh, getattr(w, f)) for f in PER_ADAPTER} if is_stacked(w) else {}
         return w.replace(a=NamedSharding(mesh, w.a), b=NamedSharding(mesh, w.b), **rest)
 
     out = jax.tree_util.tree_map_with_path(one, tree, lora, is_leaf=is_stacked_node)

@@ -30,14 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .combine import _gather
+from .combine import _gather, _weight_fields
 from .config import path_str
 from .tree import _check_lora_arg, is_node
-from .weight import LoraWeight, StackedLoraWeight, is_lora, is_stacked
+from .weight import PER_ADAPTER, LoraWeight, StackedLoraWeight, is_lora, is_stacked
 
-__all__ = ["StackedLoraWeight", "is_stacked", "is_stacked_node", "stack", "swap", "unstack", "template", "scaling_of"]
+__all__ = ["StackedLoraWeight", "is_stacked", "is_stacked_node", "stack", "swap", "unstack", "template", "scaling_of",
+           "stacked_targets", "adapter_numbers"]
 
-_PER_ADAPTER = ("scale", "alpha", "rank", "dropout")
 
 
 def is_stacked_node(x) -> bool:
@@ -133,10 +133,10 @@ def stack(loras: Sequence[Any]) -> Any:
         dt = jnp.result_type(*(f for _, w in group for f in (w.a, w.b)))
         a = [jnp.zeros((*first.stack_shape, r_max, *first.in_shape), dt)] * n
         b = [jnp.zeros((*first.stack_shape, r_max, *first.out_shape), dt)] * n
-        data = {k: np.zeros(n, np.float64) for k in _PER_ADAPTER}
+        data = {k: np.zeros(n, np.float64) for k in PER_ADAPTER}
         for i, w in group:
             a[i], b[i] = _padded(w, r_max, dt)
-            for k in _PER_ADAPTER:
+            for k in PER_ADAPTER:
                 data[k][i] = getattr(w, k)
         out.append(StackedLoraWeight(jnp.stack(a), jnp.stack(b), **data, shape=tuple(first.shape),
                                      dtype=first.dtype, in_axes=first.in_axes, out_axes=first.out_axes,
@@ -198,21 +198,17 @@ def swap(stacked: Any, k: int, lora: Any) -> Any:
             continue
         if lw is None:
             a, b = jnp.zeros_like(w.a[k]), jnp.zeros_like(w.b[k])
-            data = dict.fromkeys(_PER_ADAPTER, 0.0)
+            data = dict.fromkeys(PER_ADAPTER, 0.0)
         else:
-            fields = dict(shape=tuple(lw.shape), in_axes=lw.in_axes, out_axes=lw.out_axes,
-                          stack_axes=lw.stack_axes, kind=lw.kind)
-            want = dict(shape=tuple(w.shape), in_axes=w.in_axes, out_axes=w.out_axes,
-                        stack_axes=w.stack_axes, kind=w.kind)
-            if fields != want:
-                raise ValueError(f"swap: {path}: the adapter is for another weight: {fields}, the stack's is "
-                                 f"{want}; swap in adapters made for the same base")
+            if _weight_fields(lw) != _weight_fields(w):
+                raise ValueError(f"swap: {path}: the adapter is for another weight: {_weight_fields(lw)}, the "
+                                 f"stack's is {_weight_fields(w)}; swap in adapters made for the same base")
             if lw.rank > w.r_max:
                 raise ValueError(f"swap: {path}: rank {lw.rank} exceeds the stack's padded rank {w.r_max} "
                                  f"(factors {tuple(w.a.shape[1:])}); a larger rank changes shapes: lj.stack "
                                  "the adapters again")
             a, b = _padded(lw, w.r_max, jnp.result_type(w.a, w.b))
-            data = {f: getattr(lw, f) for f in _PER_ADAPTER}
+            data = {f: getattr(lw, f) for f in PER_ADAPTER}
         out.append(w.replace(a=jnp.asarray(w.a).at[k].set(a), b=jnp.asarray(w.b).at[k].set(b),
                              **{f: _set(getattr(w, f), k, v) for f, v in data.items()}))
     return jax.tree.unflatten(treedef, out)
@@ -255,7 +251,7 @@ def unstack(stacked: Any) -> list[Any]:
     nodes = [x for x in leaves if is_stacked(x)]
     if not nodes:
         raise ValueError("unstack: the tree holds no stacked adapter (every leaf is None); pass what lj.stack returned")
-    if any(isinstance(getattr(w, f), jax.core.Tracer) for w in nodes for f in _PER_ADAPTER):
+    if any(isinstance(getattr(w, f), jax.core.Tracer) for w in nodes for f in PER_ADAPTER):
         raise TypeError("unstack reads the ranks, scales and alphas as Python numbers and cannot run under "
                         "jit/grad tracing; call it on concrete arrays")
     n = nodes[0].n
@@ -276,15 +272,44 @@ def scaling_of(scale: float, alpha: float, rank: int) -> str:
     return "custom"
 
 
-def _one(w: StackedLoraWeight, k: int) -> LoraWeight | None:
+def stacked_targets(tree: Any) -> list[tuple[str, StackedLoraWeight]]:
+    """``(path, StackedLoraWeight)`` of every stacked target of ``tree``, in tree order
+    (empty for a plain lora tree).
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4)), "b": jnp.ones(4)},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+    >>> [p for p, _ in stacked_targets(lj.stack([lora]))], stacked_targets(lora)
+    (['w'], [])
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_stacked_node)[0]
+    return [(path_str(p), w) for p, w in leaves if is_stacked(w)]
+
+
+def adapter_numbers(w: StackedLoraWeight, k: int) -> dict | None:
+    """Adapter ``k``'s own ``rank``, ``alpha``, ``scale``, ``scaling`` name (read from the
+    numbers, :func:`scaling_of`) and ``dropout`` at ``w`` as Python numbers; None where it
+    lacks this target (rank 0). Needs concrete arrays.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2, alpha=4.0),), scaling="rslora"))
+    >>> adapter_numbers(lj.stack([lora])["w"], 0)
+    {'rank': 2, 'alpha': 4.0, 'scale': 2.82842712474619, 'scaling': 'rslora', 'dropout': 0.0}
+    """
     rank = int(np.asarray(w.rank)[k])
     if rank == 0:
         return None
+    scale, alpha, dropout = (float(np.asarray(getattr(w, f))[k]) for f in ("scale", "alpha", "dropout"))
+    return dict(rank=rank, alpha=alpha, scale=scale, scaling=scaling_of(scale, alpha, rank), dropout=dropout)
+
+
+def _one(w: StackedLoraWeight, k: int) -> LoraWeight | None:
+    numbers = adapter_numbers(w, k)
+    if numbers is None:
+        return None
     lead = len(w.stack_axes)
-    a = jax.lax.slice_in_dim(jnp.asarray(w.a[k]), 0, rank, axis=lead)
-    b = jax.lax.slice_in_dim(jnp.asarray(w.b[k]), 0, rank, axis=lead)
-    scale, alpha = (float(np.asarray(getattr(w, f))[k]) for f in ("scale", "alpha"))
+    a = jax.lax.slice_in_dim(jnp.asarray(w.a[k]), 0, numbers["rank"], axis=lead)
+    b = jax.lax.slice_in_dim(jnp.asarray(w.b[k]), 0, numbers["rank"], axis=lead)
     return LoraWeight(a=a, b=b, shape=w.shape, dtype=w.dtype, in_axes=w.in_axes, out_axes=w.out_axes,
-                      stack_axes=w.stack_axes, rank=rank, alpha=alpha, scale=scale,
-                      scaling=scaling_of(scale, alpha, rank), dropout=float(np.asarray(w.dropout)[k]),
-                      kind=w.kind, rule="")
+                      stack_axes=w.stack_axes, kind=w.kind, rule="", **numbers)

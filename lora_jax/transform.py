@@ -55,7 +55,7 @@ from ._jaxpr import HIGHER, PRIMITIVES, SHAPE, WINDOW, bind, closed, reshape_gro
 from .config import path_str
 from .quant import QuantizedWeight, is_quantized
 from . import mixed
-from .tree import as_lora, check_fits, fmt_paths, merge
+from .tree import as_lora, check_fits, fmt_paths, is_array, merge
 from .weight import LoraWeight, is_lora
 
 __all__ = ["wrap", "STRATEGIES", "MaterializeWarning", "Adapted"]
@@ -1047,12 +1047,8 @@ def _cond(interp, eqn, invals):
 
 
 # -- wrap -------------------------------------------------------------------------------------
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
 def _leaf_signature(x):
-    if _is_array(x):
+    if is_array(x):
         return jax.typeof(x)
     if is_quantized(x):
         return jax.tree.structure(x), tuple(jax.typeof(c) for c in jax.tree.leaves(x))
@@ -1145,7 +1141,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
         if key is not None and key in cache:
             return cache[key]
         # non-array leaves (flags, sizes kept in a params tree) are static
-        is_arr = [_is_array(x) or is_quantized(x) for x in (*base_leaves, *arg_leaves)]
+        is_arr = [is_array(x) or is_quantized(x) for x in (*base_leaves, *arg_leaves)]
         n_base = len(base_leaves)
 
         def flat(arrays):
@@ -1166,7 +1162,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
     def wrapped(base: Any, lora: Any, *args, lora_rng: jax.Array | None = None,
                 adapter_ids: Any = None, example_axes: Any = 0, **kwargs):
         lora = as_lora(lora)
-        ids = mixed.check_ids(lora, adapter_ids, strategy, lora_rng)
+        ids = mixed.check_ids(lora, adapter_ids, strategy)
         if ids is not None:
             return mixed.call(wrapped, f, base, lora, ids, args, kwargs, lora_rng=lora_rng,
                               example_axes=example_axes, cache=out_axes)

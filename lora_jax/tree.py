@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import path_str
 from .quant import is_quantized, quantize_array
@@ -19,6 +20,7 @@ from .weight import LoraWeight, is_adalora, is_lora, is_stacked
 __all__ = [
     "is_node",
     "as_lora",
+    "is_array",
     "is_base_leaf",
     "fmt_paths",
     "path_diff",
@@ -55,6 +57,17 @@ def as_lora(lora: Any) -> Any:
         raise ValueError("AdaLoRA adapters do not fit their metadata: " + "; ".join(problems)
                          + ". Use the tree from lj.adalora.split (or its optimizer updates)")
     return jax.tree.unflatten(treedef, [x.lora() if is_adalora(x) else x for _, x in leaves])
+
+
+def is_array(x) -> bool:
+    """True for a JAX or NumPy array or NumPy scalar: what ``wrap`` passes as data (other
+    leaves of a parameter tree or of the arguments are static).
+
+    >>> import numpy as np, jax.numpy as jnp
+    >>> is_array(jnp.ones(2)), is_array(np.float32(1)), is_array(1.0)
+    (True, True, False)
+    """
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
 def is_base_leaf(x) -> bool:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LoraWeight", "AdaLoraWeight", "StackedLoraWeight", "is_lora", "is_adalora", "is_stacked"]
+__all__ = ["LoraWeight", "AdaLoraWeight", "StackedLoraWeight", "PER_ADAPTER", "is_lora", "is_adalora", "is_stacked"]
 
 
 class _WeightAxes:
@@ -268,6 +268,10 @@ def is_adalora(x) -> bool:
     (True, False)
     """
     return isinstance(x, AdaLoraWeight)
+
+
+# The fields of a StackedLoraWeight that hold one number per adapter (data, not static).
+PER_ADAPTER = ("scale", "alpha", "rank", "dropout")
 
 
 @jax.tree_util.register_dataclass
