@@ -102,6 +102,10 @@ def split(
     if config.init != "default":
         raise ValueError(f"lj.adalora.split: config.init={config.init!r}, but AdaLoRA starts from its own "
                          "init (λ = 0, P and Q gaussian); use init='default'")
+    dora = [r.pattern for r in config.rules if config.dora_for(r)]
+    if dora:
+        raise ValueError(f"lj.adalora.split: rules {dora} ask for DoRA, which AdaLoRA's SVD-form adapters do not "
+                         "have; use dora=False (LoraConfig and Rule) for AdaLoRA, or lj.split for DoRA")
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
         return jax.eval_shape(lambda k, p: split(k, p, config, apply_fn, args), key, params)
     base, lora = lora_split(key, params, config, apply_fn=apply_fn, args=args)

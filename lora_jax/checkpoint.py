@@ -260,7 +260,8 @@ def _restore_lora(meta: dict, like: Any, restore_fn, where, extra: dict | None =
     """Rebuild the lora tree from ``meta``; returns ``(lora, other restored items)``."""
     _check_stored(meta, where)
     weights = restore_targets(meta, like, where)
-    factors = [{"a": _abstract(w.a), "b": _abstract(w.b), **({} if lam is None else {"lam": _abstract(lam)})}
+    factors = [{"a": _abstract(w.a), "b": _abstract(w.b), **({} if lam is None else {"lam": _abstract(lam)}),
+                **({"m": _abstract(w.m)} if w.is_dora else {})}
                for w, lam in zip(weights, lam_specs(meta, like))]
     extra = extra or {}
     with _reading(where, "adapter checkpoint"):
@@ -273,12 +274,13 @@ def _check_stored(meta: dict, where) -> None:
     from it in number, shape or dtype (orbax would cast them to what the metadata says)."""
     stored = _stored_tree(where / _ARRAYS, "adapter checkpoint's factors")
     try:
-        got = [{n: (tuple(x[n].shape), np.dtype(x[n].dtype).name) for n in ("a", "b", "lam") if n != "lam" or n in x}
+        got = [{n: (tuple(x[n].shape), np.dtype(x[n].dtype).name) for n in ("a", "b", "lam", "m")
+                if n in ("a", "b") or n in x}
                for x in stored]
     except (TypeError, KeyError, AttributeError):
         raise ValueError(f"{where}: the stored factors ({where / _ARRAYS}) are not a list of {{'a', 'b'}} "
                          "arrays; the checkpoint is damaged: save the adapter again") from None
-    want = [{n: (tuple(e[n]["shape"]), e[n]["dtype"]) for n in ("a", "b", "lam") if n in e} for e in meta["targets"]]
+    want = [{n: (tuple(e[n]["shape"]), e[n]["dtype"]) for n in ("a", "b", "lam", "m") if n in e} for e in meta["targets"]]
     if len(got) != len(want):
         raise ValueError(f"{where}: the metadata lists {len(want)} targets but {len(got)} are stored; the "
                          "checkpoint is damaged: save the adapter again")
@@ -543,7 +545,8 @@ def _restore_adapter(meta: dict, like: Any, shardings: Any, adapter_dir: epath.P
     found = targets(like)  # in the order of meta["targets"] (see _fit_adapter)
     placed = [w if shardings is None else jax.tree.map(lambda x, r=_replicated(s): _abstract(x, r), w)
               for (_, w), s in zip(found, _target_shardings(like, shardings))]
-    factors = [{"a": _abstract(w.a), "b": _abstract(w.b)} for w in placed]
+    factors = [{"a": _abstract(w.a), "b": _abstract(w.b), **({"m": _abstract(w.m)} if w.is_dora else {})}
+               for w in placed]
     with _checkpointer() as ckptr, _reading(adapter_dir, "adapter checkpoint"):
         out = ckptr.restore(adapter_dir, ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(factors)}))
     return rebuild(meta, out[_ARRAYS], like)

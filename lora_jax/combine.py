@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from .config import path_str
 from .split import path_fold
-from .tree import _check_lora_arg, check_fits, is_node, path_diff
+from .tree import _check_lora_arg, check_fits, fmt_paths, is_node, path_diff
 from .weight import LoraWeight, is_lora
 
 __all__ = ["combine", "pissa_to_lora", "METHODS"]
@@ -283,6 +283,13 @@ def _gather(loras, verb: str = "combine"):
     if not any(groups):
         raise ValueError(
             "the lora trees hold no adapter (every leaf is None); pass the trees lj.split returned"
+        )
+    dora = [path for path, group in zip(paths, groups) if any(w.is_dora for _, w in group)]
+    if dora:
+        raise ValueError(
+            f"{verb}: the adapters at {fmt_paths(dora, 4)} are DoRA adapters; {verb} takes plain LoRA "
+            "adapters (a DoRA magnitude rescales the whole weight, which no sum or stack of low-rank "
+            "factors expresses): merge each DoRA adapter into its base (lj.merge) instead"
         )
     for path, group in zip(paths, groups):
         _check_same_weight(path, group, verb)

@@ -15,6 +15,8 @@ The metadata is one JSON object::
     config            the LoraConfig that made the adapter (for reference), or None
     (per target, AdaLoRA adapters only) lam: the shape and dtype of λ, stored beside P and Q
                       (which are the target's a and b)
+    (per target, DoRA adapters only) m: the shape and dtype of the magnitude, stored
+                      beside a and b
     stack             (stacked trees from lj.stack only) one object per adapter, in order:
                       its targets, each with path, rank, alpha, scale, scaling and dropout
 
@@ -22,7 +24,8 @@ A stacked tree stores one entry per target in ``targets`` as the weight at the p
 (rank r_max, scale 1, rule ""), whose factors lead with the adapter axis; ``stack`` holds
 every adapter's own numbers.
 
-The factors themselves are stored beside it as a list of ``{"a", "b"}`` in target order.
+The factors themselves are stored beside it as a list of ``{"a", "b"}`` in target order
+(with ``"lam"`` or ``"m"`` where the target has one).
 Nothing here reads or writes files: :mod:`lora_jax.checkpoint` does the orbax I/O.
 """
 
@@ -122,9 +125,11 @@ def encode(lora: Any, config: LoraConfig | None = None) -> tuple[dict, list[dict
     lora = plain_form(lora)
     found = check_lora(lora)
     entries = [_entry(path, w) for path, w in found]
-    for e in entries:
+    for e, (_, w) in zip(entries, found):
         if e["path"] in lams:
             e["lam"] = dict(shape=list(np.shape(lams[e["path"]])), dtype=np.dtype(lams[e["path"]].dtype).name)
+        if w.is_dora:
+            e["m"] = dict(shape=list(np.shape(w.m)), dtype=np.dtype(w.m.dtype).name)
     structure, why = _structure(lora, [w for _, w in found])
     meta = dict(
         format=FORMAT,
@@ -136,7 +141,7 @@ def encode(lora: Any, config: LoraConfig | None = None) -> tuple[dict, list[dict
     )
     if stack is not None:
         meta["stack"] = stack
-    arrays = [{n: getattr(w, n) for n in _FACTORS} for _, w in found]
+    arrays = [{n: getattr(w, n) for n in (*_FACTORS, "m") if getattr(w, n) is not None} for _, w in found]
     for (path, _), x in zip(found, arrays):
         if path in lams:
             x["lam"] = lams[path]
@@ -193,7 +198,7 @@ def _stack_section(lora: Any) -> list[dict] | None:
 
 def _entry(path: str, w: LoraWeight) -> dict:
     """The metadata of one target: its path, static fields and factor shapes and dtypes."""
-    for name in _FACTORS:
+    for name in (*_FACTORS, "m") if w.is_dora else _FACTORS:
         x = getattr(w, name)
         if isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "dtype"):
             raise TypeError(
@@ -467,6 +472,8 @@ class _Check:
         f("dropout", lambda v: _is_num(v) and 0 <= v < 1, "a rate in [0, 1)")
         f("kind", lambda v: v in _KINDS, f"one of {_KINDS}")
         f("rule", _is_str, "the rule's pattern (a string)")
+        if "dora_detach" in w:
+            f("dora_detach", lambda v: isinstance(v, bool), "true or false")
         if fixed != (scaling not in SCALINGS):
             self.fail(f"{field}.scale_fixed", fixed, f"{not fixed} for the scaling rule {scaling!r}")
         if not fixed:
@@ -487,6 +494,13 @@ class _Check:
             want = [*stack, rank]
             self.field(spec, "shape", f"{field}.lam.shape", lambda v: v == want, f"{want} (rank {rank})")
             self.field(spec, "dtype", f"{field}.lam.dtype", _is_float_dtype, "a float dtype name")
+        if "m" in e:  # a DoRA adapter's magnitude: W's stack and output axes
+            if n is not None:
+                self.fail(f"{field}.m", e["m"], "no DoRA magnitude in a stacked checkpoint")
+            spec = self.field(e, "m", f"{field}.m", lambda v: isinstance(v, dict), "an object with shape and dtype")
+            want = [*stack, *(shape[i] for i in axes[1])]
+            self.field(spec, "shape", f"{field}.m.shape", lambda v: v == want, f"{want} (weight shape {shape})")
+            self.field(spec, "dtype", f"{field}.m.dtype", _is_float_dtype, "a float dtype name")
         return path
 
     def node(self, node: Any, field: str, n: int, used: list, depth: int) -> None:
@@ -574,7 +588,7 @@ def abstract_weights(meta: dict) -> list[LoraWeight]:
     (2, ShapeDtypeStruct(shape=(2, 4), dtype=float32))
     """
     spec = lambda f: jax.ShapeDtypeStruct(tuple(f["shape"]), np.dtype(f["dtype"]))
-    return [_weight(e, spec(e["a"]), spec(e["b"])) for e in meta["targets"]]
+    return [_weight(e, spec(e["a"]), spec(e["b"]), spec(e["m"]) if "m" in e else None) for e in meta["targets"]]
 
 
 def restore_targets(meta: dict, like: Any, where) -> list[LoraWeight]:
@@ -628,6 +642,13 @@ def _check_like(meta: dict, like: Any, where) -> list[LoraWeight]:
             want, have = tuple(e[name]["shape"]), tuple(np.shape(getattr(w, name)))
             if want != have:
                 problems.append(f"{p}: factor {name} is {want} in the checkpoint but {have} in like")
+        if ("m" in e) != w.is_dora:
+            problems.append(f"{p}: the checkpoint's adapter is {'a DoRA' if 'm' in e else 'a plain LoRA'} adapter "
+                            f"but like's is {'a DoRA' if w.is_dora else 'a plain LoRA'} one (split like with "
+                            f"dora={'m' in e})")
+        elif w.is_dora and tuple(e["m"]["shape"]) != tuple(np.shape(w.m)):
+            problems.append(f"{p}: the DoRA magnitude m is {tuple(e['m']['shape'])} in the checkpoint but "
+                            f"{tuple(np.shape(w.m))} in like")
     if problems:
         raise ValueError(
             f"like does not fit the adapter checkpoint {where}: " + "; ".join(problems)
@@ -649,7 +670,7 @@ def rebuild(meta: dict, arrays: Sequence[dict], like: Any = None) -> Any:
     >>> back["b"], back["w"].rank, back["w"].a is lora["w"].a
     (None, 2, True)
     """
-    weights = [_weight(e, x["a"], x["b"]) for e, x in zip(meta["targets"], arrays)]
+    weights = [_weight(e, x["a"], x["b"], x.get("m")) for e, x in zip(meta["targets"], arrays)]
     if "stack" in meta:
         weights = _stacked_weights(meta, weights)
     weights = [AdaLoraWeight.of(w, p=w.a, lam=x["lam"], q=w.b) if "lam" in e else w
@@ -691,6 +712,6 @@ def _stacked_weights(meta: dict, weights: list[LoraWeight]) -> list[StackedLoraW
                               stack_axes=w.stack_axes, kind=w.kind) for w, d in zip(weights, data)]
 
 
-def _weight(entry: dict, a, b) -> LoraWeight:
+def _weight(entry: dict, a, b, m=None) -> LoraWeight:
     fields = {k: _from_json(v) for k, v in entry["weight"].items() if k in _STATIC}
-    return LoraWeight(a=a, b=b, **fields)
+    return LoraWeight(a=a, b=b, m=m, **fields)

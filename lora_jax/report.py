@@ -12,7 +12,7 @@ from .quant import is_quantized
 from .stacked import is_stacked, is_stacked_node, stacked_targets
 from .config import path_str
 from .tree import _check_lora_arg, as_lora, targets
-from .weight import is_adalora
+from .weight import is_adalora, is_lora
 
 __all__ = ["summary", "delta_norms"]
 
@@ -32,6 +32,8 @@ def summary(lora: Any, base: Any = None) -> str:
     ``print_trainable_parameters``: ``trainable / (base + trainable)``; a quantized base
     (:func:`lora_jax.quantize`) adds a line with its bytes as stored and as the original
     float weights.
+
+    A DoRA adapter's kind ends in ``+dora`` and its params count the magnitude ``m``.
 
     An AdaLoRA tree (:func:`lora_jax.adalora.split`) lists each adapter at its initial
     rank, its params counting P, λ and Q (the kept ranks are in
@@ -74,7 +76,8 @@ def summary(lora: Any, base: Any = None) -> str:
             n = w.num_params + lams.get(path, 0)
             row = (str(w.rank), f"{w.alpha:g}", f"{w.scale:.4g}")
         total += n
-        rows.append((path, str(tuple(w.shape)), w.kind, *row, f"{n:,}"))
+        kind = w.kind + ("+dora" if is_lora(w) and w.is_dora else "")
+        rows.append((path, str(tuple(w.shape)), kind, *row, f"{n:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {3, 4, 5, 6}
     lines = [
@@ -115,6 +118,9 @@ def _targets_and_stacks(lora: Any) -> list:
 
 def delta_norms(lora: Any) -> dict[str, jax.Array]:
     """Per-target ``||s·A⊗B||_F``, computed from r×r Gram matrices (never the d×k product).
+
+    For a DoRA adapter this is the norm of its low-rank direction update alone (the
+    magnitude's effect depends on the base weight, which this function does not take).
 
     Returns ``{path: scalar}``; works under ``jit`` (log it during training to catch a
     runaway scale).

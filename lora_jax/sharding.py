@@ -299,7 +299,8 @@ def specs(lora: Any, base_specs: Any, *, rules: Rules | None = None) -> Any:
 
     ``a`` (``(*stack, r, *in)``) keeps the base's stack- and input-axis entries, ``b``
     (``(*stack, r, *out)``) the stack- and output-axis entries; the rank axis is
-    replicated.
+    replicated. A DoRA magnitude ``m`` (``(*stack, *out)``) shards like W's stack and
+    output axes.
 
     Args:
       lora: the adapter tree from :func:`lora_jax.split` (arrays or abstract).
@@ -357,6 +358,8 @@ def specs(lora: Any, base_specs: Any, *, rules: Rules | None = None) -> Any:
         if is_stacked(w):  # the adapter axis and the per-adapter numbers are replicated
             return w.replace(a=PartitionSpec(None, *a), b=PartitionSpec(None, *b),
                              **dict.fromkeys(PER_ADAPTER, PartitionSpec()))
+        if w.is_dora:  # DoRA's m: W's stack and output entries, like b without its rank
+            return w.replace(a=a, b=b, m=PartitionSpec(*b[: len(w.stack_axes)], *b[len(w.stack_axes) + 1:]))
         return w.replace(a=a, b=b)
 
     out = jax.tree_util.tree_map_with_path(one, lora, is_leaf=is_stacked_node)
@@ -430,12 +433,16 @@ def shardings(lora: Any, mesh: jax.sharding.Mesh, base_specs: Any, *, rules: Rul
             return w
         path = path_str(p)
         shapes = (jax.numpy.shape(orig.a), jax.numpy.shape(orig.b)) if is_stacked(w) else (w.a_shape, w.b_shape)
-        msgs = [_check_on_mesh(path, name, tuple(spec), shape, mesh)
-                for name, spec, shape in (("a", w.a, shapes[0]), ("b", w.b, shapes[1]))]
+        named = [("a", w.a, shapes[0]), ("b", w.b, shapes[1])]
+        if is_lora(w) and w.is_dora:
+            named.append(("m", w.m, w.m_shape))
+        msgs = [_check_on_mesh(path, name, tuple(spec), shape, mesh) for name, spec, shape in named]
         if any(msgs):
             problems.extend(m for m in msgs if m)
             return w
         rest = {f: NamedSharding(mesh, getattr(w, f)) for f in PER_ADAPTER} if is_stacked(w) else {}
+        if is_lora(w) and w.is_dora:
+            rest["m"] = NamedSharding(mesh, w.m)
         return w.replace(a=NamedSharding(mesh, w.a), b=NamedSharding(mesh, w.b), **rest)
 
     out = jax.tree_util.tree_map_with_path(one, tree, lora, is_leaf=is_stacked_node)

@@ -86,8 +86,12 @@ class Adapted:
     the ``k``-th stack (``"s"``), input (``"i"``) or output (``"o"``) axis of the factors:
     ``a`` is ``(*stack, r, *in)`` and ``b`` is ``(*stack, r, *out)``. ``key`` is the dropout
     key (or None). ``name`` is the target's parameter path (``params/mlp/up/kernel``; the
-    paths joined by ``+`` when several targets are concatenated). The children are ``w``,
-    ``a``, ``b`` and ``key``; the rest is static.
+    paths joined by ``+`` when several targets are concatenated). ``g`` is DoRA's factor
+    ``m / ||W + s·A⊗B||`` in the layout of ``b`` with a rank axis of size 1,
+    ``(*stack, 1, *out)``, by which the value is multiplied along its stack and output
+    axes (None for plain LoRA): the products apply it to their outputs, so neither
+    ``W·g`` nor ``A⊗B`` is formed. The children are ``w``, ``a``, ``b``, ``key`` and
+    ``g``; the rest is static.
 
     """
 
@@ -95,6 +99,7 @@ class Adapted:
     a: Any
     b: Any
     key: Any
+    g: Any
     roles: tuple = _static()
     scale: float = _static()
     dropout: float = _static()
@@ -109,7 +114,10 @@ class Adapted:
             for kind, axes in ((_S, lw.stack_axes), (_I, lw.in_axes), (_O, lw.out_axes)):
                 if d in axes:
                     roles.append((kind, axes.index(d)))
-        return cls(w, lw.a, lw.b, key, tuple(roles), lw.scale, lw.dropout, lw.rule if name is None else name)
+        g = None
+        if lw.is_dora:
+            g = jnp.expand_dims(lw.dora_factor(_value(w)), len(lw.stack_axes))
+        return cls(w, lw.a, lw.b, key, g, tuple(roles), lw.scale, lw.dropout, lw.rule if name is None else name)
 
     def replace(self, **kw) -> "Adapted":
         if "roles" in kw:
@@ -137,34 +145,58 @@ class Adapted:
                 s + _R + "".join(wl[d] for d in self.dims(_O)))
 
     def materialize(self):
-        """``w + scale·a⊗b`` in w's view: float32 (or wider) accumulation, w's dtype."""
+        """``w + scale·a⊗b`` (times ``g``) in w's view: float32 (or wider) accumulation,
+        w's dtype."""
         w = _value(self.w)
         acc = jnp.promote_types(jnp.result_type(self.a, self.b, w), jnp.float32)
         wl = _LETTERS[: w.ndim]
         la, lb = self.letters(wl)
         d = jnp.einsum(f"{la},{lb}->{wl}", self.a.astype(acc), self.b.astype(acc),
                        precision=lax.Precision.HIGHEST)
-        return (w.astype(acc) + self.scale * d).astype(w.dtype)
+        v = w.astype(acc) + self.scale * d
+        if self.g is not None:
+            v = v * self.g_along(wl, wl).astype(acc)
+        return v.astype(w.dtype)
+
+    def g_letters(self, wl) -> str:
+        """The subscripts of ``g`` without its rank axis, given letters ``wl`` for w."""
+        return "".join(wl[d] for d in self.dims(_S)) + "".join(wl[d] for d in self.dims(_O))
+
+    def g_along(self, wl, target: str):
+        """``g`` arranged to broadcast against an array with subscripts ``target`` (size 1
+        where ``target`` has a letter that ``g`` lacks); None when ``target`` lacks one of
+        g's letters (``wl``: the letters of w's dimensions)."""
+        gl = self.g_letters(wl)
+        if not set(gl) <= set(target):
+            return None
+        g = jnp.squeeze(self.g, self.n_stack)
+        order = sorted(gl, key=target.index)
+        g = jnp.transpose(g, [gl.index(c) for c in order])
+        return jnp.reshape(g, [g.shape[order.index(c)] if c in gl else 1 for c in target])
 
     def normalized(self) -> "Adapted":
         """The same value with each role's factor axes in the order of w's dimensions."""
-        a, b, roles = self.a, self.b, list(self.roles)
+        a, b, g, roles = self.a, self.b, self.g, list(self.roles)
         for kind in (_S, _I, _O):
             dims = [d for d, r in enumerate(self.roles) if r[0] == kind]
             order = [self.roles[d][1] for d in dims]
             if order == sorted(order):
                 continue
             base = 0 if kind == _S else self.n_stack + 1
-            for factor in ("a", "b"):
-                if kind == _S or (kind == _I) == (factor == "a"):
-                    x = a if factor == "a" else b
-                    perm = list(range(x.ndim))
-                    perm[base: base + len(order)] = [base + k for k in order]
-                    x = jnp.transpose(x, perm)
-                    a, b = (x, b) if factor == "a" else (a, x)
+
+            def moved(x):
+                perm = list(range(x.ndim))
+                perm[base: base + len(order)] = [base + k for k in order]
+                return jnp.transpose(x, perm)
+
+            if kind in (_S, _I):
+                a = moved(a)
+            if kind in (_S, _O):
+                b = moved(b)
+                g = None if g is None else moved(g)  # (b's layout)
             for new_k, d in enumerate(dims):
                 roles[d] = (kind, new_k)
-        return self.replace(a=a, b=b, roles=roles)
+        return self.replace(a=a, b=b, g=g, roles=roles)
 
     def reshaped(self, w_new) -> "Adapted | None":
         """Follow a reshape of ``w`` to ``w_new``; None when a new dimension would mix roles."""
@@ -186,7 +218,8 @@ class Adapted:
         r = v.a.shape[v.n_stack]
         a = jnp.reshape(v.a, (*sizes[_S], r, *sizes[_I]))
         b = jnp.reshape(v.b, (*sizes[_S], r, *sizes[_O]))
-        return v.replace(w=w_new, a=a, b=b, roles=roles)
+        g = None if v.g is None else jnp.reshape(v.g, (*sizes[_S], 1, *sizes[_O]))
+        return v.replace(w=w_new, a=a, b=b, g=g, roles=roles)
 
 
 def _is_adapted(x) -> bool:
@@ -522,13 +555,16 @@ def _optimization_barrier(interp, eqn, invals):
     return [o.replace(key=x.key) if _is_adapted(x) else o for o, x in zip(outs, invals)]
 
 
-def _factor_slicer(v: Adapted, d: int, fn):
-    """Apply ``fn(factor, axis)`` to the factor(s) holding dimension ``d``."""
+def _factor_slicer(v: Adapted, d: int, fn) -> Adapted:
+    """``v`` with ``fn(factor, axis)`` applied to the factor(s) holding dimension ``d``
+    (and to ``g`` with ``b``)."""
     kind = v.roles[d][0]
     ax = v.axis(d)
-    a = fn(v.a, ax) if kind in (_S, _I) else v.a
-    b = fn(v.b, ax) if kind in (_S, _O) else v.b
-    return a, b
+    if kind in (_S, _I):
+        v = v.replace(a=fn(v.a, ax))
+    if kind in (_S, _O):
+        v = v.replace(b=fn(v.b, ax), g=None if v.g is None else fn(v.g, ax))
+    return v
 
 
 @_rule("slice")
@@ -539,8 +575,7 @@ def _slice(interp, eqn, invals):
     strides = p["strides"] or (1,) * w.ndim
     for d, (lo, hi, st) in enumerate(zip(p["start_indices"], p["limit_indices"], strides)):
         if (lo, hi, st) != (0, v.w.shape[d], 1):
-            a, b = _factor_slicer(v, d, lambda x, ax: lax.slice_in_dim(x, lo, hi, st, ax))
-            v = v.replace(a=a, b=b)
+            v = _factor_slicer(v, d, lambda x, ax: lax.slice_in_dim(x, lo, hi, st, ax))
     return [v.replace(w=w)]
 
 
@@ -552,8 +587,7 @@ def _dynamic_slice(interp, eqn, invals):
     (w,) = _eval(eqn, [v.w, *starts])
     for d, size in enumerate(eqn.params["slice_sizes"]):
         if size != v.w.shape[d]:
-            a, b = _factor_slicer(v, d, lambda x, ax: lax.dynamic_slice_in_dim(x, starts[d], size, ax))
-            v = v.replace(a=a, b=b)
+            v = _factor_slicer(v, d, lambda x, ax: lax.dynamic_slice_in_dim(x, starts[d], size, ax))
     return [v.replace(w=w)]
 
 
@@ -565,8 +599,7 @@ def _split(interp, eqn, invals):
     bounds = np.cumsum((0, *sizes))
     outs = []
     for w, lo, hi in zip(ws, bounds[:-1], bounds[1:]):
-        a, b = _factor_slicer(v, d, lambda x, ax: lax.slice_in_dim(x, int(lo), int(hi), 1, ax))
-        outs.append(v.replace(w=w, a=a, b=b))
+        outs.append(_factor_slicer(v, d, lambda x, ax: lax.slice_in_dim(x, int(lo), int(hi), 1, ax)).replace(w=w))
     return outs
 
 
@@ -576,7 +609,9 @@ def _concatenate(interp, eqn, invals):
     holding ``d`` (both factors for a stack axis) is padded with zeros to the joined extent,
     so it adds nothing outside its own piece. Several adapted pieces (a fused q/k/v kernel)
     join their ranks, each scale folded into its B. Their roles must agree, and dropout
-    needs a single adapted piece."""
+    needs a single adapted piece. DoRA factors join along stack and output axes (1 for
+    the pieces without one); along input axes a piece's factor cannot apply to the whole
+    product, so the weight is materialized."""
     d = eqn.params["dimension"]
     adapted = [x for x in invals if _is_adapted(x)]
     first = adapted[0]
@@ -584,21 +619,30 @@ def _concatenate(interp, eqn, invals):
         return None
     if len(adapted) > 1 and any(x.key is not None for x in adapted):
         return None
+    gs = [x.g for x in adapted if x.g is not None]
+    if gs and first.roles[d][0] == _I:
+        return None
     (w,) = _eval(eqn, [x.w if _is_adapted(x) else x for x in invals])
-    bounds = np.cumsum([0] + [(x.w if _is_adapted(x) else x).shape[d] for x in invals])
+    sizes = [(x.w if _is_adapted(x) else x).shape[d] for x in invals]
+    bounds = np.cumsum([0] + sizes)
     pieces = []
     for x, lo, hi in zip(invals, bounds[:-1], bounds[1:]):
         if _is_adapted(x):
             pad = (int(lo), int(bounds[-1] - hi))
-            pieces.append((x, *_factor_slicer(x, d, lambda f, ax: _pad_axis(f, ax, pad))))
+            pieces.append(_factor_slicer(x.replace(g=None), d, lambda f, ax: _pad_axis(f, ax, pad)))
+    g = None
+    if gs:
+        ax, like = first.axis(d), gs[0]
+        ones = lambda n: jnp.ones((*like.shape[:ax], n, *like.shape[ax + 1:]), like.dtype)  # noqa: E731
+        g = jnp.concatenate([x.g.astype(like.dtype) if _is_adapted(x) and x.g is not None else ones(n)
+                             for x, n in zip(invals, sizes)], axis=ax)
     if len(pieces) == 1:
-        (_, a, b), = pieces
-        return [first.replace(w=w, a=a, b=b)]
+        return [first.replace(w=w, a=pieces[0].a, b=pieces[0].b, g=g)]
     r_axis = first.n_stack
-    a = jnp.concatenate([a for _, a, _ in pieces], axis=r_axis)
-    b = jnp.concatenate([b * jnp.asarray(x.scale, b.dtype) for x, _, b in pieces], axis=r_axis)
+    a = jnp.concatenate([x.a for x in pieces], axis=r_axis)
+    b = jnp.concatenate([x.b * jnp.asarray(x.scale, x.b.dtype) for x in pieces], axis=r_axis)
     name = "+".join(dict.fromkeys(x.name for x in adapted))
-    return [first.replace(w=w, a=a, b=b, scale=1.0, name=name)]
+    return [first.replace(w=w, a=a, b=b, g=g, scale=1.0, name=name)]
 
 
 def _pad_axis(f, ax: int, pad: tuple[int, int]):
@@ -675,6 +719,11 @@ def _cast_factors(v: Adapted, first: str):
 
 @_rule("dot_general")
 def _dot_general(interp, eqn, invals):
+    """``x·W + s·((x·A)·B)``, contracting A first when the product contracts W's input
+    axes (B first for its output axes). A DoRA factor ``g`` multiplies the output when
+    the stack and output axes it runs over are kept (batch or free), and the input ``x``
+    when they are contracted (a transposed use); a product keeping some of them and
+    contracting others materializes the weight."""
     lhs, rhs = invals
     if _is_adapted(lhs) and _is_adapted(rhs):
         lhs = interp.concrete(lhs, "dot_general of two adapted weights")
@@ -683,10 +732,21 @@ def _dot_general(interp, eqn, invals):
     p = eqn.params
     (lc, rc), (lb, rb) = p["dimension_numbers"]
     wc, xc, wb, xb = (lc, rc, lb, rb) if v_lhs else (rc, lc, rb, lb)
-    (base,) = _eval(eqn, [v.w, x] if v_lhs else [x, v.w])
-
     wl = _LETTERS[: v.w.ndim]
     n = _LETTERS[v.w.ndim]  # x's free dimensions, flattened into one
+    pre = False  # DoRA's factor applied to x
+    if v.g is not None:
+        gl = set(v.g_letters(wl))
+        if gl & {wl[d] for d in wc}:
+            if not gl <= {wl[d] for d in (*wc, *wb)}:
+                return None
+            xl = [n] * x.ndim
+            for dw, dx in zip((*wc, *wb), (*xc, *xb)):
+                xl[dx] = wl[dw]
+            x = x * v.g_along(wl, "".join(xl)).astype(x.dtype)
+            v, pre = v.replace(g=None), True
+    (base,) = _eval(eqn, [v.w, x] if v_lhs else [x, v.w])
+
     xin, x_sub = _flat_input(interp.dropout(x, v), wl, n, zip((*wc, *wb), (*xc, *xb)))
     kinds = {v.roles[d][0] for d in wc}
     first = _I if _I in kinds or _O not in kinds else _O
@@ -699,13 +759,16 @@ def _dot_general(interp, eqn, invals):
     mid = "".join(dict.fromkeys(c for c in x_sub + l1 if c in needed))
     kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
     t = interp.shared.pop(id(eqn), None)
-    if t is None and mid == n + _R and v.key is None:
+    if t is None and mid == n + _R and v.key is None and not pre:
         t = _shared_input_product(interp, eqn, v, 1 if v_lhs else 0, wc, f1, xin, f"{x_sub},{l1}->{mid}", kw)
     if t is None:
         t = jnp.einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
     y = jnp.einsum(f"{mid},{l2}->{out}", t.astype(f2.dtype), f2, **kw)
     # (added in y's flat layout: under vmap, adding in base's layout made XLA:CPU copy the base product)
-    return [jnp.reshape(jnp.reshape(base, y.shape) + y.astype(base.dtype), base.shape)]
+    total = jnp.reshape(base, y.shape) + y.astype(base.dtype)
+    if v.g is not None:
+        total = total * v.g_along(wl, out).astype(total.dtype)
+    return [jnp.reshape(total, base.shape)]
 
 
 def _flat_input(x, wl, n, pairs):
@@ -732,6 +795,7 @@ def _shared_input_product(interp, eqn, v: Adapted, x_pos: int, wc, f1, xin, subs
     pairing = [v.roles[d] for d in wc]
     group = interp.siblings(eqn, x_pos, lambda u: (
         u.key is None and u.n_stack == 0 and len(u.dims(_I)) == len(wc)
+        and (u.g is None or all(u.roles[d][0] != _O for d in wc))  # (DoRA: no factor on x)
         and [u.roles[d] for d in wc] == pairing and u.a.shape[1:] == v.a.shape[1:]
         and u.w.dtype == v.w.dtype))
     if not group:
@@ -759,6 +823,8 @@ def _gather(interp, eqn, invals):
     (kind,) = kinds
     if kind == _S:
         return [_pick_from_stack(v, eqn, idx)]
+    if v.g is not None and kind == _O:
+        return None  # DoRA: rows picked along the outputs that the factor runs over
     (base,) = _eval(eqn, [v.w, idx])
     f, h = _cast_factors(v, kind)
     wl = _LETTERS[: v.w.ndim]
@@ -789,7 +855,10 @@ def _gather(interp, eqn, invals):
     for pos in range(base.ndim):
         out.append(wl[next(kept_w)] if pos in dn.offset_dims else next(batch))
     y = jnp.einsum(f"{g_sub},{lh}->{''.join(out)}", g, h)
-    return [base + y.astype(base.dtype)]
+    total = base + y.astype(base.dtype)
+    if v.g is not None:
+        total = total * v.g_along(wl, "".join(out)).astype(total.dtype)
+    return [total]
 
 
 def _pick_from_stack(v: Adapted, eqn, idx) -> Adapted:
@@ -828,7 +897,7 @@ def _pick_from_stack(v: Adapted, eqn, idx) -> Adapted:
             continue
         kind, k = v.roles[next(kept_w)]
         roles.append((kind, n_batch + kept_k.index(k)) if kind == _S else (kind, k))
-    return v.replace(w=w, a=pick(v.a), b=pick(v.b), roles=roles)
+    return v.replace(w=w, a=pick(v.a), b=pick(v.b), g=None if v.g is None else pick(v.g), roles=roles)
 
 
 @_rule("ragged_dot_general")
@@ -849,6 +918,8 @@ def _ragged_dot(interp, eqn, invals):
     if v.roles[group][0] != _S or len(kinds) != 1 or _S in kinds:
         return None
     (first,) = kinds
+    if v.g is not None and first == _O:
+        return None  # DoRA's factor over contracted outputs, per expert
     (base,) = _eval(eqn, [x, v.w, sizes])
     v = v.normalized()
     f1, f2 = _cast_factors(v, first)  # (E, r, *contracted), (E, r, *produced)
@@ -861,7 +932,12 @@ def _ragged_dot(interp, eqn, invals):
     y = lax.ragged_dot_general(
         t.astype(f2.dtype), f2, sizes,
         lax.RaggedDotDimensionNumbers((((t.ndim - 1,), (1,)), ((), ())), (free.index(ragged),), (0,)), **kw)
-    return [base + y.astype(base.dtype)]
+    total = base + y.astype(base.dtype)
+    if v.g is not None:  # DoRA: each token's rows take its expert's factor
+        g = jnp.repeat(jnp.squeeze(v.g, 1), sizes, axis=0, total_repeat_length=x.shape[ragged])
+        g = jnp.moveaxis(jnp.reshape(g, (g.shape[0], *(1,) * (len(free) - 1), *g.shape[1:])), 0, free.index(ragged))
+        total = total * g.astype(total.dtype)
+    return [total]
 
 
 @_rule("conv_general_dilated")
@@ -888,7 +964,10 @@ def _conv(interp, eqn, invals):
     y = jnp.einsum("...gr,rgc->...gc", t, bg, precision=p["precision"],
                    preferred_element_type=p["preferred_element_type"])
     y = jnp.moveaxis(jnp.reshape(y, (*y.shape[:-2], b.shape[1])), -1, out_spec[1])
-    return [base + y.astype(base.dtype)]
+    total = base + y.astype(base.dtype)
+    if v.g is not None:  # DoRA: per output channel
+        total = total * jnp.reshape(v.g, [-1 if d == out_spec[1] else 1 for d in range(total.ndim)]).astype(total.dtype)
+    return [total]
 
 
 # -- higher-order primitives ---------------------------------------------------------------------
@@ -940,8 +1019,9 @@ def _shard_map(interp, eqn, invals):
             x = x.normalized()
             entries = tuple(spec) + (None,) * (x.w.ndim - len(spec))
             pick = lambda kind: [entries[d] for d in x.dims(kind)]  # noqa: E731
-            spec = x.replace(w=spec, a=PartitionSpec(*pick(_S), None, *pick(_I)),
-                             b=PartitionSpec(*pick(_S), None, *pick(_O)))
+            b_spec = PartitionSpec(*pick(_S), None, *pick(_O))
+            spec = x.replace(w=spec, a=PartitionSpec(*pick(_S), None, *pick(_I)), b=b_spec,
+                             g=None if x.g is None else b_spec)
         vals.append(x)
         specs.append(spec)
 
@@ -987,6 +1067,8 @@ def _scan(interp, eqn, invals):
             piece["a"] = jnp.moveaxis(x.a, ax, 0)
         if kind in (_S, _O):
             piece["b"] = jnp.moveaxis(x.b, ax, 0)
+            if x.g is not None:
+                piece["g"] = jnp.moveaxis(x.g, ax, 0)
         if x.key is not None:
             piece["key"] = jax.random.split(x.key, length)
         xs.append(piece)
@@ -1007,7 +1089,7 @@ def _scan(interp, eqn, invals):
             kind, k = x.roles[0]
             roles = [(r, j - (r == kind and j > k)) for r, j in x.roles[1:]]
             args.append(x.replace(w=w_step(piece["w"]), a=piece.get("a", x.a), b=piece.get("b", x.b),
-                                  key=piece.get("key"), roles=roles))
+                                  g=piece.get("g", x.g), key=piece.get("key"), roles=roles))
         outs = interp.run_closed(p["jaxpr"], args)
         outs = [interp.concrete(o, "scan output") for o in outs]
         return outs[:ncarry], outs[ncarry:]
