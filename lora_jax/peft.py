@@ -32,8 +32,9 @@ A :class:`NameMap` turns Flax parameter paths (``lj.path_str`` form,
 
 Not covered: LoRA biases, ``modules_to_save``, conv adapters (DoRA ones included), a file
 mixing DoRA and plain LoRA modules (PEFT cannot express one), stacking several DoRA files
-in one :func:`load`, and tied embeddings' asymmetry (PEFT adapts a tied input embedding for the lookup only, while ``lj.wrap`` and
-``lj.merge`` adapt the weight wherever the Flax model uses it, output head included).
+in one :func:`load`, and tied embeddings' asymmetry (PEFT adapts a tied input embedding for
+the lookup only, while ``lj.wrap`` and ``lj.merge`` adapt the weight wherever the Flax
+model uses it, output head included).
 """
 
 from __future__ import annotations
@@ -843,7 +844,8 @@ def _sort_keys(directory, tensors: Mapping[str, np.ndarray]):
         m = _KEY.fullmatch(key)
         # linear factors end in '.weight' (nn.Linear), embedding factors do not (nn.Parameter);
         # DoRA magnitudes are written without it and were once written with it
-        if m is not None and (m["factor"] == MAGNITUDE or (m["suffix"] is not None) == (m["factor"] in ("lora_A", "lora_B"))):
+        linear = m is not None and m["factor"] in ("lora_A", "lora_B")
+        if m is not None and (m["factor"] == MAGNITUDE or (m["suffix"] is not None) == linear):
             if (m["module"], m["factor"]) in keys:
                 raise ValueError(
                     f"load: {os.path.join(directory, WEIGHTS_NAME)}: {keys[m['module'], m['factor']]} and {key} "
@@ -882,8 +884,8 @@ def _check_magnitudes(directory, config, found, keys) -> None:
     elif with_m:
         raise ValueError(
             f"load: {wpath}: keys {fmt_paths([keys[m, MAGNITUDE] for m in with_m], limit=4)} are DoRA "
-            f"magnitudes, but {CONFIG_NAME} has use_dora={json.dumps(config.get('use_dora', False))}; PEFT would not read "
-            "them. Set use_dora to true if the adapter is a DoRA one, or drop the keys"
+            f"magnitudes, but {CONFIG_NAME} has use_dora={json.dumps(config.get('use_dora', False))}; "
+            "PEFT would not read them. Set use_dora to true if the adapter is a DoRA one, or drop the keys"
         )
 
 
