@@ -8,6 +8,7 @@ A PEFT LoRA adapter is a directory with ``adapter_config.json`` (``r``, ``lora_a
     base_model.model.<torch module path>.lora_B.weight        (out, r)
     base_model.model.<torch module path>.lora_embedding_A     (r, num_embeddings)
     base_model.model.<torch module path>.lora_embedding_B     (embedding_dim, r)
+    base_model.model.<torch module path>.lora_magnitude_vector  (out,)   DoRA only
 
 whatever layout the Flax model stores the weight in. With an adapter's ``a`` laid out
 (*stack, r, *in) and ``b`` (*stack, r, *out), ``lora_A`` is ``a`` with its input axes
@@ -15,15 +16,25 @@ flattened and ``lora_B`` is ``b`` flattened and transposed; the scale is ``lora_
 (``use_rslora``: ``lora_alpha / sqrt(r)``), so ``W + s·A⊗B`` means the same on both sides.
 Files are read and written with safetensors' numpy API: torch is not needed.
 
+DoRA (``use_dora: true``): every module also has ``lora_magnitude_vector``, the magnitude
+``m`` of ``m · V / ||V||`` with ``V = W + s·A⊗B`` and the norm over the input features per
+output (embeddings: over ``num_embeddings``, per ``embedding_dim`` entry). It is the
+adapter's ``m`` (shape ``w.m_shape``: the stack axes, then the output axes) with its output
+axes flattened. PEFT writes the key without a ``.weight`` suffix (older files may carry
+one; both are read). ``use_dora`` is one setting for the whole adapter, so a file holds
+either DoRA adapters only or plain LoRA adapters only.
+
 A :class:`NameMap` turns Flax parameter paths (``lj.path_str`` form,
 ``transformer/h/0/attn/c_attn/kernel``) into torch module paths
 (``transformer.h.0.attn.c_attn``). :data:`GPT2`, :data:`BERT` (also RoBERTa) and
 :data:`LLAMA` (also Mistral) fit Hugging Face's Flax and torch classes of those models,
 :data:`HF` any Hugging Face Flax model whose module paths equal the torch ones.
 
-Not covered: DoRA, LoRA biases, ``modules_to_save``, conv adapters, and tied embeddings'
-asymmetry (PEFT adapts a tied input embedding for the lookup only, while ``lj.wrap`` and
-``lj.merge`` adapt the weight wherever the Flax model uses it, output head included).
+Not covered: LoRA biases, ``modules_to_save``, conv adapters (DoRA ones included), a file
+mixing DoRA and plain LoRA modules (PEFT cannot express one), stacking several DoRA files
+in one :func:`load`, and tied embeddings' asymmetry (PEFT adapts a tied input embedding for
+the lookup only, while ``lj.wrap`` and ``lj.merge`` adapt the weight wherever the Flax
+model uses it, output head included).
 """
 
 from __future__ import annotations
@@ -60,8 +71,10 @@ PREFIX = "base_model.model."
 # `base_model.model.<module>.<factor>[.weight]`; PEFT writes no adapter name into saved keys.
 _KEY = re.compile(
     r"base_model\.model\.(?P<module>.+)\."
-    r"(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<suffix>\.weight)?"
+    r"(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?P<suffix>\.weight)?"
 )
+# DoRA's magnitude: PEFT >= 0.12 writes it without '.weight' (and appends it on load)
+MAGNITUDE = "lora_magnitude_vector"
 _FACTORS = {"linear": ("lora_A", "lora_B", ".weight"), "embed": ("lora_embedding_A", "lora_embedding_B", "")}
 
 
@@ -148,7 +161,7 @@ NameMapLike = Union[NameMap, Sequence, Callable[[str], Union[str, None]]]
 # fields save() always derives itself (a NameMap may add others)
 _WRITTEN = frozenset(
     {"peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "use_rslora",
-     "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout", "bias"}
+     "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout", "bias", "use_dora"}
 )
 _RULES_ERROR = (
     "NameMap rules must be (flax_regex, torch_template) string pairs or a "
@@ -333,6 +346,13 @@ def save(
     ``use_rslora`` records the scaling rule. A stacked adapter (scanned layers) writes one
     module per index of its stack axes.
 
+    DoRA adapters (``w.is_dora``) also write ``lora_magnitude_vector`` (out,), their ``m``
+    with the output axes flattened, and the config says ``use_dora: true``. PEFT has one
+    ``use_dora`` for all modules, so the adapters must be all DoRA or all plain. PEFT
+    always treats DoRA's norm as a constant in the gradient; adapters made with
+    ``dora_detach=False`` are saved all the same (the setting changes training gradients,
+    not outputs), and load back with ``dora_detach=True``.
+
     Args:
       directory: created if missing; existing adapter files are overwritten.
       lora: a lora tree (from :func:`lj.split`, training, :func:`load`, a checkpoint).
@@ -348,7 +368,7 @@ def save(
     Raises:
       ValueError: an adapter with no torch name, a scaling rule PEFT cannot express (a
         custom callable, or "lora" and "rslora" mixed), mixed dropout rates, conv adapters,
-        two adapters with one torch name.
+        two adapters with one torch name, DoRA and plain adapters in one tree.
 
     >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
     >>> from lora_jax import peft
@@ -359,8 +379,19 @@ def save(
     >>> peft.save(d, lora, [(r"(\\w+)/kernel", r"attn.\\1_proj")])
     ['attn.q_proj', 'attn.v_proj']
     >>> import json, pathlib; c = json.loads(pathlib.Path(d, "adapter_config.json").read_text())
-    >>> c["r"], c["rank_pattern"], c["use_rslora"]
-    (4, {'attn.v_proj': 2}, False)
+    >>> c["r"], c["rank_pattern"], c["use_rslora"], c["use_dora"]
+    (4, {'attn.v_proj': 2}, False, False)
+
+    DoRA adapters write their magnitudes too:
+
+    >>> _, dora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("q/kernel", rank=4),), dora=True))
+    >>> d = tempfile.mkdtemp(); peft.save(d, dora, [(r"(\\w+)/kernel", r"attn.\\1_proj")])
+    ['attn.q_proj']
+    >>> from safetensors.numpy import load_file
+    >>> sorted(load_file(pathlib.Path(d, "adapter_model.safetensors")))[-1]
+    'base_model.model.attn.q_proj.lora_magnitude_vector'
+    >>> json.loads(pathlib.Path(d, "adapter_config.json").read_text())["use_dora"]
+    True
     """
     name_map = _as_name_map(name_map)
     _check_lora_arg(lora, "peft.save")
@@ -371,8 +402,9 @@ def save(
     modules = _torch_modules(targets, name_map, problems)
     scaling = _one_scaling(targets, problems)
     rate = _one_dropout(targets, dropout, problems)
+    dora = _one_dora(targets, problems)
     _raise_any("save: ", problems)
-    config = _adapter_config(modules, scaling, rate, name_map, base_model, task_type)
+    config = _adapter_config(modules, scaling, rate, name_map, base_model, task_type, dora)
     _write(directory, _tensors(modules), config)
     return list(modules)
 
@@ -455,7 +487,31 @@ def _one_dropout(targets, dropout: float | None, problems: list):
     return rates[0] if dropout is None else dropout
 
 
-def _adapter_config(modules, scaling: str, rate, name_map: NameMap, base_model, task_type) -> dict[str, Any]:
+def _one_dora(targets, problems: list) -> bool:
+    """Whether the exportable adapters are DoRA ones (PEFT's ``use_dora`` is one setting for
+    all modules); notes a mix, and magnitudes of the wrong shape."""
+    dora, plain = [], []
+    for path, w in targets:
+        if w.kind not in _FACTORS:
+            continue
+        (dora if w.is_dora else plain).append(path)
+        if w.is_dora and tuple(np.shape(w.m)) != tuple(w.m_shape):
+            problems.append(
+                f"{path}: DoRA magnitude m has shape {tuple(np.shape(w.m))}, but the weight {w.shape} "
+                f"(stack axes {w.stack_axes}, out axes {w.out_axes}) needs {w.m_shape}"
+            )
+    if dora and plain:
+        problems.append(
+            f"PEFT's use_dora is one setting for all modules, but the tree mixes DoRA adapters "
+            f"({fmt_paths(dora, 4)}) and plain ones ({fmt_paths(plain, 4)}). Save them as two "
+            "adapters (a tree each, None at the other's targets), or make the plain ones DoRA "
+            "without changing them: w.replace(m=jnp.sqrt(w.dora_norm_sq(W))) with W the base weight"
+        )
+    return bool(dora) and not plain
+
+
+def _adapter_config(modules, scaling: str, rate, name_map: NameMap, base_model, task_type,
+                    dora: bool = False) -> dict[str, Any]:
     """``adapter_config.json``: the common rank and alpha, patterns for the modules that differ."""
     r, rank_pattern = _common({m: w.rank for m, (_, w, _) in modules.items()})
     alpha, alpha_pattern = _common({m: _number(w.alpha) for m, (_, w, _) in modules.items()})
@@ -474,7 +530,7 @@ def _adapter_config(modules, scaling: str, rate, name_map: NameMap, base_model, 
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": dora,
         "lora_bias": False,
         "inference_mode": True,
         **dict(name_map.config),
@@ -482,11 +538,14 @@ def _adapter_config(modules, scaling: str, rate, name_map: NameMap, base_model, 
 
 
 def _tensors(modules) -> dict[str, np.ndarray]:
-    """The safetensors entries: each module's two factors under its PEFT keys."""
+    """The safetensors entries: each module's two factors (and DoRA magnitude) under its PEFT keys."""
     tensors = {}
     for module, (_, w, index) in modules.items():
         fa, fb, suffix = _FACTORS[w.kind]
         tensors[f"{PREFIX}{module}.{fa}{suffix}"], tensors[f"{PREFIX}{module}.{fb}{suffix}"] = _to_torch(w, index)
+        if w.is_dora:  # (out,): the output axes flattened in C order, as lora_B's rows
+            m = np.asarray(jax.device_get(w.m))[index]
+            tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = np.ascontiguousarray(m.reshape(-1))
     return tensors
 
 
@@ -543,6 +602,13 @@ def load(
     with ``re.match(rf"(.*\\.)?({k})$", module)``), the scaling rule from ``use_rslora``,
     the dropout rate from ``lora_dropout``.
 
+    A DoRA file (``use_dora: true``) gives DoRA adapters: each module's
+    ``lora_magnitude_vector`` (out,) becomes the adapter's ``m`` (shape ``w.m_shape``; a
+    stacked weight takes the stack index from the module path, as for the factors), in the
+    factors' dtype, with ``dora_detach=True`` as PEFT computes it. Stack indices the file
+    has no module for get ``m = ||W||``, which leaves them unchanged (this needs concrete
+    ``params``).
+
     How each weight is laid out (which axes ``lora_A`` and ``lora_B`` span) comes from
     tracing ``apply_fn(params, *args, **kwargs)`` when given (as :func:`lj.split`), else
     from the name map's ``axes``, else Flax's convention (last axis out, the rest in).
@@ -566,8 +632,9 @@ def load(
     Raises:
       ValueError: a file key whose module maps to no Flax parameter, factor shapes that do
         not fit the Flax weight, a rank_pattern that disagrees with the tensors, a PEFT
-        feature without a LoRA-tree equivalent (DoRA, LoRA bias, modules_to_save,
-        non-LORA peft_type), stored embedding weights that differ from ``params``.
+        feature without a LoRA-tree equivalent (LoRA bias, modules_to_save, non-LORA
+        peft_type), a DoRA magnitude missing or of the wrong shape (or present while
+        ``use_dora`` is false), stored embedding weights that differ from ``params``.
 
     >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
     >>> from lora_jax import peft
@@ -581,11 +648,26 @@ def load(
     >>> d2 = tempfile.mkdtemp(); _ = peft.save(d2, big, [(r"(\\w+)/kernel", r"\\1_proj")])
     >>> peft.load([d, d2], params, [(r"(\\w+)/kernel", r"\\1_proj")])["q"]["kernel"].ranks
     (2, 4)
+
+    A DoRA adapter loads with its magnitude:
+
+    >>> _, dora = lj.split(jax.random.key(2), params, lj.LoraConfig(rules=(lj.Rule("q/kernel", rank=2),), dora=True))
+    >>> d3 = tempfile.mkdtemp(); _ = peft.save(d3, dora, [(r"(\\w+)/kernel", r"\\1_proj")])
+    >>> w = peft.load(d3, params, [(r"(\\w+)/kernel", r"\\1_proj")])["q"]["kernel"]
+    >>> w.is_dora, w.m.shape, bool((w.m == dora["q"]["kernel"].m).all())
+    (True, (6,), True)
     """
     if isinstance(directory, (list, tuple)):
         if not directory:
             raise ValueError("load: the list of adapter directories is empty; give one or more directories")
-        return stack([load(d, params, name_map, apply_fn, args, kwargs) for d in directory])
+        loaded = [load(d, params, name_map, apply_fn, args, kwargs) for d in directory]
+        dora = [str(d) for d, lora in zip(directory, loaded) if any(w.is_dora for _, w in _targets(lora))]
+        if dora:
+            raise ValueError(
+                f"load: {dora} hold DoRA adapters, which lj.stack cannot stack (it keeps a and b "
+                "only); load each directory on its own, or merge them one at a time"
+            )
+        return stack(loaded)
     quantized = [path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
                  if is_quantized(x)]
     if quantized:
@@ -597,8 +679,9 @@ def load(
     name_map = _as_name_map(name_map)
     config, tensors = _read(directory)
     settings = _settings(config)
-    found, base_copies = _sort_keys(directory, tensors)
+    found, base_copies, keys = _sort_keys(directory, tensors)
     found = _targeted(os.path.join(directory, CONFIG_NAME), config, found)
+    _check_magnitudes(directory, config, found, keys)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths, arrays = [path_str(p) for p, _ in leaves], [x for _, x in leaves]
     exact, stacked = _torch_index(name_map, paths)
@@ -610,6 +693,8 @@ def load(
     out = [None] * len(paths)
     for i, kind in kinds.items():
         out[i] = _fill_weight(paths[i], specs[i], kind, hits[i], found, problems)
+        if out[i] is not None and config.get("use_dora", False):
+            out[i] = _fill_magnitude(directory, paths[i], out[i], arrays[i], hits[i], found, keys, problems)
     for module, copy in base_copies.items():
         _check_copy(module, copy, exact, paths, arrays, problems)
     _raise_any(f"load: {directory}: ", problems)
@@ -674,6 +759,7 @@ def _check_config(path: str, config: Any) -> dict:
     check("lora_alpha", lambda v: is_num(v) and v > 0, "a number > 0", 8)
     check("lora_dropout", lambda v: is_num(v) and 0 <= v < 1, "a rate in [0, 1)", 0.0)
     check("use_rslora", lambda v: isinstance(v, bool), "true or false", False)
+    check("use_dora", lambda v: isinstance(v, bool), "true or false", False)
     check("peft_type", lambda v: isinstance(v, str), "a string such as 'LORA'", "LORA")
     check("target_modules", lambda v: v is None or isinstance(v, str) or (
         isinstance(v, list) and all(isinstance(x, str) for x in v)), "null, a regex or a list of module names")
@@ -700,8 +786,6 @@ def _unsupported(config: Mapping[str, Any]) -> list[str]:
     unsupported = []
     if config.get("peft_type", "LORA") != "LORA":
         unsupported.append(f"peft_type={config['peft_type']!r} (only 'LORA' is LoRA)")
-    if config.get("use_dora"):
-        unsupported.append("use_dora=true (DoRA's magnitude vectors)")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         unsupported.append(f"bias={config.get('bias')!r} / lora_bias={config.get('lora_bias')!r} (trained biases)")
     if config.get("modules_to_save"):
@@ -752,14 +836,23 @@ def _targeted(cpath: str, config: Mapping[str, Any], found: dict) -> dict:
 
 
 def _sort_keys(directory, tensors: Mapping[str, np.ndarray]):
-    """The file's factors by torch module (``{module: {factor: array}}``) and its base-weight copies."""
+    """The file's factors by torch module (``{module: {factor: array}}``), its base-weight
+    copies, and each factor's key (``{(module, factor): key}``)."""
     found: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    base_copies, unknown = {}, []
+    base_copies, unknown, keys = {}, [], {}
     for key, value in tensors.items():
         m = _KEY.fullmatch(key)
-        # linear factors end in '.weight' (nn.Linear), embedding factors do not (nn.Parameter)
-        if m is not None and (m["suffix"] is not None) == (m["factor"] in ("lora_A", "lora_B")):
+        # linear factors end in '.weight' (nn.Linear), embedding factors do not (nn.Parameter);
+        # DoRA magnitudes are written without it and were once written with it
+        linear = m is not None and m["factor"] in ("lora_A", "lora_B")
+        if m is not None and (m["factor"] == MAGNITUDE or (m["suffix"] is not None) == linear):
+            if (m["module"], m["factor"]) in keys:
+                raise ValueError(
+                    f"load: {os.path.join(directory, WEIGHTS_NAME)}: {keys[m['module'], m['factor']]} and {key} "
+                    f"are both the {m['factor']} of {m['module']}; keep one"
+                )
             found[m["module"]][m["factor"]] = value
+            keys[m["module"], m["factor"]] = key
         elif key.startswith(PREFIX) and key.endswith(".base_layer.weight"):
             base_copies[key[len(PREFIX) : -len(".base_layer.weight")]] = value
         else:
@@ -768,10 +861,32 @@ def _sort_keys(directory, tensors: Mapping[str, np.ndarray]):
         raise ValueError(
             f"load: {directory}: keys that are not LoRA factors: {fmt_paths(unknown, limit=8)}; expected "
             "'base_model.model.<module>.lora_A.weight' / '.lora_B.weight' / '.lora_embedding_A' / "
-            "'.lora_embedding_B' (DoRA magnitudes, LoRA biases and modules_to_save weights have no "
-            "LoRA-tree equivalent)"
+            "'.lora_embedding_B' / '.lora_magnitude_vector' (LoRA biases and modules_to_save weights have "
+            "no LoRA-tree equivalent)"
         )
-    return found, base_copies
+    return found, base_copies, keys
+
+
+def _check_magnitudes(directory, config, found, keys) -> None:
+    """With ``use_dora``, every module has a magnitude; without it, none has."""
+    wpath = os.path.join(directory, WEIGHTS_NAME)
+    with_m = sorted(m for m, f in found.items() if MAGNITUDE in f)
+    if config.get("use_dora", False):
+        missing = sorted(set(found) - set(with_m))
+        if missing:
+            rows = [np.shape(f[fb])[0] for fa, fb, _ in _FACTORS.values() for f in [found[missing[0]]] if fb in f]
+            shape = f"({rows[0]},)" if rows else "(out,)"
+            raise ValueError(
+                f"load: {wpath}: {CONFIG_NAME} says use_dora=true, but the modules {fmt_paths(missing, limit=8)} "
+                f"have no DoRA magnitude (key '{PREFIX}{missing[0]}.{MAGNITUDE}', shape {shape}); the file "
+                "is incomplete: export the adapter again"
+            )
+    elif with_m:
+        raise ValueError(
+            f"load: {wpath}: keys {fmt_paths([keys[m, MAGNITUDE] for m in with_m], limit=4)} are DoRA "
+            f"magnitudes, but {CONFIG_NAME} has use_dora={json.dumps(config.get('use_dora', False))}; "
+            "PEFT would not read them. Set use_dora to true if the adapter is a DoRA one, or drop the keys"
+        )
 
 
 def _torch_index(name_map: NameMap, paths: list[str]):
@@ -855,7 +970,7 @@ def _module_spec(directory, config, module: str, factors, problems: list) -> tup
 
 
 def _factor_kind_rank(directory, module, factors):
-    names = set(factors)
+    names = set(factors) - {MAGNITUDE}
     for kind, (fa, fb, _) in _FACTORS.items():
         if names == {fa, fb}:
             a, b = factors[fa], factors[fb]
@@ -894,6 +1009,40 @@ def _fill_weight(path, spec: LoraWeight, kind, by_index, found, problems):
             return None
         a[index], b[index] = _from_torch(spec, found[module][fa], found[module][fb])
     return spec.replace(a=jnp.asarray(a), b=jnp.asarray(b))
+
+
+def _fill_magnitude(directory, path, w: LoraWeight, base, by_index, found, keys, problems):
+    """``w`` with DoRA's ``m`` from its modules' magnitudes (out,), in the factors' dtype;
+    ``||W||`` (no change) for stack indices the file has no module for."""
+    wpath = os.path.join(directory, WEIGHTS_NAME)
+    n_out = math.prod(w.out_shape)
+    m = np.zeros(w.m_shape, np.dtype(w.a.dtype))
+    for index in np.ndindex(*w.stack_shape):
+        module = by_index.get(index)
+        if module is None:
+            continue
+        mag = found[module][MAGNITUDE]
+        if mag.shape != (n_out,):
+            problems.append(
+                f"{path}: {wpath}: {keys[module, MAGNITUDE]} has shape {mag.shape}, but the Flax weight "
+                f"{w.shape} with out axes {w.out_axes} (size {n_out}) needs ({n_out},), one magnitude per "
+                f"output (as lora_B has {n_out} rows); the file was made for another model, or is damaged"
+            )
+            return None
+        m[index] = mag.reshape(w.out_shape)
+    skipped = [i for i in np.ndindex(*w.stack_shape) if i not in by_index]
+    if skipped:
+        if isinstance(base, jax.ShapeDtypeStruct) or base is None:
+            problems.append(
+                f"{path}: the DoRA file has no module for stack indices {skipped[:8]}; they need the "
+                "magnitude ||W|| (an unchanged layer), which takes the weight's values: pass concrete params"
+            )
+            return None
+        norms = np.sqrt(np.asarray(jax.device_get(
+            w.replace(a=jnp.zeros_like(w.a), b=jnp.zeros_like(w.b)).dora_norm_sq(jnp.asarray(base)))))
+        for index in skipped:
+            m[index] = norms[index]
+    return w.replace(m=jnp.asarray(m))
 
 
 def _fits(path, spec: LoraWeight, kind, by_index, problems) -> bool:
