@@ -124,8 +124,8 @@ class AdapterConfig:
 
     - ``target_rank``: the average rank kept per target at the end (PEFT's ``target_r``),
       at most ``rank``; the run keeps ``target_rank`` x (number of targets) triplets in all.
-    - ``t_init``: warm-up steps before any rank is cut; ``t_final``: steps at the end with
-      the final ranks fixed; ``t_init + t_final`` must be below ``train.steps``.
+    - ``t_init``: warm-up steps before any rank is cut; ``t_final`` (>= 1): steps at the end
+      with the final ranks fixed; ``t_init + t_final`` must be below ``train.steps``.
     - ``delta_t``: the ranks are recomputed every ``delta_t`` steps while the budget shrinks.
     - ``beta1``, ``beta2``: the smoothing factors of the importance scores, in [0, 1).
     - ``orth_reg_weight``: the weight of the orthogonality regularizer added to the loss.
@@ -193,6 +193,9 @@ class AdapterConfig:
             _check(self.init == "default", f"{prefix}.init", self.init,
                    f"'default' with {prefix}.method=adalora (AdaLoRA starts from its own init: lambda = 0, "
                    f"P and Q gaussian); set {prefix}.init=default or {prefix}.method=lora")
+            _check(self.t_final >= 1, f"{prefix}.t_final", self.t_final,
+                   f"an int >= 1 with {prefix}.method=adalora (the final ranks are fixed at step "
+                   "train.steps - t_final; with 0 they never are)")
             _check(self.target_rank <= self.rank, f"{prefix}.target_rank", self.target_rank,
                    f"at most {prefix}.rank={self.rank} (the initial rank, which AdaLoRA cuts down to "
                    f"target_rank on average); lower {prefix}.target_rank or raise {prefix}.rank")
