@@ -222,9 +222,10 @@ class Rule:
       dropout: adapter-input dropout rate for this rule; ``None`` uses the config's.
       linear_only: match only weights used as matrix multiplications (see
         :meth:`LoraConfig.all_linear`).
+      dora: DoRA for this rule's targets (True/False); ``None`` uses the config's.
 
     >>> Rule(r".*/(q|v)/kernel", rank=8, alpha=16.0)
-    Rule(pattern='.*/(q|v)/kernel', rank=8, alpha=16.0, axes=None, dropout=None, linear_only=False)
+    Rule(pattern='.*/(q|v)/kernel', rank=8, alpha=16.0, axes=None, dropout=None, linear_only=False, dora=None)
     """
 
     pattern: str
@@ -233,6 +234,7 @@ class Rule:
     axes: Any = None
     dropout: float | None = None
     linear_only: bool = False
+    dora: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -257,6 +259,9 @@ class Rule:
         object.__setattr__(self, "axes", as_axes(self.axes))
         if self.dropout is not None:
             _check_dropout(self.dropout, f"Rule {self.pattern!r}: ")
+        if self.dora is not None and not isinstance(self.dora, bool):
+            raise TypeError(f"Rule {self.pattern!r}: dora must be True, False or None (the config's), "
+                            f"got {self.dora!r}")
 
     def matches(self, path: str) -> bool:
         """Whether this rule's pattern fully matches a '/'-joined path.
@@ -304,6 +309,12 @@ class LoraConfig:
       exclude: regexes (fullmatch) of paths never adapted, even when a rule matches.
       dtype: dtype of A and B; ``None`` keeps the base's dtype but at least float32
         (PEFT keeps adapters in float32 for half-precision bases too).
+      dora: DoRA (Liu et al. 2024) for rules that do not set their own: each target's
+        adapter gains a trainable magnitude ``m`` over W's output axes, initialized to
+        ``||W + s·A⊗B||`` over its input axes, and the adapted weight becomes
+        ``m · (W + s·A⊗B) / ||W + s·A⊗B||`` (see :class:`LoraWeight`).
+      dora_detach: treat DoRA's norm as a constant in the gradient (the paper's §4.3, and
+        PEFT); False differentiates through it.
 
     >>> cfg = LoraConfig(rules=(Rule(r".*/(q|v)/kernel", rank=8, alpha=16.0),))
     >>> cfg.scaling, cfg.init
@@ -316,6 +327,8 @@ class LoraConfig:
     dropout: float = 0.0
     exclude: tuple[str, ...] = ()
     dtype: Any = None
+    dora: bool = False
+    dora_detach: bool = True
 
     def __post_init__(self):
         rules = self.rules
@@ -340,6 +353,9 @@ class LoraConfig:
         _check_dropout(self.dropout, "LoraConfig ")
         if self.dtype is not None:
             _check_float_dtype(self.dtype)
+        for name in ("dora", "dora_detach"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LoraConfig {name} must be True or False, got {getattr(self, name)!r}")
         for r in rules:  # validates the scaling rule early, with every rule's alpha and rank
             scale_for(self.scaling, r.alpha, r.rank)
 
@@ -397,6 +413,15 @@ class LoraConfig:
         2.0
         """
         return scale_for(self.scaling, rule.alpha, rule.rank)
+
+    def dora_for(self, rule: Rule) -> bool:
+        """Whether ``rule``'s targets use DoRA: the rule's ``dora``, else the config's.
+
+        >>> cfg = LoraConfig(rules=(Rule("q", dora=False), Rule("v")), dora=True)
+        >>> cfg.dora_for(cfg.rules[0]), cfg.dora_for(cfg.rules[1])
+        (False, True)
+        """
+        return self.dora if rule.dora is None else rule.dora
 
     def excluded(self, path: str) -> bool:
         """Whether an ``exclude`` pattern fully matches ``path``.

@@ -115,6 +115,11 @@ def split(
                                                                      plan, config.init)):
             if base is not None:
                 base_leaves[i] = base
+        dora = [i for i, rule in hits.items() if config.dora_for(rule)]
+        if dora:  # DoRA's m starts at ||W + s·A⊗B|| of the (residual) base: merge(split(W)) is W
+            ws = [base_leaves[i].dequantize() if is_quantized(base_leaves[i]) else base_leaves[i] for i in dora]
+            for i, m in zip(dora, _magnitudes(ws, [lora_leaves[i] for i in dora])):
+                lora_leaves[i] = lora_leaves[i].replace(m=m)
     treedef = jax.tree.structure(params, is_leaf=is_quantized)
     return jax.tree.unflatten(treedef, base_leaves), jax.tree.unflatten(treedef, lora_leaves)
 
@@ -308,6 +313,7 @@ def _make_weight(path, w, rule: Rule, config: LoraConfig, usage) -> tuple[LoraWe
         dropout=float(config.dropout if rule.dropout is None else rule.dropout),
         kind=kind,
         rule=rule.pattern,
+        dora_detach=config.dora_detach,
     )
     return spec, jnp.dtype(adapter_dtype)
 
@@ -359,7 +365,14 @@ class _Target(NamedTuple):
 
 
 def _static_fields(spec: LoraWeight) -> tuple:
-    return tuple((f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.name not in ("a", "b"))
+    return tuple((f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.name not in ("a", "b", "m"))
+
+
+@jax.jit
+def _magnitudes(weights: list, loras: list) -> list:
+    """DoRA's initial ``m = ||W + s·A⊗B||`` (over the input axes) of every target, in one
+    program, in the factors' dtype."""
+    return [jnp.sqrt(lw.dora_norm_sq(w)).astype(lw.a.dtype) for w, lw in zip(weights, loras)]
 
 
 def _init_all(key, folds, weights, plan: tuple, init: str) -> list:

@@ -172,8 +172,9 @@ def _leaf_problems(path: str, x, w: LoraWeight) -> list[str]:
     return [
         f"{path}: factor {name} has shape {tuple(got)}, expected {tuple(expect)} "
         f"for rank {w.rank} and weight shape {tuple(w.shape)}"
-        for name, got, expect in (("a", jnp.shape(w.a), w.a_shape), ("b", jnp.shape(w.b), w.b_shape))
-        if tuple(got) != tuple(expect)
+        for name, got, expect in (("a", jnp.shape(w.a), w.a_shape), ("b", jnp.shape(w.b), w.b_shape),
+                                  ("m", jnp.shape(w.m) if w.is_dora else None, w.m_shape))
+        if got is not None and tuple(got) != tuple(expect)
     ]
 
 
@@ -191,7 +192,8 @@ def apply_delta(x, w: LoraWeight, sign: int):
 
 
 def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) -> Any:
-    """The plain parameter tree with every adapter folded in: ``W + s·A⊗B``.
+    """The plain parameter tree with every adapter folded in: ``W + s·A⊗B``, and for a
+    DoRA adapter ``m · (W + s·A⊗B) / ||W + s·A⊗B||`` (:meth:`LoraWeight.dora_merged`).
 
     Accumulates in float32 and casts back to each base leaf's dtype. Works under ``jit``
     (pass ``donate_argnums=0`` to reuse the base's memory).
@@ -227,7 +229,7 @@ def merge(base: Any, lora: Any, safe: bool = False, requantize: bool = False) ->
         q = x if is_quantized(x) else None
         m = x.dequantize() if q is not None else x
         if w is not None:
-            m = apply_delta(m, w, +1)
+            m = w.dora_merged(m) if w.is_dora else apply_delta(m, w, +1)
         if q is not None and requantize:
             m = q if w is None else quantize_array(m, q.qtype, in_axes=q.in_axes, block_size=q.block_size,
                                                     double_quant=q.double_quant)
@@ -272,7 +274,8 @@ def _check_finite(named):
 
 
 def unmerge(merged: Any, lora: Any) -> Any:
-    """Inverse of :func:`merge`: subtract ``s·A⊗B`` again (float32, cast back).
+    """Inverse of :func:`merge`: subtract ``s·A⊗B`` again (float32, cast back). DoRA
+    adapters are refused (a ``ValueError``): their merge does not keep the norm it divided by.
 
     A quantized target in ``merged`` is dequantized first; other leaves are kept as they are.
 
@@ -286,6 +289,13 @@ def unmerge(merged: Any, lora: Any) -> Any:
     lora = as_lora(lora)
     _check_lora_arg(lora, "unmerge")
     triples = check_fits(merged, lora)
+    dora = [p for p, _, w in triples if w is not None and w.is_dora]
+    if dora:
+        raise ValueError(
+            f"unmerge: the adapters at {fmt_paths(dora, 4)} are DoRA adapters; their merged weight "
+            "m·V/||V|| keeps the direction of V = W + s·A⊗B but not its norm, so W cannot be recovered "
+            "from it: keep the base tree (or its checkpoint) and use it instead of unmerging"
+        )
     out = [x if w is None else apply_delta(x.dequantize() if is_quantized(x) else x, w, -1)
            for _, x, w in triples]
     return jax.tree.unflatten(jax.tree.structure(merged, is_leaf=is_base_leaf), out)

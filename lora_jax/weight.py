@@ -36,9 +36,13 @@ class LoraWeight(_WeightAxes):
     """The adapter of one weight W: arrays ``a`` and ``b`` plus static metadata.
 
     The adapted weight is ``W + scale * (a ⊗ b)``. The children (what ``jax.grad``,
-    optimizers, orbax and sharding see) are only ``a`` and ``b``; everything else is static
-    aux data, so a ``LoraWeight`` carries all it needs to merge, export or shard itself
-    without the model.
+    optimizers, orbax and sharding see) are only ``a`` and ``b`` (and ``m`` for DoRA);
+    everything else is static aux data, so a ``LoraWeight`` carries all it needs to merge,
+    export or shard itself without the model.
+
+    DoRA (Liu et al. 2024, arXiv 2402.09353): with a magnitude ``m`` (not None) the adapted
+    weight is ``m · V / ||V||`` with ``V = W + scale * (a ⊗ b)``, the norm taken over W's
+    input axes for every stack and output entry (:meth:`dora_factor`).
 
     Layout (rank-major, fast on XLA:CPU): with W's axes split into ``stack_axes``,
     ``in_axes`` and ``out_axes``::
@@ -48,6 +52,8 @@ class LoraWeight(_WeightAxes):
 
     Fields:
       a, b: the factors.
+      m: DoRA's magnitude, shape ``(*W.shape[stack_axes], *W.shape[out_axes])``, or None
+        (plain LoRA).
       shape: W's shape; dtype: W's dtype name.
       in_axes, out_axes, stack_axes: W's axes (non-negative ints).
       rank, alpha, scale: r, alpha and the scale s actually applied.
@@ -55,6 +61,8 @@ class LoraWeight(_WeightAxes):
       dropout: adapter-input dropout rate.
       kind: "linear", "conv" or "embed" (how the weight is used; embeddings init swapped).
       rule: the pattern of the rule that made this adapter.
+      dora_detach: for DoRA, whether ``||V||`` is treated as a constant in the gradient
+        (the paper's §4.3 and PEFT do so).
 
     >>> import jax.numpy as jnp
     >>> w = LoraWeight(a=jnp.ones((2, 3)), b=jnp.ones((2, 4)), shape=(3, 4), dtype="float32",
@@ -65,6 +73,7 @@ class LoraWeight(_WeightAxes):
 
     a: Any
     b: Any
+    m: Any = None
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
     dtype: str = dataclasses.field(metadata=dict(static=True), default="float32")
     in_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
@@ -77,6 +86,7 @@ class LoraWeight(_WeightAxes):
     dropout: float = dataclasses.field(metadata=dict(static=True), default=0.0)
     kind: str = dataclasses.field(metadata=dict(static=True), default="linear")
     rule: str = dataclasses.field(metadata=dict(static=True), default="")
+    dora_detach: bool = dataclasses.field(metadata=dict(static=True), default=True)
 
     # -- shapes -------------------------------------------------------------------------
     @property
@@ -88,9 +98,19 @@ class LoraWeight(_WeightAxes):
         return (*self.stack_shape, self.rank, *self.out_shape)
 
     @property
+    def m_shape(self) -> tuple[int, ...]:
+        """The shape of DoRA's magnitude ``m``: W's stack and output axes."""
+        return (*self.stack_shape, *self.out_shape)
+
+    @property
+    def is_dora(self) -> bool:
+        """Whether this adapter has a DoRA magnitude ``m``."""
+        return self.m is not None
+
+    @property
     def num_params(self) -> int:
-        """Trainable parameters of this adapter (a and b)."""
-        return math.prod(self.a_shape) + math.prod(self.b_shape)
+        """Trainable parameters of this adapter (a and b, and m for DoRA)."""
+        return math.prod(self.a_shape) + math.prod(self.b_shape) + (math.prod(self.m_shape) if self.is_dora else 0)
 
     def replace(self, **kw) -> "LoraWeight":
         """A copy with some fields replaced (new factors after training, say).
@@ -161,6 +181,86 @@ class LoraWeight(_WeightAxes):
         gb = jnp.einsum("...ri,...si->...rs", b, b, precision=hi)
         sq = jnp.sum(ga * gb)
         return abs(self.scale) * jnp.sqrt(jnp.maximum(sq, 0.0))
+
+    # -- DoRA -----------------------------------------------------------------------------
+    def dora_norm_sq(self, w) -> jax.Array:
+        """``||W + scale·a⊗b||²`` over W's input axes, shape :attr:`m_shape`, never forming
+        ``a⊗b`` or any other value of W's size:
+        ``||W||² + 2·scale·<W, a⊗b> + scale²·||a⊗b||²`` per stack and output entry, where
+        the cross term needs only ``a·W`` (rank × out) and the last ``a·aᵀ`` (rank × rank).
+        ``w`` is W in its own layout and dtype; the sums are float32 (or wider).
+
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeight(a=jnp.ones((1, 2)), b=jnp.array([[1.0, 0.0, 2.0]]), shape=(2, 3),
+        ...                in_axes=(0,), out_axes=(1,), rank=1, scale=1.0)
+        >>> W = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        >>> w.dora_norm_sq(W).tolist()   # columns of W + a⊗b: (2, 1), (0, 1), (2, 2)
+        [5.0, 1.0, 8.0]
+        """
+        acc = self.accumulation_dtype(w)
+        wl = "abcdefghijklmnopstuvwxyz"[: len(self.shape)]  # (r and q are the ranks)
+        s = "".join(wl[d] for d in self.stack_axes)
+        i = "".join(wl[d] for d in self.in_axes)
+        o = "".join(wl[d] for d in self.out_axes)
+        hi = dict(precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
+        a, b = self.a.astype(acc), self.b.astype(acc)
+        ww = jnp.einsum(f"{wl},{wl}->{s}{o}", w, w, **hi)
+        aw = jnp.einsum(f"{s}r{i},{wl}->{s}r{o}", self.a.astype(jnp.result_type(w)), w, **hi)
+        cross = jnp.einsum(f"{s}r{o},{s}r{o}->{s}{o}", aw, b, **hi)
+        gram = jnp.einsum(f"{s}r{i},{s}q{i}->{s}rq", a, a, **hi)
+        dd = jnp.einsum(f"{s}r{o},{s}rq,{s}q{o}->{s}{o}", b, gram, b, **hi)
+        return ww + 2 * self.scale * cross + self.scale ** 2 * dd
+
+    def dora_factor(self, w) -> jax.Array:
+        """DoRA's per-output factor ``m / ||W + scale·a⊗b||`` (shape :attr:`m_shape`,
+        float32 or wider): the adapted weight is ``(W + scale·a⊗b)`` times it along W's
+        stack and output axes. The norm is detached from the gradient when
+        :attr:`dora_detach`. An output whose weights are all zero (norm 0) gets the factor
+        ``m`` (its adapted weights are zero whatever the factor), so nothing is NaN, in
+        the value or the gradient.
+
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeight(a=jnp.zeros((1, 2)), b=jnp.zeros((1, 2)), m=jnp.array([6.0, 0.0]),
+        ...                shape=(2, 2), in_axes=(0,), out_axes=(1,), rank=1)
+        >>> w.dora_factor(jnp.array([[3.0, 0.0], [4.0, 0.0]])).tolist()
+        [1.2000000476837158, 0.0]
+        """
+        sq = self.dora_norm_sq(w)
+        if self.dora_detach:
+            sq = jax.lax.stop_gradient(sq)
+        pos = sq > 0
+        norm = jnp.sqrt(jnp.where(pos, sq, 1.0))
+        return self.m.astype(norm.dtype) / norm
+
+    def dora_factor_in_w(self, w) -> jax.Array:
+        """:meth:`dora_factor` broadcast against W: in W's axis order, size 1 on its input
+        axes.
+
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeight(a=jnp.zeros((1, 2)), b=jnp.zeros((1, 3)), m=jnp.ones(3), shape=(3, 2),
+        ...                in_axes=(1,), out_axes=(0,), rank=1)   # W stored (out, in)
+        >>> w.dora_factor_in_w(jnp.ones((3, 2))).shape
+        (3, 1)
+        """
+        f = self.dora_factor(w)
+        kept = sorted((*self.stack_axes, *self.out_axes))
+        order = (*self.stack_axes, *self.out_axes)
+        f = jnp.transpose(f, [order.index(d) for d in kept])
+        return jnp.reshape(f, [self.shape[d] if d in kept else 1 for d in range(len(self.shape))])
+
+    def dora_merged(self, w) -> jax.Array:
+        """``m · V / ||V||`` with ``V = W + scale·a⊗b``, float32 (or wider) accumulation,
+        in W's dtype: the DoRA-adapted weight.
+
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeight(a=jnp.zeros((1, 2)), b=jnp.zeros((1, 2)), m=jnp.array([10.0, 1.0]),
+        ...                shape=(2, 2), in_axes=(0,), out_axes=(1,), rank=1)
+        >>> w.dora_merged(jnp.array([[3.0, 0.0], [4.0, 2.0]])).tolist()
+        [[6.0, 0.0], [8.0, 1.0]]
+        """
+        acc = self.accumulation_dtype(w)
+        v = jnp.asarray(w, acc) + self.delta(acc)
+        return (v * self.dora_factor_in_w(w)).astype(jnp.result_type(w))
 
 
 def is_lora(x) -> bool:
