@@ -107,7 +107,7 @@ def test_adalora_merged_checkpoint_is_the_trained_model(ada_run):
     base = checkpoint.restore_params(next(Path(cfg.output.cache_dir).glob("pretrained/*/params")))
     merged = checkpoint.restore_params(out / "merged")
     ckpt = last_checkpoint(out)  # the SVD-form adapters, masked triplets at lambda = 0
-    trained = lj.wrap(model.apply)(base, ckpt.lora, ids)
+    trained = jax.jit(lj.wrap(model.apply))(base, ckpt.lora, ids)
     chex.assert_trees_all_close(model.apply(merged, ids), trained, atol=1e-5, rtol=1e-5)
     assert float(jnp.abs(model.apply(base, ids) - trained).max()) > 1e-4  # the adapter changes outputs
 

@@ -87,9 +87,13 @@ def _check_resumable(out: str, cfg: RunConfig) -> None:
         for sec, values in to_dict(cfg).items() for key, value in values.items()
         if sec != "output" and (sec, key) not in _RESUMABLE and was(sec, key) != value
     )
-    if cfg.lora.method == "adalora" and old.get("train", {}).get("steps", cfg.train.steps) != cfg.train.steps:
-        changed.append(f"train.steps ({old['train']['steps']!r} -> {cfg.train.steps!r}; with lora.method=adalora "
-                       "the rank budget's schedule runs over train.steps, so it may not change)")
+    if not changed and cfg.lora.method == "adalora" and was("train", "steps") != cfg.train.steps:
+        raise ValueError(
+            f"--resume: train.steps is {cfg.train.steps} but the run in {out} ({saved}) has train.steps="
+            f"{was('train', 'steps')}; with lora.method=adalora the rank budget's schedule runs over train.steps, "
+            f"so it may not change on resume: resume with --set train.steps={was('train', 'steps')}, or start a "
+            "new output.dir"
+        )
     if changed:
         raise ValueError(
             f"--resume: the config differs from the run in {out} ({saved}) in {', '.join(changed)}; "
