@@ -56,7 +56,8 @@ def _add_jobs(sub) -> None:
         "finetune",
         help="LoRA-adapt the embedded pretrained model (or your config's) to a new text domain",
         description="Pretrain the default byte-level model on Python's documentation (once, cached "
-        "under the user cache directory), adapt it with LoRA to the standard library's source code, "
+        "under the user cache directory), adapt it with LoRA (or AdaLoRA: --set lora.method=adalora) "
+        "to the standard library's source code, "
         "and report target- and source-domain loss before and after. Writes adapter/, merged/, "
         "metrics.json, loss.png, config.yaml and checkpoints/ to output.dir.",
     )

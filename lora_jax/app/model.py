@@ -176,21 +176,31 @@ def warmup_cosine(lr: float, steps: int, warmup: int):
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.1)
 
 
-def make_step(loss_fn, tx):
+def make_step(loss_fn, tx, has_aux: bool = False):
     """A jitted Adam-style step ``(params, opt, batch, key) -> (params, opt, loss)``.
 
     ``loss_fn(params, batch, key)`` is differentiated w.r.t. ``params`` only; params and
-    optimizer state are donated.
+    optimizer state are donated. With ``has_aux``, ``loss_fn`` returns ``(objective,
+    loss)``: the objective is differentiated and ``loss`` returned (a loss without its
+    regularizers, say).
 
     >>> tx = optax.sgd(0.1)
     >>> step = make_step(lambda p, b, k: jnp.sum((p - b) ** 2), tx)
     >>> p, opt, loss = step(jnp.zeros(2), tx.init(jnp.zeros(2)), jnp.ones(2), None)
     >>> p, float(loss)
     (Array([0.2, 0.2], dtype=float32), 2.0)
+    >>> step = make_step(lambda p, b, k: (jnp.sum((p - b) ** 2) + jnp.sum(p ** 2), jnp.sum((p - b) ** 2)), tx,
+    ...                  has_aux=True)
+    >>> p, opt, loss = step(jnp.zeros(2), tx.init(jnp.zeros(2)), jnp.ones(2), None)
+    >>> float(loss)
+    2.0
     """
 
     def step(params, opt, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        if has_aux:
+            (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss
 

@@ -4,7 +4,9 @@ One run: load (or pretrain once and cache) the default model, measure its loss o
 target and source domains, train LoRA adapters on the target domain (orbax checkpoints
 every ``train.save_every`` steps, resumable), measure again, and write
 
-- ``adapter/``   the adapter (:func:`lora_jax.checkpoint.save`, with its config),
+- ``adapter/``   the adapter (:func:`lora_jax.checkpoint.save`, with its config; with
+  ``lora.method: adalora`` the plain LoRA adapter of the kept ranks,
+  :func:`lora_jax.adalora.to_lora`),
 - ``merged/``    the base with the adapter merged in (plain orbax, loads into ``TinyLM``),
 - ``base/``      only with ``lora.init: pissa``: the residual base the adapter belongs to,
 - ``metrics.json`` every number of the final table, the loss curves and the config,
@@ -23,10 +25,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 
-from .. import checkpoint
+from .. import adalora, checkpoint
+from ..config import path_str
 from ..transform import wrap
 from ..quant import dequantize, is_quantized
 from ..tree import targets
+from ..weight import is_adalora
 from .files import disk_bytes, human_bytes, output_dir, read_json, remove, uninterrupted, write_json
 from .model import param_count
 from .run_config import RunConfig, to_dict
@@ -75,11 +79,21 @@ def _check_resumable(out: str, cfg: RunConfig) -> None:
         return
     with open(saved) as f:
         old = yaml.safe_load(f) or {}
+    # a key the saved config lacks (a run made before the key existed) had its default
+    default = to_dict(RunConfig())
+    was = lambda sec, key: (old.get(sec) or {}).get(key, default[sec][key])
     changed = sorted(
-        f"{sec}.{key} ({old.get(sec, {}).get(key)!r} -> {value!r})"
+        f"{sec}.{key} ({was(sec, key)!r} -> {value!r})"
         for sec, values in to_dict(cfg).items() for key, value in values.items()
-        if sec != "output" and (sec, key) not in _RESUMABLE and old.get(sec, {}).get(key) != value
+        if sec != "output" and (sec, key) not in _RESUMABLE and was(sec, key) != value
     )
+    if not changed and cfg.lora.method == "adalora" and was("train", "steps") != cfg.train.steps:
+        raise ValueError(
+            f"--resume: train.steps is {cfg.train.steps} but the run in {out} ({saved}) has train.steps="
+            f"{was('train', 'steps')}; with lora.method=adalora the rank budget's schedule runs over train.steps, "
+            f"so it may not change on resume: resume with --set train.steps={was('train', 'steps')}, or start a "
+            "new output.dir"
+        )
     if changed:
         raise ValueError(
             f"--resume: the config differs from the run in {out} ({saved}) in {', '.join(changed)}; "
@@ -153,18 +167,31 @@ def _begin_output(out: str, cfg: RunConfig, old: list[str]) -> None:
 
 
 class _Trained(NamedTuple):
-    """What a training run leaves: parameters, per-step losses, median step and total seconds."""
+    """What a training run leaves: parameters, per-step losses, median step and total seconds,
+    and the optimizer state."""
 
     params: Any
     history: list
     step_seconds: float | None
     seconds: float
+    opt: Any = None
 
 
 def _timed(train: Callable, *args, **kwargs) -> _Trained:
     t0 = time.perf_counter()
-    params, _, history, step_seconds = train(*args, **kwargs)
-    return _Trained(params, history, step_seconds, time.perf_counter() - t0)
+    params, opt, history, step_seconds = train(*args, **kwargs)
+    return _Trained(params, history, step_seconds, time.perf_counter() - t0, opt)
+
+
+def _plain(cfg: RunConfig, run: _Trained) -> tuple[Any, dict | None]:
+    """The trained adapters as a plain lora tree, and with ``lora.method: adalora`` the
+    ranks: ``{"target_rank", "ranks": [{"path", "initial", "kept"}, ...]}`` (else None)."""
+    if cfg.lora.method != "adalora":
+        return run.params, None
+    kept = {path_str(p): k for p, k in jax.tree_util.tree_flatten_with_path(adalora.ranks(run.params, run.opt))[0]}
+    rows = [{"path": path_str(p), "initial": int(w.spec.rank), "kept": kept[path_str(p)]}
+            for p, w in jax.tree_util.tree_flatten_with_path(run.params, is_leaf=is_adalora)[0] if is_adalora(w)]
+    return adalora.to_lora(run.params, run.opt), {"target_rank": cfg.lora.target_rank, "ranks": rows}
 
 
 def _train_adapters(s: Setup, out: str, base, start: _Start, tx) -> _Trained:
@@ -216,14 +243,16 @@ def _speed(s: Setup, run: _Trained) -> dict[str, Any]:
             "tokens_per_second": None if run.step_seconds is None else tokens / run.step_seconds}
 
 
-def _metrics(s: Setup, out: str, start: int, before: dict, after: dict, run: _Trained, base) -> dict[str, Any]:
-    """Every number of the LoRA run: losses, sizes, speed, the loss curve, the base and the config."""
+def _metrics(s: Setup, out: str, start: int, before: dict, after: dict, run: _Trained, base, plain,
+             ranks: dict | None) -> dict[str, Any]:
+    """Every number of the LoRA run: losses, sizes, speed, the loss curve, the base and the config
+    (``plain``: the written adapter; ``ranks``: AdaLoRA's, from :func:`_plain`)."""
     cfg = s.cfg
     return {
         "lora": {
             "steps": cfg.train.steps, "resumed_from": start, **_losses(before, after), **_size(s, run.params),
             "adapter_disk_bytes": disk_bytes(os.path.join(out, "adapter")), **_speed(s, run),
-            "targets": [p for p, _ in targets(run.params)],
+            "targets": [p for p, _ in targets(plain)], **({"adalora": ranks} if ranks else {}),
         },
         "base": {"params": param_count(s.variables), "bytes": _nbytes(s.variables),
                  "stored_bytes": _nbytes(base), "quantize": cfg.lora.quantize, "pretrain": {
@@ -247,8 +276,8 @@ def _add_float_base(s: Setup, metrics: dict, before: dict) -> None:
     side-by-side column (what quantizing the base cost in target loss)."""
     base, lora = s.split(quantize="none")
     run = _timed(train_lora, s, base, lora, steps=s.cfg.train.steps, tx=lora_optimizer(s.cfg), desc="LoRA, float base")
-    forward = wrap(s.model.apply)
-    after = s.evaluate(lambda p, ids: forward(p, run.params, ids), base)
+    forward, plain = wrap(s.model.apply), _plain(s.cfg, run)[0]
+    after = s.evaluate(lambda p, ids: forward(p, plain, ids), base)
     metrics["float_base"] = {"steps": s.cfg.train.steps, **_losses(before, after), **_size(s, run.params), **_speed(s, run)}
     metrics["losses"]["float_base"] = run.history
 
@@ -309,10 +338,11 @@ def _finetune(out: str, cfg: RunConfig, compare_full: bool, resume: bool, overwr
     float_before = before
     if cfg.lora.quantize != "none":  # the run starts from the dequantized weights
         before = s.evaluate(s.model.apply, dequantize(base))
+    plain, ranks = _plain(cfg, run)  # AdaLoRA: the kept ranks as a plain lora tree, from here on
     forward = wrap(s.model.apply)
-    after = s.evaluate(lambda p, ids: forward(p, run.params, ids), base)
-    _write_adapter(s, out, base, run.params)
-    metrics = _metrics(s, out, start.step, before, after, run, base)
+    after = s.evaluate(lambda p, ids: forward(p, plain, ids), base)
+    _write_adapter(s, out, base, plain)
+    metrics = _metrics(s, out, start.step, before, after, run, base, plain, ranks)
     if cfg.lora.quantize != "none":
         _add_float_base(s, metrics, float_before)
     if compare_full:
@@ -322,7 +352,8 @@ def _finetune(out: str, cfg: RunConfig, compare_full: bool, resume: bool, overwr
 
 
 def format_table(metrics: dict) -> str:
-    """The end-of-run table: losses before/after per domain, parameters, bytes, step time.
+    """The end-of-run table: losses before/after per domain, parameters, bytes, step time;
+    with AdaLoRA (``metrics["lora"]["adalora"]``) then each target's initial and kept rank.
 
     >>> m = {"domains": {"target": "stdlib", "source": "pydoc"}, "base": {"params": 1000, "bytes": 4000},
     ...      "lora": {"target_before": 3.0, "target_after": 2.0, "source_before": 1.0, "source_after": 1.1,
@@ -341,8 +372,10 @@ def format_table(metrics: dict) -> str:
     """
     cols = [k for k in ("lora", "float_base", "full") if k in metrics]
     names = {"lora": "LoRA", "full": "full FT", "float_base": "float base"}
+    if "adalora" in metrics["lora"]:
+        names["lora"] = "AdaLoRA"
     if metrics["base"].get("quantize", "none") != "none":
-        names["lora"] = f"LoRA, {metrics['base']['quantize']} base"
+        names["lora"] = f"{names['lora']}, {metrics['base']['quantize']} base"
     t, src = metrics["domains"]["target"], metrics["domains"]["source"]
     base_bytes = metrics["base"]["bytes"]
     rows = [
@@ -365,4 +398,27 @@ def format_table(metrics: dict) -> str:
         stored = metrics["base"]["stored_bytes"]
         lines.append(f"base bytes ({metrics['base']['quantize']} vs float): {human_bytes(stored)} / "
                      f"{human_bytes(base_bytes)} ({stored / base_bytes:.3f}x)")
+    if "adalora" in metrics["lora"]:
+        lines += ["", *_rank_lines(metrics["lora"]["adalora"])]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _rank_lines(info: dict) -> list[str]:
+    """AdaLoRA's table: each target's initial and kept rank, then the totals.
+
+    >>> info = {"target_rank": 1, "ranks": [{"path": "w1", "initial": 2, "kept": 2},
+    ...                                     {"path": "w2", "initial": 2, "kept": 0}]}
+    >>> print("\\n".join(_rank_lines(info)))
+    AdaLoRA target  initial rank  kept rank
+    w1                         2          2
+    w2                         2          0
+    kept ranks: 2 of 4 (target_rank 1 x 2 targets)
+    """
+    rows = info["ranks"]
+    head = ("AdaLoRA target", "initial rank", "kept rank")
+    w0 = max(len(head[0]), *(len(r["path"]) for r in rows))
+    lines = [f"{head[0]:<{w0}}  {head[1]}  {head[2]}"]
+    lines += [f"{r['path']:<{w0}}  {r['initial']:>{len(head[1])}}  {r['kept']:>{len(head[2])}}" for r in rows]
+    lines.append(f"kept ranks: {sum(r['kept'] for r in rows)} of {sum(r['initial'] for r in rows)} "
+                 f"(target_rank {info['target_rank']} x {len(rows)} targets)")
+    return lines

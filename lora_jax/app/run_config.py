@@ -32,10 +32,14 @@ __all__ = [
     "to_dict",
     "parse_overrides",
     "CORPORA",
+    "METHODS",
 ]
 
 #: Text corpora built in (``files`` reads ``data.paths``).
 CORPORA = ("pydoc", "stdlib", "files")
+
+#: Adapter methods of ``lora.method``: plain LoRA, or AdaLoRA (ranks allocated during training).
+METHODS = ("lora", "adalora")
 
 
 # seeds become int64 PRNG seeds (and seed + 1 for the dropout keys)
@@ -113,6 +117,28 @@ class AdapterConfig:
 
     ``targets`` are path regexes (``re.fullmatch`` on '/'-joined paths such as
     ``params/block_0/query/kernel``), or the single entry ``all_linear``.
+
+    ``method`` is ``lora`` (plain LoRA) or ``adalora`` (:mod:`lora_jax.adalora`: adapters
+    in SVD form whose ranks are allocated during training). With ``adalora``, ``rank`` is
+    each target's initial rank and the budget keys apply (they are ignored with ``lora``):
+
+    - ``target_rank``: the average rank kept per target at the end (PEFT's ``target_r``),
+      at most ``rank``; the run keeps ``target_rank`` x (number of targets) triplets in all.
+    - ``t_init``: warm-up steps before any rank is cut; ``t_final`` (>= 1): steps at the end
+      with the final ranks fixed; ``t_init + t_final`` must be below ``train.steps``.
+    - ``delta_t``: the ranks are recomputed every ``delta_t`` steps while the budget shrinks.
+    - ``beta1``, ``beta2``: the smoothing factors of the importance scores, in [0, 1).
+    - ``orth_reg_weight``: the weight of the orthogonality regularizer added to the loss.
+
+    AdaLoRA starts from its own init, so it needs ``init: default``. The written adapter
+    is a plain LoRA adapter with each target's kept rank.
+
+    >>> a = AdapterConfig(method="adalora", rank=8, target_rank=2)
+    >>> a.validate()
+    >>> AdapterConfig(method="adalora", init="pissa").validate()
+    Traceback (most recent call last):
+    ...
+    ValueError: config key lora.init: got 'pissa'; expected 'default' with lora.method=adalora (AdaLoRA starts from its own init: lambda = 0, P and Q gaussian); set lora.init=default or lora.method=lora
     """
 
     targets: tuple[str, ...] = ("all_linear",)
@@ -122,6 +148,14 @@ class AdapterConfig:
     init: str = "default"
     dropout: float = 0.0
     quantize: str = "none"
+    method: str = "lora"
+    target_rank: int = 4
+    t_init: int = 30
+    t_final: int = 60
+    delta_t: int = 10
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
 
     def validate(self, prefix: str = "lora"):
         from ..config import INITS, SCALINGS
@@ -145,6 +179,26 @@ class AdapterConfig:
         _check(self.quantize in ("none", *QTYPES), f"{prefix}.quantize", self.quantize, f"one of {('none', *QTYPES)}")
         _check(self.quantize == "none" or self.init != "pissa", f"{prefix}.init", self.init,
                "'default' or 'gaussian' with a quantized base (pissa needs the float weights)")
+        _check(self.method in METHODS, f"{prefix}.method", self.method, f"one of {METHODS}")
+        for name in ("target_rank", "delta_t"):
+            _check(getattr(self, name) > 0, f"{prefix}.{name}", getattr(self, name), "a positive int")
+        for name in ("t_init", "t_final"):
+            _check(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "an int >= 0")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"{prefix}.{name}", getattr(self, name),
+                   "a smoothing factor in [0, 1) (e.g. 0.85)")
+        _check(self.orth_reg_weight >= 0, f"{prefix}.orth_reg_weight", self.orth_reg_weight,
+               "a float >= 0 (0 turns the orthogonality regularizer off; PEFT uses 0.5)")
+        if self.method == "adalora":
+            _check(self.init == "default", f"{prefix}.init", self.init,
+                   f"'default' with {prefix}.method=adalora (AdaLoRA starts from its own init: lambda = 0, "
+                   f"P and Q gaussian); set {prefix}.init=default or {prefix}.method=lora")
+            _check(self.t_final >= 1, f"{prefix}.t_final", self.t_final,
+                   f"an int >= 1 with {prefix}.method=adalora (the final ranks are fixed at step "
+                   "train.steps - t_final; with 0 they never are)")
+            _check(self.target_rank <= self.rank, f"{prefix}.target_rank", self.target_rank,
+                   f"at most {prefix}.rank={self.rank} (the initial rank, which AdaLoRA cuts down to "
+                   f"target_rank on average); lower {prefix}.target_rank or raise {prefix}.rank")
 
     def lora_config(self, *, rank: int | None = None, alpha: float | None = None, scaling: str | None = None):
         """The :class:`lora_jax.LoraConfig` these settings describe (optionally with another rank/alpha/scaling)."""
@@ -231,7 +285,7 @@ class RunConfig:
     >>> from_dict({"lora": {"rnak": 4}})
     Traceback (most recent call last):
     ...
-    ValueError: config key lora.rnak is unknown (did you mean lora.rank?); lora accepts: targets, rank, alpha, scaling, init, dropout, quantize
+    ValueError: config key lora.rnak is unknown (did you mean lora.rank?); lora accepts: targets, rank, alpha, scaling, init, dropout, quantize, method, target_rank, t_init, t_final, delta_t, beta1, beta2, orth_reg_weight
     """
 
     model: ModelConfig = ModelConfig()
@@ -249,6 +303,14 @@ class RunConfig:
             raise ValueError(
                 f"config key data.paths: got {list(self.data.paths)!r}, but no corpus reads them; set "
                 "data.corpus (or data.source and pretrain.corpus) to files, or drop data.paths"
+            )
+        a, steps = self.lora, self.train.steps
+        if a.method == "adalora" and a.t_init + a.t_final >= steps:
+            raise ValueError(
+                f"config key lora.t_final: got lora.t_init={a.t_init} + lora.t_final={a.t_final} = "
+                f"{a.t_init + a.t_final} with train.steps={steps}; AdaLoRA cuts the ranks between step t_init "
+                f"and step train.steps - t_final, so it needs t_init + t_final < train.steps: lower them "
+                f"(e.g. --set lora.t_init={steps // 10} --set lora.t_final={steps // 5}) or raise train.steps"
             )
 
 

@@ -174,6 +174,8 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
 
     Returns ``{"rows": [...], "best_rank": r, "best": row, "base": losses, "dir": path}``;
     each row has the :data:`COLUMNS` (plus its loss and norm logs in ``sweep.json``).
+    The trials are plain LoRA: ``lora.method: adalora`` is refused (AdaLoRA picks the
+    ranks itself; run ``lora-jax finetune`` with it).
 
     >>> import tempfile
     >>> from lora_jax.app.run_config import from_dict
@@ -188,6 +190,11 @@ def sweep(cfg: RunConfig, *, log: Callable | None = print, overwrite: bool = Fal
     >>> sorted(os.listdir(result["dir"]))
     ['delta_norms.png', 'loss_vs_rank.png', 'results.csv', 'results.md', 'sweep.json']
     """
+    if cfg.lora.method != "lora":
+        raise ValueError(
+            f"config key lora.method: got {cfg.lora.method!r}; lora-jax sweep trains plain LoRA at each of "
+            "sweep.ranks, expected 'lora'. AdaLoRA allocates the ranks itself: run lora-jax finetune "
+            "with lora.method=adalora, or set lora.method=lora for the sweep")
     out = os.path.join(os.path.abspath(os.path.expanduser(cfg.output.dir)), "sweep")
     with output_dir(out):  # one sweep per directory; a sweep that fails its checks leaves none
         return _sweep(out, cfg, log, overwrite)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .. import adalora
 from ..split import quantize as lj_quantize
 from ..split import split
 from ..transform import wrap
@@ -82,7 +83,8 @@ class Setup:
 
     def _split(self, variables, lora_config, seed: int):
         ids = jax.ShapeDtypeStruct((1, self.cfg.model.context), jnp.int32)
-        return split(jax.random.key(seed), variables, lora_config, apply_fn=self.model.apply, args=(ids,))
+        fn = adalora.split if self.cfg.lora.method == "adalora" else split
+        return fn(jax.random.key(seed), variables, lora_config, apply_fn=self.model.apply, args=(ids,))
 
     def check(self, lora_config) -> None:
         """Split the model's abstract parameters (no arrays): a ``ValueError`` naming the
@@ -97,7 +99,8 @@ class Setup:
 
     def split(self, lora_config=None, seed: int | None = None, quantize: str | None = None):
         """``(base, lora)`` of the pretrained variables, axes inferred by tracing the model;
-        the base's matmul weights quantized as ``lora.quantize`` (or ``quantize``) says."""
+        the base's matmul weights quantized as ``lora.quantize`` (or ``quantize``) says. With
+        ``lora.method: adalora`` the adapters are AdaLoRA's (:func:`lora_jax.adalora.split`)."""
         seed = self.cfg.train.seed if seed is None else seed
         qtype = self.cfg.lora.quantize if quantize is None else quantize
         variables = self.variables
@@ -115,13 +118,27 @@ def _adam(lr: float, steps: int, warmup: int):
 def lora_optimizer(cfg: RunConfig, steps: int | None = None):
     """The adapters' optimizer: global-norm clipping at 1, Adam at ``train.lr`` with warmup and cosine decay.
 
+    With ``lora.method: adalora`` that optimizer is wrapped in
+    :func:`lora_jax.adalora.allocator`, which cuts the ranks to ``lora.target_rank`` over
+    ``steps`` (default ``train.steps``) as the ``lora`` budget keys say.
+
     >>> from lora_jax.app.run_config import from_dict
     >>> tx = lora_optimizer(from_dict({}, ["train.steps=10"]))
     >>> type(tx.init({"a": jnp.ones(3)})).__name__
     'tuple'
+    >>> cfg = from_dict({}, ["train.steps=10", "lora.method=adalora", "lora.t_init=2", "lora.t_final=3"])
+    >>> import lora_jax as lj
+    >>> _, ada = lj.adalora.split(jax.random.key(0), {"w": jnp.ones((8, 8))}, lj.LoraConfig(rules=(lj.Rule("w", rank=8),)))
+    >>> type(lora_optimizer(cfg).init(ada)).__name__
+    'AllocatorState'
     """
     steps = cfg.train.steps if steps is None else steps
-    return _adam(cfg.train.lr, steps, cfg.train.warmup)
+    tx = _adam(cfg.train.lr, steps, cfg.train.warmup)
+    a = cfg.lora
+    if a.method != "adalora":
+        return tx
+    return adalora.allocator(tx, target_rank=a.target_rank, total_steps=steps, t_init=a.t_init, t_final=a.t_final,
+                             delta_t=a.delta_t, beta1=a.beta1, beta2=a.beta2)
 
 
 def train_lora(
@@ -143,7 +160,9 @@ def train_lora(
     Batch ``i`` and its dropout key depend only on ``(train.seed, i)``, so a run resumed
     from a checkpoint continues exactly as an uninterrupted one. ``manager`` (a
     :class:`lora_jax.checkpoint.Manager`) saves every ``train.save_every`` steps and at the
-    end; ``on_step(step, lora, loss)`` is called after each step.
+    end; ``on_step(step, lora, loss)`` is called after each step. With ``lora.method:
+    adalora`` the loss trained on adds ``lora.orth_reg_weight`` times
+    :func:`lora_jax.adalora.orth_reg`; ``history`` holds the language-model loss alone.
 
     Returns ``(lora, opt, history, step_seconds)``: ``history`` the per-step losses,
     ``step_seconds`` the median step time (None when no step ran).
@@ -162,15 +181,21 @@ def train_lora(
     """
     cfg = s.cfg
     tx = lora_optimizer(cfg, steps) if tx is None else tx
-    opt = tx.init(lora) if opt is None else opt
+    if opt is None:
+        # one buffer per leaf: the step donates the state, and an optimizer's init may hand
+        # out one array in two places (lj.adalora.allocator's zero sensitivity and uncertainty)
+        opt = jax.tree.map(jnp.copy, tx.init(lora))
     forward = wrap(s.model.apply)
     seed_key = jax.random.key(cfg.train.seed + 1)
 
+    orth = cfg.lora.orth_reg_weight if cfg.lora.method == "adalora" else 0.0
+
     def loss_fn(lora, batch, key):
         apply = lambda base, ids: forward(base, lora, ids, lora_rng=key if cfg.lora.dropout > 0 else None)
-        return lm_loss(apply, base, batch)
+        loss = lm_loss(apply, base, batch)
+        return (loss + orth * adalora.orth_reg(lora) if orth else loss), loss
 
-    step_fn = make_step(loss_fn, tx)
+    step_fn = make_step(loss_fn, tx, has_aux=True)
     return _loop(s, step_fn, lora, opt, start=start, steps=steps, key=seed_key, manager=manager,
                  history=history, on_step=on_step, desc=desc)
 
