@@ -224,9 +224,11 @@ def allocator(
         if small:
             raise ValueError(f"lj.adalora.allocator: target_rank={target_rank} exceeds the initial rank of "
                              f"{fmt_paths(small)}; give those rules rank >= {target_rank}, or lower target_rank")
-        zeros = tuple(tuple(jnp.zeros(jnp.shape(x), jnp.float32) for x in (w.p, w.lam, w.q)) for _, w in found)
+        def zeros():  # (a new buffer each: a training step may donate the state)
+            return tuple(tuple(jnp.zeros(jnp.shape(x), jnp.float32) for x in (w.p, w.lam, w.q)) for _, w in found)
+
         mask = tuple(jnp.ones(jnp.shape(w.lam), bool) for _, w in found)
-        return AllocatorState(jnp.zeros((), jnp.int32), zeros, zeros, mask, inner_tx.init(params))
+        return AllocatorState(jnp.zeros((), jnp.int32), zeros(), zeros(), mask, inner_tx.init(params))
 
     def update(grads, state, params=None):
         if params is None:

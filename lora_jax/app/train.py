@@ -183,7 +183,7 @@ def train_lora(
     tx = lora_optimizer(cfg, steps) if tx is None else tx
     if opt is None:
         # one buffer per leaf: the step donates the state, and an optimizer's init may hand
-        # out one array in two places (lj.adalora.allocator's zero sensitivity and uncertainty)
+        # out one array in two places
         opt = jax.tree.map(jnp.copy, tx.init(lora))
     forward = wrap(s.model.apply)
     seed_key = jax.random.key(cfg.train.seed + 1)
