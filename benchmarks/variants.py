@@ -1,21 +1,28 @@
-"""LoRA variants against the LoRA step: AdaLoRA's training step at the same initial rank.
+"""LoRA variants against the LoRA step: DoRA's, and AdaLoRA's at the same initial rank.
 
 On the benchmark LM of ``train_step.py``, in one process, interleaved rounds (medians):
 
 * ``lora``: the factored LoRA step (``lj.wrap``, Adam): the reference;
+* ``dora``: the same targets with DoRA (``dora=True``, the norm detached): magnitudes
+  trained too, the norm of every adapted weight from ``a·W`` and ``a·aᵀ`` each step;
+* ``dora-full-grad``: DoRA with ``dora_detach=False`` (the gradient through the norm);
 * ``adalora``: the same step on an AdaLoRA tree (``lj.adalora.split``) with Adam inside
   ``lj.adalora.allocator`` (importance EMA, budget schedule, masking every ``delta_t``
   steps) and the orthogonality regularizer added to the loss;
 * ``adalora-no-reg``: the same without the regularizer (what the allocator itself costs).
 
 Times are ratios to ``lora``; compiled temporaries (``memory_analysis``) too. The AdaLoRA
-steps run in the middle of the budget schedule, where the masks are recomputed.
+steps run in the middle of the budget schedule, where the masks are recomputed. DoRA's
+inference on merged weights is the base's own program: the script checks that the compiled
+forward of ``lj.merge(params, dora)`` is the same program text as the base's.
 
     python benchmarks/variants.py           # 4 layers, d=256, vocab 4096, batch 8x128, rank 8
     python benchmarks/variants.py --lm      # train_step.py's LM: 6 layers, d=512, vocab 8192
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import optax
@@ -34,6 +41,8 @@ def build(layers, d, heads, ffn, vocab, batch, seq, rank=8):
     params = jax.jit(model.init)(jax.random.key(1), x)
     cfg = lj.LoraConfig(rules=(lj.Rule(TARGETS, rank=rank, alpha=2.0 * rank),))
     _, lora = lj.split(jax.random.key(2), params, cfg)
+    _, dora = lj.split(jax.random.key(2), params, dataclasses.replace(cfg, dora=True))
+    _, dora_full = lj.split(jax.random.key(2), params, dataclasses.replace(cfg, dora=True, dora_detach=False))
     _, ada = lj.adalora.split(jax.random.key(2), params, cfg)
     fwd = lj.wrap(model.apply)
     adam = optax.adam(1e-3)
@@ -51,8 +60,13 @@ def build(layers, d, heads, ffn, vocab, batch, seq, rank=8):
 
     state = alloc.init(ada)
     ada_opt = state._replace(count=state.count + total // 2)  # half-way through the budget schedule
+    merged = lj.merge(params, dora)
+    same = jax.jit(model.apply).lower(merged, x).as_text() == jax.jit(model.apply).lower(params, x).as_text()
+    print(f"DoRA merged inference compiles to the base's program: {same}")
     return {
         "lora": (step(adam, False), (lora, adam.init(lora), x, y)),
+        "dora": (step(adam, False), (dora, adam.init(dora), x, y)),
+        "dora-full-grad": (step(adam, False), (dora_full, adam.init(dora_full), x, y)),
         "adalora": (step(alloc, True), (ada, ada_opt, x, y)),
         "adalora-no-reg": (step(alloc, False), (ada, ada_opt, x, y)),
     }
