@@ -8,7 +8,10 @@ On the benchmark LM of ``train_step.py``, in one process, interleaved rounds (me
 * ``merged``: the base with one adapter merged in (inference only: what a merged model
   costs, and what cannot serve a mixed batch);
 * ``loop``: a loop over the 8 adapters, each running its own example (the way libraries
-  without mixed batches serve one).
+  without mixed batches serve one);
+* ``take/N`` (training only): the mixed batch's step on a stack of N that takes the batch's
+  slots out of the stack and of the Adam state (``lj.batch_slots``, ``lj.take_adapters``),
+  trains those and writes them back in place (``lj.put_adapters``, the state donated).
 
 Each for the forward pass (inference) and a training step (gradients w.r.t. the adapters,
 Adam). Times are ratios to ``single``; compiled temporaries (``memory_analysis``) too.
@@ -84,13 +87,38 @@ def build(layers, d, heads, ffn, vocab, batch, seq):
         "merged": (jax.jit(model.apply), (lj.merge(params, single), x)),
         "loop": (jax.jit(lambda ls, x: [fwd(params, l, x[i:i + 1]) for i, l in enumerate(ls)]), (looped, x)),
     }
+    def take_step(stacked, opt, x, y, ids):  # the batch's slots only
+        slots, local = lj.batch_slots(stacked, ids)
+        sub, sub_opt = lj.take_adapters(stacked, slots), lj.take_adapters(opt, slots)
+        sub, sub_opt, loss = train(mixed(local))(sub, sub_opt, x, y)
+        return lj.put_adapters(stacked, slots, sub), lj.put_adapters(opt, slots, sub_opt), loss
+
     training = {
         "single": (jax.jit(train(one)), (single, tx.init(single), x, y)),
         **{f"mixed/{n}": (jax.jit(train(mixed(mixed_ids[n]))), (stacks[n], tx.init(stacks[n]), x, y))
            for n in stacks},
+        **{f"take/{n}": (Threaded(jax.jit(take_step, donate_argnums=(0, 1)), 2),
+                         (stacks[n], tx.init(stacks[n]), x, y, mixed_ids[n])) for n in (8, 64)},
         "loop": (jax.jit(train(loop)), (looped, tx.init(looped), x, y)),
     }
     return forward, training
+
+
+class Threaded:
+    """A jitted step whose first ``k`` arguments are donated state: each call feeds the
+    previous call's state back in (the timing loop calls it with the same arguments)."""
+
+    def __init__(self, step, k):
+        self.step, self.k, self.state = step, k, None
+
+    def lower(self, *args):
+        return self.step.lower(*args)
+
+    def __call__(self, *args):
+        state = self.state if self.state is not None else [jax.tree.map(jnp.copy, a) for a in args[: self.k]]
+        out = self.step(*state, *args[self.k:])
+        self.state = list(out[: self.k])
+        return out
 
 
 def memory(variants):
@@ -122,6 +150,9 @@ def report(title, variants, rounds, iters):
               f"{mem[name] / 2**20:9.1f} {mem[name] / ref_m:9.3f}")
     print(f"64 stacked vs 8 stacked: {t['mixed/64'][0] / t['mixed/8'][0]:.3f}x time, "
           f"{mem['mixed/64'] / mem['mixed/8']:.3f}x temporaries")
+    if "take/64" in t:
+        print(f"64 stacked vs 8 stacked, the batch's slots taken: {t['take/64'][0] / t['take/8'][0]:.3f}x time, "
+              f"{mem['take/64'] / mem['take/8']:.3f}x temporaries")
     return t
 
 

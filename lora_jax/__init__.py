@@ -7,7 +7,8 @@ from .optim import apply_updates, labels, optimizer
 from .quant import QuantizedWeight, dequantize, is_quantized
 from .report import delta_norms, summary
 from .split import quantize, split
-from .stacked import StackedLoraWeight, stack, swap, unstack
+from . import stacked
+from .stacked import StackedLoraWeight, batch_slots, put_adapters, stack, swap, take_adapters, unstack
 from .transform import wrap
 from .tree import merge, targets, unmerge
 from .version import __version__
@@ -23,6 +24,7 @@ __all__ = [
     "StackedLoraWeight",
     "adalora",
     "apply_updates",
+    "batch_slots",
     "checkpoint",
     "combine",
     "delta_norms",
@@ -37,11 +39,14 @@ __all__ = [
     "quantize",
     "path_str",
     "pissa_to_lora",
+    "put_adapters",
     "scale_for",
     "sharding",
     "split",
     "stack",
+    "stacked",
     "swap",
+    "take_adapters",
     "summary",
     "targets",
     "unmerge",

@@ -15,6 +15,11 @@ stack's largest, any alpha, any scaling rule) and a ``jax.jit`` function taking 
 tree neither retraces nor recompiles. Only a larger largest rank or another set of targets
 changes shapes.
 
+Training a few adapters of a large stack: :func:`batch_slots` finds the slots a batch uses,
+:func:`take_adapters` cuts those slots out of the stacked tree and out of its optimizer
+state, and :func:`put_adapters` writes them back, so a step's gradient and optimizer update
+cover the batch's adapters, not every slot.
+
 Two descriptive fields of a plain adapter are not kept: the rule pattern that made it and
 the name of a custom scaling callable. :func:`unstack` reads the scaling rule's name back
 from the numbers (``"lora"`` when scale = alpha/r, ``"rslora"`` when scale = alpha/√r, else
@@ -36,7 +41,7 @@ from .tree import _check_lora_arg, is_node
 from .weight import PER_ADAPTER, LoraWeight, StackedLoraWeight, is_lora, is_stacked
 
 __all__ = ["StackedLoraWeight", "is_stacked", "is_stacked_node", "stack", "swap", "unstack", "template", "scaling_of",
-           "stacked_targets", "adapter_numbers"]
+           "stacked_targets", "adapter_numbers", "batch_slots", "take_adapters", "put_adapters"]
 
 
 
@@ -313,3 +318,116 @@ def _one(w: StackedLoraWeight, k: int) -> LoraWeight | None:
     b = jax.lax.slice_in_dim(jnp.asarray(w.b[k]), 0, numbers["rank"], axis=lead)
     return LoraWeight(a=a, b=b, shape=w.shape, dtype=w.dtype, in_axes=w.in_axes, out_axes=w.out_axes,
                       stack_axes=w.stack_axes, kind=w.kind, rule="", **numbers)
+
+
+def _slot_count(tree) -> int:
+    ns = {w.n for w in jax.tree.leaves(tree, is_leaf=is_stacked) if is_stacked(w)}
+    if len(ns) != 1:
+        raise ValueError("the tree holds no stacked adapter" if not ns else
+                         f"the tree's stacked adapters hold different numbers of slots {sorted(ns)}; pass a tree "
+                         "from one lj.stack call")
+    return ns.pop()
+
+
+def batch_slots(stacked: Any, ids, size: int | None = None):
+    """``(slots, local_ids)``: the distinct adapter slots a batch's ``ids`` use, sorted,
+    and each example's id within them (-1 stays -1), for :func:`take_adapters`.
+
+    ``size`` (static, default ``len(ids)``) is the number of slots returned; unused
+    entries hold ``n``, the stack's size, which :func:`take_adapters` reads as an empty
+    adapter and :func:`put_adapters` skips. Works under ``jit`` with traced ids.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))}, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+    >>> slots, local = lj.batch_slots(lj.stack([lora] * 5), jnp.array([3, -1, 1, 3]))
+    >>> slots.tolist(), local.tolist()
+    ([1, 3, 5, 5], [1, -1, 0, 1])
+    """
+    n = _slot_count(stacked)
+    ids = jnp.asarray(ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"batch_slots: ids must be a 1-D integer array (one adapter id per example), got "
+                         f"shape {tuple(ids.shape)} dtype {ids.dtype}")
+    size = ids.shape[0] if size is None else size
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"batch_slots: size must be an int >= 1 (how many slots to return), got {size!r}")
+    valid = (ids >= 0) & (ids < n)
+    slots = jnp.unique(jnp.where(valid, ids, n), size=size, fill_value=n)
+    local = jnp.where(valid, jnp.searchsorted(slots, ids), -1).astype(ids.dtype)
+    return slots.astype(ids.dtype), local
+
+
+def _map_stacked(fn, *trees):
+    return jax.tree.map(lambda w, *rest: fn(w, *rest) if is_stacked(w) else (rest[-1] if rest else w),
+                        *trees, is_leaf=is_stacked)
+
+
+def _arrays(w: StackedLoraWeight) -> dict:
+    """The children of ``w`` that are arrays along the slots (an optimizer state may hold
+    other leaves in their place, such as optax's masked nodes)."""
+    names = ("a", "b", *PER_ADAPTER)
+    return {f: getattr(w, f) for f in names if hasattr(getattr(w, f), "shape") and jnp.ndim(getattr(w, f))}
+
+
+def take_adapters(tree: Any, slots) -> Any:
+    """The adapters in ``slots`` of every :class:`StackedLoraWeight` in ``tree``: a stacked
+    tree of ``len(slots)`` adapters (slot ``n`` or beyond gives an empty adapter: zeros,
+    rank 0, scale 0). ``tree`` is a stacked lora tree or any tree holding one, such as the
+    optax state of an optimizer over it (their per-slot arrays are cut alike; other leaves,
+    a step count, stay). Works under ``jit`` with traced slots.
+
+    With :func:`batch_slots` and :func:`put_adapters`, a training step on a batch of a
+    large stack computes gradients and optimizer updates for the batch's adapters only, so
+    its cost does not grow with the stack. The other slots, and their optimizer state, are
+    left as they are (a lazy update: Adam's moments of an adapter absent from a batch do
+    not decay, as in sparse or "lazy" Adam).
+
+    >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
+    >>> params = {"w": jnp.ones((4, 3))}
+    >>> loras = [lj.split(jax.random.key(k), params, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))[1] for k in range(6)]
+    >>> stacked, tx = lj.stack(loras), optax.adam(0.1)
+    >>> opt = tx.init(stacked)
+    >>> f = lambda p, x: x @ p["w"]
+    >>> @jax.jit
+    ... def step(stacked, opt, x, ids):
+    ...     slots, local = lj.batch_slots(stacked, ids)
+    ...     sub, sub_opt = lj.take_adapters(stacked, slots), lj.take_adapters(opt, slots)
+    ...     loss = lambda s: jnp.sum(lj.wrap(f)(params, s, x, adapter_ids=local) ** 2)
+    ...     updates, sub_opt = tx.update(jax.grad(loss)(sub), sub_opt, sub)
+    ...     sub = optax.apply_updates(sub, updates)
+    ...     return lj.put_adapters(stacked, slots, sub), lj.put_adapters(opt, slots, sub_opt)
+    >>> new, opt = step(stacked, opt, jnp.ones((2, 4)), jnp.array([4, 1]))
+    >>> [bool((new["w"].b[k] != 0).any()) for k in range(6)]   # B moved in the batch's slots only
+    [False, True, False, False, True, False]
+    """
+    slots = jnp.asarray(slots)
+
+    def cut(w):
+        return w.replace(**{f: jnp.take(x, slots, axis=0, mode="fill", fill_value=0) for f, x in _arrays(w).items()})
+
+    return _map_stacked(cut, tree)
+
+
+def put_adapters(tree: Any, slots, part: Any) -> Any:
+    """``tree`` with the adapters in ``slots`` replaced by those of ``part`` (what
+    :func:`take_adapters` gave, after training): the inverse of ``take_adapters`` for the
+    slots taken. Slots of ``n`` or beyond are skipped; leaves outside the stacked adapters
+    (an optimizer's step count) come from ``part``. Pass ``tree`` as a donated argument of
+    a jitted step to update it in place.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 3))}, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+    >>> stacked = lj.stack([lora] * 4)
+    >>> part = lj.take_adapters(stacked, jnp.array([2, 4]))
+    >>> part = jax.tree.map(lambda w: w.replace(b=w.b + 1), part, is_leaf=lj.stacked.is_stacked)
+    >>> lj.put_adapters(stacked, jnp.array([2, 4]), part)["w"].b[:, 0].tolist()
+    [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    """
+    slots = jnp.asarray(slots)
+
+    def write(w, p):
+        new = _arrays(p)
+        return w.replace(**{f: jnp.asarray(x).at[slots].set(new[f].astype(jnp.result_type(x)), mode="drop")
+                            for f, x in _arrays(w).items()})
+
+    return _map_stacked(write, tree, part)
