@@ -268,7 +268,15 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """``lora-jax sweep``: ranks at alpha = r (and rsLoRA at fixed alpha), then alpha/r at the best rank."""
+    """``lora-jax sweep``: ranks at alpha = r (and rsLoRA at fixed alpha, and DoRA), then alpha/r at the best rank.
+
+    ``dora`` (default true) adds the DoRA series: at each of ``ranks`` the alpha = r run
+    is trained again with DoRA adapters (``stage: dora`` in the results); set it to false
+    for a quicker sweep of plain LoRA and rsLoRA alone.
+
+    >>> SweepConfig().dora, SweepConfig(dora=False).dora
+    (True, False)
+    """
 
     ranks: tuple[int, ...] = (4, 8, 16, 32)
     alpha_ratios: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
@@ -276,6 +284,7 @@ class SweepConfig:
     steps: int = 150
     norm_every: int = 10
     runaway: float = 1.0
+    dora: bool = True
 
     def validate(self, prefix: str = "sweep"):
         _check(len(self.ranks) > 0 and all(r > 0 for r in self.ranks), f"{prefix}.ranks", self.ranks, "a list of positive ints")
@@ -287,6 +296,7 @@ class SweepConfig:
         _check(self.steps > 0, f"{prefix}.steps", self.steps, "a positive int")
         _check(self.norm_every > 0, f"{prefix}.norm_every", self.norm_every, "a positive int")
         _check(self.runaway > 0, f"{prefix}.runaway", self.runaway, "a positive float")
+        _check(isinstance(self.dora, bool), f"{prefix}.dora", self.dora, "true or false")
 
 
 @dataclasses.dataclass(frozen=True)
