@@ -67,7 +67,7 @@ def _add_jobs(sub) -> None:
 
     sw = sub.add_parser(
         "sweep",
-        help="rank sweep (alpha = r, and rsLoRA), then alpha/r at the best rank; tables and plots",
+        help="rank sweep (alpha = r, rsLoRA and DoRA), then alpha/r at the best rank; tables and plots",
         description="Writes results.csv, results.md, loss_vs_rank.png, delta_norms.png and "
         "sweep.json to output.dir/sweep.",
     )

@@ -25,6 +25,17 @@ def inspect_adapter(path: str) -> str:
     path  shape   kind    rank  alpha  scale  params  ||s·A⊗B||_F
     w     (8, 6)  linear     2      4      2      28      0
     trainable params: 28; 112 B of factors (float32)
+
+    A DoRA adapter's magnitudes count in the parameters and bytes, and a line says so:
+
+    >>> cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2, alpha=4.0),), dora=True)
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((8, 6))}, cfg)
+    >>> lj.checkpoint.save(path + "_dora", lora, cfg)
+    >>> for line in inspect_adapter(path + "_dora").splitlines()[3:]:
+    ...     print(line)
+    w     (8, 6)  linear+dora     2      4      2      34      0
+    trainable params: 34; 136 B of factors and magnitudes (float32)
+    DoRA: 1 of 1 targets also have a magnitude m (W' = m·V/||V||, V = W + s·A⊗B); ||s·A⊗B||_F above is the direction update alone
     """
     meta = checkpoint.metadata(path)
     lora = checkpoint.restore(path)
@@ -60,8 +71,14 @@ def _target_lines(lora) -> list[str]:
     lines = [f"{table[0]}  {'||s·A⊗B||_F':>{width}}"]
     for row, norm in zip(table[1 : 1 + len(norms)], norms):
         lines.append(f"{row}  {norm:>{width}}")
-    n_bytes = sum(np.asarray(x).nbytes for _, w in targets(lora) for x in (w.a, w.b))
-    dtypes = sorted({str(x.dtype) for _, w in targets(lora) for x in (w.a, w.b)})
+    arrays = [x for _, w in targets(lora) for x in (w.a, w.b, w.m) if x is not None]
+    n_bytes = sum(np.asarray(x).nbytes for x in arrays)
+    dtypes = sorted({str(x.dtype) for x in arrays})
     total = sum(w.num_params for _, w in targets(lora))
-    lines.append(f"trainable params: {total:,}; {n_bytes:,} B of factors ({', '.join(dtypes)})")
+    dora = sum(w.is_dora for _, w in targets(lora))
+    what = "factors and magnitudes" if dora else "factors"
+    lines.append(f"trainable params: {total:,}; {n_bytes:,} B of {what} ({', '.join(dtypes)})")
+    if dora:
+        lines.append(f"DoRA: {dora} of {len(norms)} targets also have a magnitude m (W' = m·V/||V||, "
+                     "V = W + s·A⊗B); ||s·A⊗B||_F above is the direction update alone")
     return lines

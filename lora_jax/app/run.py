@@ -6,7 +6,8 @@ every ``train.save_every`` steps, resumable), measure again, and write
 
 - ``adapter/``   the adapter (:func:`lora_jax.checkpoint.save`, with its config; with
   ``lora.method: adalora`` the plain LoRA adapter of the kept ranks,
-  :func:`lora_jax.adalora.to_lora`),
+  :func:`lora_jax.adalora.to_lora`; with ``lora.dora: true`` DoRA adapters, each with
+  its magnitude ``m``),
 - ``merged/``    the base with the adapter merged in (plain orbax, loads into ``TinyLM``),
 - ``base/``      only with ``lora.init: pissa``: the residual base the adapter belongs to,
 - ``metrics.json`` every number of the final table, the loss curves and the config,
@@ -252,7 +253,7 @@ def _metrics(s: Setup, out: str, start: int, before: dict, after: dict, run: _Tr
         "lora": {
             "steps": cfg.train.steps, "resumed_from": start, **_losses(before, after), **_size(s, run.params),
             "adapter_disk_bytes": disk_bytes(os.path.join(out, "adapter")), **_speed(s, run),
-            "targets": [p for p, _ in targets(plain)], **({"adalora": ranks} if ranks else {}),
+            "targets": [p for p, _ in targets(plain)], "dora": cfg.lora.dora, **({"adalora": ranks} if ranks else {}),
         },
         "base": {"params": param_count(s.variables), "bytes": _nbytes(s.variables),
                  "stored_bytes": _nbytes(base), "quantize": cfg.lora.quantize, "pretrain": {
@@ -287,7 +288,8 @@ def _write_results(out: str, cfg: RunConfig, metrics: dict, log) -> None:
     from .plots import loss_curves
 
     write_json(os.path.join(out, "metrics.json"), metrics)
-    names = {"lora": "LoRA", "full": "full fine-tune", "float_base": "LoRA, float base"}
+    kind = "DoRA" if cfg.lora.dora else "LoRA"
+    names = {"lora": kind, "full": "full fine-tune", "float_base": f"{kind}, float base"}
     loss_curves(os.path.join(out, "loss.png"), {names[k]: v for k, v in metrics["losses"].items()},
                 title=f"{cfg.data.source} -> {cfg.data.corpus}: training loss (nats/byte)")
     if log:
@@ -354,6 +356,7 @@ def _finetune(out: str, cfg: RunConfig, compare_full: bool, resume: bool, overwr
 def format_table(metrics: dict) -> str:
     """The end-of-run table: losses before/after per domain, parameters, bytes, step time;
     with AdaLoRA (``metrics["lora"]["adalora"]``) then each target's initial and kept rank.
+    A DoRA run (``metrics["lora"]["dora"]``) heads its column ``DoRA``.
 
     >>> m = {"domains": {"target": "stdlib", "source": "pydoc"}, "base": {"params": 1000, "bytes": 4000},
     ...      "lora": {"target_before": 3.0, "target_after": 2.0, "source_before": 1.0, "source_after": 1.1,
@@ -374,6 +377,8 @@ def format_table(metrics: dict) -> str:
     names = {"lora": "LoRA", "full": "full FT", "float_base": "float base"}
     if "adalora" in metrics["lora"]:
         names["lora"] = "AdaLoRA"
+    if metrics["lora"].get("dora"):
+        names["lora"] = "DoRA"
     if metrics["base"].get("quantize", "none") != "none":
         names["lora"] = f"{names['lora']}, {metrics['base']['quantize']} base"
     t, src = metrics["domains"]["target"], metrics["domains"]["source"]

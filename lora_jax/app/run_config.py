@@ -133,6 +133,18 @@ class AdapterConfig:
     AdaLoRA starts from its own init, so it needs ``init: default``. The written adapter
     is a plain LoRA adapter with each target's kept rank.
 
+    ``dora`` (default false) makes every adapter DoRA (:class:`lora_jax.LoraConfig`'s
+    ``dora``, Liu et al. 2024): each target also trains a magnitude ``m`` over W's output
+    axes, and the adapted weight is ``m · (W + s·A⊗B) / ||W + s·A⊗B||``. It works with
+    every ``init`` and ``quantize`` but not with ``method: adalora``.
+
+    >>> AdapterConfig(dora=True).lora_config().dora
+    True
+    >>> AdapterConfig(method="adalora", dora=True).validate()
+    Traceback (most recent call last):
+    ...
+    ValueError: config key lora.dora: got True; expected false with lora.method=adalora (AdaLoRA's adapters are SVD triplets without a DoRA magnitude); set lora.dora=false or lora.method=lora
+
     >>> a = AdapterConfig(method="adalora", rank=8, target_rank=2)
     >>> a.validate()
     >>> AdapterConfig(method="adalora", init="pissa").validate()
@@ -156,6 +168,7 @@ class AdapterConfig:
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
+    dora: bool = False
 
     def validate(self, prefix: str = "lora"):
         from ..config import INITS, SCALINGS
@@ -189,7 +202,11 @@ class AdapterConfig:
                    "a smoothing factor in [0, 1) (e.g. 0.85)")
         _check(self.orth_reg_weight >= 0, f"{prefix}.orth_reg_weight", self.orth_reg_weight,
                "a float >= 0 (0 turns the orthogonality regularizer off; PEFT uses 0.5)")
+        _check(isinstance(self.dora, bool), f"{prefix}.dora", self.dora, "true or false")
         if self.method == "adalora":
+            _check(not self.dora, f"{prefix}.dora", self.dora,
+                   f"false with {prefix}.method=adalora (AdaLoRA's adapters are SVD triplets without a DoRA "
+                   f"magnitude); set {prefix}.dora=false or {prefix}.method=lora")
             _check(self.init == "default", f"{prefix}.init", self.init,
                    f"'default' with {prefix}.method=adalora (AdaLoRA starts from its own init: lambda = 0, "
                    f"P and Q gaussian); set {prefix}.init=default or {prefix}.method=lora")
@@ -200,13 +217,21 @@ class AdapterConfig:
                    f"at most {prefix}.rank={self.rank} (the initial rank, which AdaLoRA cuts down to "
                    f"target_rank on average); lower {prefix}.target_rank or raise {prefix}.rank")
 
-    def lora_config(self, *, rank: int | None = None, alpha: float | None = None, scaling: str | None = None):
-        """The :class:`lora_jax.LoraConfig` these settings describe (optionally with another rank/alpha/scaling)."""
+    def lora_config(self, *, rank: int | None = None, alpha: float | None = None, scaling: str | None = None,
+                    dora: bool | None = None):
+        """The :class:`lora_jax.LoraConfig` these settings describe (optionally with another
+        rank, alpha, scaling or DoRA setting).
+
+        >>> c = AdapterConfig(rank=4, alpha=8.0).lora_config(rank=2, dora=True)
+        >>> c.rules[0].rank, c.rules[0].alpha, c.dora
+        (2, 8.0, True)
+        """
         from ..config import LoraConfig, Rule
 
         rank = self.rank if rank is None else rank
         alpha = self.alpha if alpha is None else alpha
-        kw = dict(scaling=self.scaling if scaling is None else scaling, init=self.init, dropout=self.dropout)
+        kw = dict(scaling=self.scaling if scaling is None else scaling, init=self.init, dropout=self.dropout,
+                  dora=self.dora if dora is None else dora)
         if self.targets == ("all_linear",):
             return LoraConfig.all_linear(rank=rank, alpha=alpha, **kw)
         return LoraConfig(rules=tuple(Rule(t, rank=rank, alpha=alpha) for t in self.targets), **kw)
@@ -243,7 +268,15 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """``lora-jax sweep``: ranks at alpha = r (and rsLoRA at fixed alpha), then alpha/r at the best rank."""
+    """``lora-jax sweep``: ranks at alpha = r (and rsLoRA at fixed alpha, and DoRA), then alpha/r at the best rank.
+
+    ``dora`` (default true) adds the DoRA series: at each of ``ranks`` the alpha = r run
+    is trained again with DoRA adapters (``stage: dora`` in the results); set it to false
+    for a quicker sweep of plain LoRA and rsLoRA alone.
+
+    >>> SweepConfig().dora, SweepConfig(dora=False).dora
+    (True, False)
+    """
 
     ranks: tuple[int, ...] = (4, 8, 16, 32)
     alpha_ratios: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
@@ -251,6 +284,7 @@ class SweepConfig:
     steps: int = 150
     norm_every: int = 10
     runaway: float = 1.0
+    dora: bool = True
 
     def validate(self, prefix: str = "sweep"):
         _check(len(self.ranks) > 0 and all(r > 0 for r in self.ranks), f"{prefix}.ranks", self.ranks, "a list of positive ints")
@@ -262,6 +296,7 @@ class SweepConfig:
         _check(self.steps > 0, f"{prefix}.steps", self.steps, "a positive int")
         _check(self.norm_every > 0, f"{prefix}.norm_every", self.norm_every, "a positive int")
         _check(self.runaway > 0, f"{prefix}.runaway", self.runaway, "a positive float")
+        _check(isinstance(self.dora, bool), f"{prefix}.dora", self.dora, "true or false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +320,7 @@ class RunConfig:
     >>> from_dict({"lora": {"rnak": 4}})
     Traceback (most recent call last):
     ...
-    ValueError: config key lora.rnak is unknown (did you mean lora.rank?); lora accepts: targets, rank, alpha, scaling, init, dropout, quantize, method, target_rank, t_init, t_final, delta_t, beta1, beta2, orth_reg_weight
+    ValueError: config key lora.rnak is unknown (did you mean lora.rank?); lora accepts: targets, rank, alpha, scaling, init, dropout, quantize, method, target_rank, t_init, t_final, delta_t, beta1, beta2, orth_reg_weight, dora
     """
 
     model: ModelConfig = ModelConfig()
