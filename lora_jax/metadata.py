@@ -225,7 +225,7 @@ def _config_json(config: LoraConfig | None):
     for r in config.rules:
         axes = None if r.axes is None else [list(g) for g in r.axes]
         rules.append(dict(pattern=r.pattern, rank=r.rank, alpha=r.alpha, axes=axes,
-                          dropout=r.dropout, linear_only=r.linear_only))
+                          dropout=r.dropout, linear_only=r.linear_only, dora=r.dora))
     if isinstance(config.scaling, str):
         scaling = config.scaling
     else:  # a callable cannot be stored; its scales are stored per target
@@ -237,6 +237,8 @@ def _config_json(config: LoraConfig | None):
         dropout=config.dropout,
         exclude=list(config.exclude),
         dtype=None if config.dtype is None else np.dtype(config.dtype).name,
+        dora=config.dora,
+        dora_detach=config.dora_detach,
     )
 
 

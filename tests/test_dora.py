@@ -303,6 +303,8 @@ def test_checkpoint_round_trip(tmp_path):
     lj.checkpoint.save(tmp_path / "a", lora, cfg)
     meta = lj.checkpoint.metadata(tmp_path / "a")
     assert meta["targets"][0]["m"] == {"shape": [4], "dtype": "float32"} and "m" not in meta["targets"][1]
+    assert (meta["config"]["dora"], meta["config"]["dora_detach"]) == (True, False)
+    assert [r["dora"] for r in meta["config"]["rules"]] == [None, False]
     for like in (None, lora):
         back = lj.checkpoint.restore(tmp_path / "a", like=like)
         assert back["q"].dora_detach is False and not back["v"].is_dora
