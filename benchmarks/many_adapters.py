@@ -14,7 +14,7 @@ On the benchmark LM of ``train_step.py``, in one process, interleaved rounds (me
   trains those and writes them back in place (``lj.put_adapters``, the state donated).
 
 Each for the forward pass (inference) and a training step (gradients w.r.t. the adapters,
-Adam). Times are ratios to ``single``; compiled temporaries (``memory_analysis``) too.
+Adam). The ids are arguments of the compiled functions, as in a loop whose batches change. Times are ratios to ``single``; compiled temporaries (``memory_analysis``) too.
 First, one layer's adapter products two ways (:func:`kernels`): gathered factors (what
 ``wrap`` does) against ``lax.ragged_dot`` over rows sorted by adapter.
 
@@ -82,11 +82,14 @@ def build(layers, d, heads, ffn, vocab, batch, seq):
     looped = loras[:batch]
     forward = {
         "single": (jax.jit(lambda l, x: fwd(params, l, x)), (single, x)),
-        **{f"mixed/{n}": (jax.jit(lambda s, x, ids=mixed_ids[n]: fwd(params, s, x, adapter_ids=ids)), (stacks[n], x))
+        **{f"mixed/{n}": (jax.jit(lambda s, x, ids: fwd(params, s, x, adapter_ids=ids)), (stacks[n], x, mixed_ids[n]))
            for n in stacks},
         "merged": (jax.jit(model.apply), (lj.merge(params, single), x)),
         "loop": (jax.jit(lambda ls, x: [fwd(params, l, x[i:i + 1]) for i, l in enumerate(ls)]), (looped, x)),
     }
+    def mixed_step(stacked, opt, x, y, ids):  # (the ids are an argument, as they change from batch to batch)
+        return train(mixed(ids))(stacked, opt, x, y)
+
     def take_step(stacked, opt, x, y, ids):  # the batch's slots only
         slots, local = lj.batch_slots(stacked, ids)
         sub, sub_opt = lj.take_adapters(stacked, slots), lj.take_adapters(opt, slots)
@@ -95,8 +98,7 @@ def build(layers, d, heads, ffn, vocab, batch, seq):
 
     training = {
         "single": (jax.jit(train(one)), (single, tx.init(single), x, y)),
-        **{f"mixed/{n}": (jax.jit(train(mixed(mixed_ids[n]))), (stacks[n], tx.init(stacks[n]), x, y))
-           for n in stacks},
+        **{f"mixed/{n}": (jax.jit(mixed_step), (stacks[n], tx.init(stacks[n]), x, y, mixed_ids[n])) for n in stacks},
         **{f"take/{n}": (Threaded(jax.jit(take_step, donate_argnums=(0, 1)), 2),
                          (stacks[n], tx.init(stacks[n]), x, y, mixed_ids[n])) for n in (8, 64)},
         "loop": (jax.jit(train(loop)), (looped, tx.init(looped), x, y)),
