@@ -209,7 +209,7 @@ def test_half_precision_base():
     assert lora16["params"]["blk"]["attn"]["q"]["kernel"].a.dtype == jnp.bfloat16
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     data=st.data(),
     ndim=st.integers(2, 4),
