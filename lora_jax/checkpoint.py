@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from .config import LoraConfig, path_str
-from .metadata import FORMAT, abstract_weights, check_format, encode, lam_specs, rebuild, restore_targets
+from .metadata import FORMAT, abstract_weights, check_format, encode, lam_specs, rebuild, restore_targets, stored_arrays
 from . import quant
 from .tree import check_fits, is_node, targets
 from .tree import merge as _merge_trees
@@ -260,8 +260,8 @@ def _restore_lora(meta: dict, like: Any, restore_fn, where, extra: dict | None =
     """Rebuild the lora tree from ``meta``; returns ``(lora, other restored items)``."""
     _check_stored(meta, where)
     weights = restore_targets(meta, like, where)
-    factors = [{"a": _abstract(w.a), "b": _abstract(w.b), **({} if lam is None else {"lam": _abstract(lam)}),
-                **({"m": _abstract(w.m)} if w.is_dora else {})}
+    factors = [{**{n: _abstract(x) for n, x in stored_arrays(w).items()},
+                **({} if lam is None else {"lam": _abstract(lam)})}
                for w, lam in zip(weights, lam_specs(meta, like))]
     extra = extra or {}
     with _reading(where, "adapter checkpoint"):
@@ -545,8 +545,7 @@ def _restore_adapter(meta: dict, like: Any, shardings: Any, adapter_dir: epath.P
     found = targets(like)  # in the order of meta["targets"] (see _fit_adapter)
     placed = [w if shardings is None else jax.tree.map(lambda x, r=_replicated(s): _abstract(x, r), w)
               for (_, w), s in zip(found, _target_shardings(like, shardings))]
-    factors = [{"a": _abstract(w.a), "b": _abstract(w.b), **({"m": _abstract(w.m)} if w.is_dora else {})}
-               for w in placed]
+    factors = [{n: _abstract(x) for n, x in stored_arrays(w).items()} for w in placed]
     with _checkpointer() as ckptr, _reading(adapter_dir, "adapter checkpoint"):
         out = ckptr.restore(adapter_dir, ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(factors)}))
     return rebuild(meta, out[_ARRAYS], like)

@@ -57,6 +57,7 @@ __all__ = [
     "rebuild",
     "plain_form",
     "lam_specs",
+    "stored_arrays",
 ]
 
 FORMAT = "lora_jax.checkpoint/1"
@@ -125,11 +126,9 @@ def encode(lora: Any, config: LoraConfig | None = None) -> tuple[dict, list[dict
     lora = plain_form(lora)
     found = check_lora(lora)
     entries = [_entry(path, w) for path, w in found]
-    for e, (_, w) in zip(entries, found):
+    for e in entries:
         if e["path"] in lams:
             e["lam"] = dict(shape=list(np.shape(lams[e["path"]])), dtype=np.dtype(lams[e["path"]].dtype).name)
-        if w.is_dora:
-            e["m"] = dict(shape=list(np.shape(w.m)), dtype=np.dtype(w.m.dtype).name)
     structure, why = _structure(lora, [w for _, w in found])
     meta = dict(
         format=FORMAT,
@@ -141,7 +140,7 @@ def encode(lora: Any, config: LoraConfig | None = None) -> tuple[dict, list[dict
     )
     if stack is not None:
         meta["stack"] = stack
-    arrays = [{n: getattr(w, n) for n in (*_FACTORS, "m") if getattr(w, n) is not None} for _, w in found]
+    arrays = [stored_arrays(w) for _, w in found]
     for (path, _), x in zip(found, arrays):
         if path in lams:
             x["lam"] = lams[path]
@@ -196,10 +195,23 @@ def _stack_section(lora: Any) -> list[dict] | None:
     return out
 
 
+def stored_arrays(w: LoraWeight) -> dict:
+    """The arrays a checkpoint stores for adapter ``w``: ``a`` and ``b``, and ``m`` for DoRA.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> _, lora = lj.split(jax.random.key(0), {"w": jnp.ones((4, 4))},
+    ...                    lj.LoraConfig(rules=(lj.Rule("w", rank=2),), dora=True))
+    >>> sorted(stored_arrays(lora["w"]))
+    ['a', 'b', 'm']
+    """
+    return {n: getattr(w, n) for n in ((*_FACTORS, "m") if w.is_dora else _FACTORS)}
+
+
 def _entry(path: str, w: LoraWeight) -> dict:
-    """The metadata of one target: its path, static fields and factor shapes and dtypes."""
-    for name in (*_FACTORS, "m") if w.is_dora else _FACTORS:
-        x = getattr(w, name)
+    """The metadata of one target: its path, static fields and the shapes and dtypes of its
+    stored arrays (:func:`stored_arrays`)."""
+    arrays = stored_arrays(w)
+    for name, x in arrays.items():
         if isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "dtype"):
             raise TypeError(
                 f"{path}: factor {name} is {type(x).__name__}, not an array; save concrete "
@@ -212,7 +224,7 @@ def _entry(path: str, w: LoraWeight) -> dict:
         # The scale is stored as applied; a custom scaling callable cannot be rebuilt
         # from a file, so its adapters restore with this fixed scale.
         scale_fixed=w.scaling not in SCALINGS,
-        **{n: factor(getattr(w, n)) for n in _FACTORS},
+        **{n: factor(x) for n, x in arrays.items()},
     )
 
 
