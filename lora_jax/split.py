@@ -389,16 +389,26 @@ def _init_all(key, folds, weights, plan: tuple, init: str) -> list:
     if divided:  # gaussian A = N(0, 1) / rank, in a program of its own (see _divide)
         for i, x in zip(divided, _divide([drawn[i] for i in divided], tuple(groups[i][4] for i in divided))):
             drawn[i] = x
-    out: list = [None] * len(plan)
+    # Cut the rows apart outside the programs: a program that cuts all rows compiles a kernel
+    # per target, and eager cuts compile one program per shape. Concrete draws are cut on the
+    # host and placed in one transfer (no compile); traced ones (an abstract or jitted split)
+    # are cut where they are.
+    traced = any(isinstance(x, jax.core.Tracer) for x in drawn)
+    xp = jnp if traced else np
+    factors = []
     for (_, side, dtype, size, _, items), x in zip(groups, drawn):
-        # cut the rows apart outside the programs, one eager x[r] at a time: each compiles
-        # once per shape, where a program that cuts all rows compiles a kernel per target
+        x = x if traced else np.asarray(x)
         for r, (j, shape, _) in enumerate(items):
             n = math.prod(shape)
             value = (x[r, :n] if n < size else x[r]).reshape(shape)
             spec = specs[j]
-            zero = jnp.zeros(spec.b_shape if side == 0 else spec.a_shape, dtype)
-            out[j] = (spec.replace(a=value, b=zero) if side == 0 else spec.replace(a=zero, b=value)), None
+            zero = xp.zeros(spec.b_shape if side == 0 else spec.a_shape, dtype)
+            factors.append((j, (value, zero) if side == 0 else (zero, value)))
+    if not traced:
+        factors = jax.device_put(factors)
+    out: list = [None] * len(plan)
+    for j, (a, b) in factors:
+        out[j] = specs[j].replace(a=a, b=b), None
     return out
 
 
