@@ -116,9 +116,10 @@ def fmt(samples):
 def split_table(rounds):
     models = split_models()
     times = {name: [] for name in models}
+    key = jax.random.key(1)
     for _ in range(rounds):
         for name, (f, params, args, cfg) in models.items():
-            times[name].append(cold(lambda: lj.split(jax.random.key(1), params, cfg, apply_fn=f, args=args)))
+            times[name].append(cold(lambda: lj.split(key, params, cfg, apply_fn=f, args=args)))
     print(f"\nlj.split, cold (s: median (min-max) of {rounds} interleaved rounds)")
     for name, (_, params, args, cfg) in models.items():
         _, lora = lj.split(jax.random.key(1), params, cfg, apply_fn=models[name][0], args=args)
@@ -133,10 +134,11 @@ def lm(layers, scanned):
 
 def first_calls(f, params, ids):
     """name -> thunk of a cold first call."""
-    base, lora = lj.split(jax.random.key(2), params, RULES, apply_fn=f, args=(ids,))
+    key = jax.random.key(2)  # made here: seeding compiles a program of its own, the user's anyway
+    base, lora = lj.split(key, params, RULES, apply_fn=f, args=(ids,))
 
     def split_factored():
-        b, l = lj.split(jax.random.key(2), params, RULES, apply_fn=f, args=(ids,))
+        b, l = lj.split(key, params, RULES, apply_fn=f, args=(ids,))
         return jax.jit(lj.wrap(f))(b, l, ids)
 
     return {

@@ -22,6 +22,11 @@ A primitive outside the table that meets a targeted weight is unknown to both wa
 inference records it as an opaque use and ``wrap`` materializes the weight for it. Names
 that differ across JAX versions are listed under each spelling.
 
+Both walkers read one trace of ``f(params, *args, **kwargs)`` (:func:`trace`): traced once
+per function and input signature and kept in a small cache that ``jax.clear_caches()``
+empties, so the trace :func:`lora_jax.split` makes to infer axes is the one the first call
+of ``lora_jax.wrap(f)`` evaluates, as ``jax.jit`` reuses a trace for the same function.
+
 The rest are shims over JAX internals whose layout changes between versions: sub-jaxprs
 of higher-order equations, a scan's operand groups, evaluating one equation, and how a
 reshape groups dimensions.
@@ -29,12 +34,17 @@ reshape groups dimensions.
 
 from __future__ import annotations
 
-from typing import Any
+import collections
+from typing import Any, Callable, NamedTuple
 
+import jax
 from jax.extend import core as jcore
 
-__all__ = ["SHAPE", "WINDOW", "SCALE", "PRODUCT", "HIGHER", "PRIMITIVES", "kind", "closed", "scan_counts",
-           "subcalls", "bind", "reshape_groups"]
+from .quant import is_quantized
+from .tree import is_array
+
+__all__ = ["SHAPE", "WINDOW", "SCALE", "PRODUCT", "HIGHER", "PRIMITIVES", "kind", "Traced", "trace", "closed",
+           "scan_counts", "subcalls", "bind", "reshape_groups"]
 
 SHAPE, WINDOW, SCALE, PRODUCT, HIGHER = "shape", "window", "scale", "product", "higher-order"
 
@@ -61,6 +71,123 @@ def kind(name: str) -> str | None:
     ('product', 'shape', None)
     """
     return PRIMITIVES.get(name)
+
+
+class Traced(NamedTuple):
+    """One trace of ``f(params, *args, **kwargs)``: the jaxpr over the array leaves (params'
+    leaves first, then the arguments'), the output's tree structure, and which leaves are
+    arrays (``is_arr``, params' then the arguments'; the others were static values)."""
+
+    closed: jcore.ClosedJaxpr
+    out_tree: Any
+    is_arr: list
+
+
+class _Traces:
+    """The last ``size`` traces by key, least recently used out first; registered with JAX's
+    cache management, so ``jax.clear_caches()`` empties it."""
+
+    def __init__(self, size: int):
+        self.size, self.items = size, collections.OrderedDict()
+
+    def get(self, key):
+        if key is None or key not in self.items:
+            return None
+        self.items.move_to_end(key)
+        return self.items[key]
+
+    def put(self, key, value):
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+    def cache_clear(self):
+        self.items.clear()
+
+    def cache_info(self):
+        return f"{len(self.items)} of {self.size} traces"
+
+    def cache_keys(self):
+        return list(self.items)
+
+
+_TRACES = _Traces(16)
+try:  # so that jax.clear_caches() (cold-start measurements, freeing memory) drops them too
+    from jax._src.util import register_cache as _register_cache
+
+    _register_cache(_TRACES, "lora_jax traces")
+except ImportError:  # pragma: no cover - JAX moved it; the cache still works, bounded
+    pass
+
+
+def _traced_value(x):
+    """What the trace sees for an array leaf: a quantized weight's float stand-in, else ``x``."""
+    return x.abstract() if is_quantized(x) else x
+
+
+def _trace_context():
+    try:  # the configuration a trace depends on (x64, matmul precision, ...), as jit keys it
+        from jax._src.config import trace_context
+
+        return trace_context()
+    except ImportError:  # pragma: no cover
+        return (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
+
+
+def trace(f: Callable, params_def, params_leaves: list, arg_def, arg_leaves: list) -> Traced:
+    """Trace ``f(params, *args, **kwargs)`` once per function and input signature.
+
+    ``params_leaves``/``params_def`` are the parameter tree flattened with quantized weights
+    as leaves; ``arg_leaves``/``arg_def`` are ``(args, kwargs)`` flattened. Arrays (JAX,
+    NumPy, ``jax.ShapeDtypeStruct``) and quantized weights (as the float weight they stand
+    for) are traced; every other leaf is a static value, part of the signature. The
+    signature is the function, both tree structures, each array's abstract value, the static
+    values and JAX's trace configuration; the last 16 traces are kept (``jax.clear_caches()``
+    empties them). A trace whose jaxpr closes over values of an enclosing trace is not kept.
+
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda p, x, flag: x @ p["w"] if flag else x
+    >>> p_leaves, p_def = jax.tree.flatten({"w": jnp.ones((3, 2))})
+    >>> a_leaves, a_def = jax.tree.flatten(((jnp.ones((4, 3)), True), {}))
+    >>> t = trace(f, p_def, p_leaves, a_def, a_leaves)
+    >>> [str(v.aval) for v in t.closed.jaxpr.invars], t.is_arr
+    (['float32[3,2]', 'float32[4,3]'], [True, True, False])
+    >>> trace(f, p_def, p_leaves, a_def, a_leaves) is t  # the same signature: the kept trace
+    True
+    """
+    leaves = (*params_leaves, *arg_leaves)
+    is_arr = [is_array(x) or is_quantized(x) or isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
+    values = [_traced_value(x) for x, arr in zip(leaves, is_arr) if arr]
+    try:
+        key = (f, params_def, arg_def, _trace_context(),
+               tuple(jax.api_util.shaped_abstractify(v) if arr else ("static", type(x), x)
+                     for v, x, arr in zip(_iter_values(values, is_arr), leaves, is_arr)))
+        hash(key)
+    except TypeError:
+        key = None  # an unhashable function or static value: trace every call
+    found = _TRACES.get(key)
+    if found is not None:
+        return found
+    n_params = len(params_leaves)
+
+    def flat(arrays):
+        it = iter(arrays)
+        full = [next(it) if arr else x for x, arr in zip(leaves, is_arr)]
+        a, kw = jax.tree.unflatten(arg_def, full[n_params:])
+        return f(jax.tree.unflatten(params_def, full[:n_params]), *a, **kw)
+
+    closed_jaxpr, shape = jax.make_jaxpr(flat, return_shape=True)(values)
+    out = Traced(closed_jaxpr, jax.tree.structure(shape), is_arr)
+    if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed_jaxpr.consts):
+        _TRACES.put(key, out)  # (values f closes over from an enclosing trace are not reusable)
+    return out
+
+
+def _iter_values(values, is_arr):
+    """``values`` aligned with ``is_arr`` (None at static leaves)."""
+    it = iter(values)
+    return [next(it) if arr else None for arr in is_arr]
 
 
 def closed(j) -> jcore.ClosedJaxpr:

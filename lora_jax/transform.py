@@ -51,11 +51,11 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.sharding import PartitionSpec
 
-from ._jaxpr import HIGHER, PRIMITIVES, SHAPE, WINDOW, bind, closed, reshape_groups, scan_counts, subcalls
+from ._jaxpr import HIGHER, PRIMITIVES, SHAPE, WINDOW, bind, closed, reshape_groups, scan_counts, subcalls, trace
 from .config import path_str
 from .quant import QuantizedWeight, is_quantized
 from . import mixed
-from .tree import as_lora, check_fits, fmt_paths, is_array, merge
+from .tree import as_lora, check_fits, fmt_paths, merge
 from .weight import LoraWeight, is_lora
 
 __all__ = ["wrap", "STRATEGIES", "MaterializeWarning", "Adapted"]
@@ -412,6 +412,7 @@ class _Interpreter:
         self.uses = 0  # counts adapter uses, so each gets its own dropout mask
         self.frame: tuple = ((), {}, 0)  # (equations, environment, position) being evaluated
         self.shared: dict = {}  # id(eqn) -> its x·A, computed with a sibling's (same x)
+        self.readers: dict = {}  # id(equation list) -> (the list, products_reading's index)
 
     def run(self, jaxpr, consts, args) -> list:
         env: dict = {}
@@ -441,8 +442,9 @@ class _Interpreter:
         :class:`Adapted` value that ``accept``s."""
         eqns, env, pos = self.frame
         x_var, found = eqn.invars[x_pos], []
-        for other in eqns[pos + 1:]:
-            if other.primitive is not eqn.primitive or other.params != eqn.params:
+        for at in self.products_reading(eqns).get(x_var, ()):
+            other = eqns[at]
+            if at <= pos or other.params != eqn.params:
                 continue
             if other.invars[x_pos] is not x_var:
                 continue
@@ -451,6 +453,21 @@ class _Interpreter:
             if _is_adapted(v) and accept(v):
                 found.append((other, v))
         return found
+
+    def products_reading(self, eqns) -> dict:
+        """``{variable: positions of the dot_general equations in eqns that read it}``, built
+        once per equation list (a scan over each product's later equations would make the
+        first call quadratic in the model's depth)."""
+        held = self.readers.get(id(eqns))
+        if held is None:
+            index: dict = {}
+            for at, e in enumerate(eqns):
+                if e.primitive.name == "dot_general":
+                    for var in e.invars:
+                        if not isinstance(var, jcore.Literal):
+                            index.setdefault(var, []).append(at)
+            held = self.readers[id(eqns)] = (eqns, index)  # (eqns kept: its id stays its own)
+        return held[1]
 
     def run_closed(self, sub, args) -> list:
         return self.run(sub.jaxpr, sub.consts, args)
@@ -710,11 +727,56 @@ def _constant_dims(interp, var, ndim: int) -> set[int]:
 
 
 # -- the products -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
+def _contraction(subscripts: str, lhs_shape: tuple, rhs_shape: tuple):
+    """How ``jnp.einsum(subscripts, lhs, rhs)`` contracts: ``(swap, dimension_numbers,
+    permutation)`` for one ``dot_general`` (operands swapped when ``swap``) and the transpose
+    after it (None: none), in the order ``jnp.einsum`` itself chooses, so the program is the
+    same; None for what a single ``dot_general`` does not cover (a letter summed within one
+    operand, repeated letters, a size-1 axis against a larger one)."""
+    ins, out = subscripts.split("->")
+    ln, rn = ins.split(",")
+    if len(set(ln)) < len(ln) or len(set(rn)) < len(rn) or len(set(out)) < len(out):
+        return None
+    if any(c not in rn and c not in out for c in ln) or any(c not in ln and c not in out for c in rn):
+        return None
+    if any(lhs_shape[ln.index(c)] != rhs_shape[rn.index(c)] for c in ln if c in rn):
+        return None
+    contracted = sorted(c for c in ln if c in rn and c not in out)
+    batch = [c for c in out if c in ln and c in rn]
+    cont = (tuple(ln.index(c) for c in contracted), tuple(rn.index(c) for c in contracted))
+    bat = (tuple(ln.index(c) for c in batch), tuple(rn.index(c) for c in batch))
+    rest_l = [c for c in ln if c not in batch and c not in contracted]
+    rest_r = [c for c in rn if c not in batch and c not in contracted]
+    if "".join(batch + rest_l + rest_r) == out:
+        return False, (cont, bat), None
+    names = "".join(batch + rest_r + rest_l)
+    return True, ((cont[1], cont[0]), (bat[1], bat[0])), None if names == out else tuple(names.index(c) for c in out)
+
+
+def _einsum(subscripts: str, lhs, rhs, precision=None, preferred_element_type=None):
+    """``jnp.einsum(subscripts, lhs, rhs, ...)`` of two operands of one dtype, emitting the
+    same ``dot_general`` and transpose without its per-call path search (the factored
+    products are many; this keeps ``wrap``'s first call short)."""
+    plan = _contraction(subscripts, tuple(lhs.shape), tuple(rhs.shape))
+    if plan is None or lhs.dtype != rhs.dtype or jax.typeof(lhs).weak_type or jax.typeof(rhs).weak_type:
+        return jnp.einsum(subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)
+    swap, dims, perm = plan
+    pet = lhs.dtype if preferred_element_type is None else preferred_element_type
+    y = lax.dot_general(*((rhs, lhs) if swap else (lhs, rhs)), dims, precision, preferred_element_type=pet)
+    return y if perm is None else lax.transpose(y, perm)
+
+
 def _cast_factors(v: Adapted, first: str):
     """(first factor, second factor · scale) in the weight's current dtype."""
     dt = v.w.dtype
     f1, f2 = (v.a, v.b) if first == _I else (v.b, v.a)
-    return f1.astype(dt), (f2 * jnp.asarray(v.scale, f2.dtype)).astype(dt)
+    return _cast(f1, dt), _cast(lax.mul(f2, np.asarray(v.scale, f2.dtype)), dt)
+
+
+def _cast(x, dtype):
+    """``x.astype(dtype)`` (nothing when it has that dtype), without ``jnp``'s per-call checks."""
+    return x if x.dtype == dtype and not jax.typeof(x).weak_type else lax.convert_element_type(x, dtype)
 
 
 @_rule("dot_general")
@@ -762,13 +824,13 @@ def _dot_general(interp, eqn, invals):
     if t is None and mid == n + _R and v.key is None and not pre:
         t = _shared_input_product(interp, eqn, v, 1 if v_lhs else 0, wc, f1, xin, f"{x_sub},{l1}->{mid}", kw)
     if t is None:
-        t = jnp.einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
-    y = jnp.einsum(f"{mid},{l2}->{out}", t.astype(f2.dtype), f2, **kw)
+        t = _einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
+    y = _einsum(f"{mid},{l2}->{out}", _cast(t, f2.dtype), f2, **kw)
     # (added in y's flat layout: under vmap, adding in base's layout made XLA:CPU copy the base product)
-    total = jnp.reshape(base, y.shape) + y.astype(base.dtype)
+    total = lax.add(lax.reshape(base, y.shape), _cast(y, base.dtype))
     if v.g is not None:
         total = total * v.g_along(wl, out).astype(total.dtype)
-    return [jnp.reshape(total, base.shape)]
+    return [lax.reshape(total, base.shape)]
 
 
 def _flat_input(x, wl, n, pairs):
@@ -801,7 +863,7 @@ def _shared_input_product(interp, eqn, v: Adapted, x_pos: int, wc, f1, xin, subs
     if not group:
         return None
     factors = [f1] + [_cast_factors(u, _I)[0] for _, u in group]
-    t_all = jnp.einsum(subscripts, xin, jnp.concatenate(factors, axis=0), **kw)
+    t_all = _einsum(subscripts, xin, jnp.concatenate(factors, axis=0), **kw)
     bounds = np.cumsum([f.shape[0] for f in factors])
     t, *rest = jnp.split(t_all, bounds[:-1], axis=1)
     interp.shared.update((id(e), tt) for (e, _), tt in zip(group, rest))
@@ -854,7 +916,7 @@ def _gather(interp, eqn, invals):
     kept_w = iter(d for d in range(v.w.ndim) if d not in dn.collapsed_slice_dims)
     for pos in range(base.ndim):
         out.append(wl[next(kept_w)] if pos in dn.offset_dims else next(batch))
-    y = jnp.einsum(f"{g_sub},{lh}->{''.join(out)}", g, h)
+    y = _einsum(f"{g_sub},{lh}->{''.join(out)}", g, h)
     total = base + y.astype(base.dtype)
     if v.g is not None:
         total = total * v.g_along(wl, "".join(out)).astype(total.dtype)
@@ -1129,23 +1191,6 @@ def _cond(interp, eqn, invals):
 
 
 # -- wrap -------------------------------------------------------------------------------------
-def _leaf_signature(x):
-    if is_array(x):
-        return jax.typeof(x)
-    if is_quantized(x):
-        return jax.tree.structure(x), tuple(jax.typeof(c) for c in jax.tree.leaves(x))
-    return "static", type(x), x
-
-
-def _signature(base_def, base_leaves, arg_def, arg_leaves):
-    try:
-        key = (base_def, arg_def) + tuple(map(_leaf_signature, (*base_leaves, *arg_leaves)))
-        hash(key)
-        return key
-    except TypeError:
-        return None  # an unhashable static argument: trace every call
-
-
 def wrap(f: Callable, strategy: str = "factored") -> Callable:
     """Turn ``f(params, *args, **kwargs)`` into ``g(base, lora, *args, lora_rng=None, adapter_ids=None, example_axes=0, **kwargs)``.
 
@@ -1156,7 +1201,9 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
 
     Strategies:
       ``"factored"`` (default): ``f(base, *args)`` is traced to a jaxpr once per input
-        signature (array shapes and dtypes, static values) and re-evaluated with each
+        signature (array shapes and dtypes, static values; the trace is shared with
+        :func:`lora_jax.split`'s axis inference and other wraps of the same ``f``, as
+        ``jax.jit`` shares it, and ``jax.clear_caches()`` drops it) and re-evaluated with each
         target as a symbolic ``W + s·A⊗B``: a matmul becomes ``x·W + s·((x·A)·B)``, an
         embedding lookup ``W[i] + s·A[i]·B``, a conv a conv with A then a 1×1 product with
         B. A⊗B is never formed and no gradient of W is computed. A use without a factored
@@ -1214,31 +1261,8 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
         raise ValueError(f"strategy={strategy!r}; use one of {STRATEGIES}")
     if not callable(f):
         raise TypeError(f"wrap expects a callable f(params, *args), got {type(f).__name__}")
-    cache: dict = {}
     out_axes: dict = {}
     warned: set = set()
-
-    def trace(base_def, base_leaves, arg_def, arg_leaves):
-        key = _signature(base_def, base_leaves, arg_def, arg_leaves)
-        if key is not None and key in cache:
-            return cache[key]
-        # non-array leaves (flags, sizes kept in a params tree) are static
-        is_arr = [is_array(x) or is_quantized(x) for x in (*base_leaves, *arg_leaves)]
-        n_base = len(base_leaves)
-
-        def flat(arrays):
-            it = iter(arrays)
-            leaves = [next(it) if arr else x for x, arr in zip((*base_leaves, *arg_leaves), is_arr)]
-            a, kw = jax.tree.unflatten(arg_def, leaves[n_base:])
-            return f(jax.tree.unflatten(base_def, leaves[:n_base]), *a, **kw)
-
-        closed, shape = jax.make_jaxpr(flat, return_shape=True)(  # f sees the float weights
-            [x.abstract() if is_quantized(x) else x for x, arr in zip((*base_leaves, *arg_leaves), is_arr) if arr]
-        )
-        out = (closed, jax.tree.structure(shape), is_arr)
-        if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
-            cache[key] = out  # (values f closes over from an enclosing trace are not reusable)
-        return out
 
     @functools.wraps(f)
     def wrapped(base: Any, lora: Any, *args, lora_rng: jax.Array | None = None,
@@ -1263,7 +1287,7 @@ def wrap(f: Callable, strategy: str = "factored") -> Callable:
         targets = base_def.flatten_up_to(lora)
         paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(base, is_leaf=is_quantized)[0]]
         arg_leaves, arg_def = jax.tree.flatten((args, kwargs))
-        closed, out_tree, is_arr = trace(base_def, base_leaves, arg_def, arg_leaves)
+        closed, out_tree, is_arr = trace(f, base_def, base_leaves, arg_def, arg_leaves)
         inputs = []
         for i, (w, lw, arr) in enumerate(zip(base_leaves, targets, is_arr)):
             if is_quantized(w):

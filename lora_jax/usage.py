@@ -44,10 +44,9 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from ._jaxpr import HIGHER, PRODUCT, SCALE, SHAPE, WINDOW, kind, reshape_groups, subcalls
+from ._jaxpr import HIGHER, PRODUCT, SCALE, SHAPE, WINDOW, kind, reshape_groups, subcalls, trace
 from .quant import is_quantized
 
 __all__ = ["Use", "WeightUsage", "trace_usage"]
@@ -358,16 +357,6 @@ class _Walker:
         )
 
 
-def _abstract(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
-    if is_quantized(x):
-        return x.abstract()  # the trace sees the float weight it stands for
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-    return x
-
-
 def trace_usage(
     apply_fn: Callable,
     params: Any,
@@ -385,29 +374,24 @@ def trace_usage(
     >>> u[0].axes()     # stored (out, in): the input axis is 1
     ((1,), (0,), ())
     """
-    kwargs = kwargs or {}
     p_leaves, p_def = jax.tree.flatten(params, is_leaf=is_quantized)
-    a_leaves, a_def = jax.tree.flatten((tuple(args), kwargs))
-    is_arr = [hasattr(x, "shape") and hasattr(x, "dtype") for x in a_leaves]
-    traced_args = [_abstract(x) for x, arr in zip(a_leaves, is_arr) if arr]
-
-    def fn(p_flat, arg_flat):
-        it = iter(arg_flat)
-        leaves = [next(it) if arr else x for x, arr in zip(a_leaves, is_arr)]
-        a, kw = jax.tree.unflatten(a_def, leaves)
-        return apply_fn(jax.tree.unflatten(p_def, p_flat), *a, **kw)
-
-    closed = jax.make_jaxpr(fn)([_abstract(x) for x in p_leaves], traced_args)
-    jaxpr = closed.jaxpr
+    a_leaves, a_def = jax.tree.flatten((tuple(args), kwargs or {}))
+    traced = trace(apply_fn, p_def, p_leaves, a_def, a_leaves)  # wrap's first call reuses it
+    jaxpr = traced.closed.jaxpr
+    invar = {}  # leaf index -> its input variable (static leaves have none)
+    for i, var in zip((i for i, arr in enumerate(traced.is_arr) if arr), jaxpr.invars):
+        invar[i] = var
     n = len(p_leaves)
     walker = _Walker(n)
     views: dict = {}
     for tid in range(n) if targets is None else targets:
-        var = jaxpr.invars[tid]
+        var = invar.get(tid)
+        if var is None:
+            continue  # a static leaf: nothing to follow
         full = tuple((d,) for d in range(var.aval.ndim))
         views.setdefault(var, []).append((tid, full, frozenset(), frozenset()))
     taints: dict = {}
-    walker.walk(jaxpr, views, taints, set(jaxpr.invars[n:]))
+    walker.walk(jaxpr, views, taints, set(jaxpr.invars[sum(traced.is_arr[:n]):]))
     outputs = {tid for ov in jaxpr.outvars if not isinstance(ov, jcore.Literal) for tid in taints.get(ov, ())}
     for tid in _heads(walker, outputs):
         walker.usage[tid].head = True

@@ -250,6 +250,82 @@ def test_traces_once_per_signature():
     assert calls[3:] == [(7, 4)]
 
 
+def test_split_hands_its_trace_to_the_first_call_of_wrap():
+    calls = []
+
+    def f(p, x):
+        calls.append(x.shape)
+        return x @ p["w"]
+
+    params, x = {"w": jnp.ones((4, 3))}, jnp.ones((2, 4))
+    cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=1),))
+    jax.clear_caches()
+    base, lora = lj.split(jax.random.key(0), params, cfg, apply_fn=f, args=(x,))
+    assert calls == [(2, 4)]
+    y = jax.jit(lj.wrap(f))(base, lora, x)  # under jit, a new wrap: split's trace
+    assert calls == [(2, 4)]
+    np.testing.assert_allclose(y, x @ lj.merge(base, lora)["w"], rtol=1e-6)
+    lj.wrap(f)(base, lora, x)  # another wrap of the same function, eagerly
+    assert calls == [(2, 4)]
+    lj.wrap(f)(base, lora, jnp.ones((5, 4)))  # a new signature traces
+    assert calls == [(2, 4), (5, 4)]
+    with jax.default_matmul_precision("highest"):  # so does a new trace configuration
+        lj.wrap(f)(base, lora, x)
+    assert calls == [(2, 4), (5, 4), (2, 4)]
+    lj.wrap(lambda p, x: f(p, x))(base, lora, x)  # another function with the same code
+    assert len(calls) == 4
+    jax.clear_caches()  # drops the kept traces with JAX's own
+    lj.wrap(f)(base, lora, x)
+    assert len(calls) == 5
+
+
+def test_a_trace_closing_over_an_enclosing_trace_is_not_kept():
+    params, x = {"w": jnp.ones((4, 3))}, jnp.ones((2, 4))
+    base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+    box = {}
+
+    def f(p, x):
+        return x @ p["w"] * box["c"]
+
+    g = lj.wrap(f)
+
+    @jax.jit
+    def outer(c):
+        box["c"] = c  # f reads the enclosing trace's tracer
+        return g(base, lora, x)
+
+    np.testing.assert_allclose(outer(2.0), 2 * outer(1.0), rtol=1e-6)
+    box["c"] = 3.0  # outside jit, a fresh trace sees the concrete value
+    np.testing.assert_allclose(g(base, lora, x), 3 * outer(1.0), rtol=1e-6)
+
+
+@st.composite
+def _contractions(draw):
+    roles = draw(st.lists(st.sampled_from(["batch", "contract", "left", "right"]), min_size=1, max_size=6))
+    letters = "abcdefgh"[: len(roles)]
+    sizes = [draw(st.integers(1, 3)) for _ in roles]
+    lhs = [c for c, r in zip(letters, roles) if r in ("batch", "contract", "left")]
+    rhs = [c for c, r in zip(letters, roles) if r in ("batch", "contract", "right")]
+    out = [c for c, r in zip(letters, roles) if r in ("batch", "left", "right")]
+    lhs, rhs, out = (draw(st.permutations(x)) for x in (lhs, rhs, out))
+    return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}", dict(zip(letters, sizes))
+
+
+@settings(max_examples=40, deadline=None)
+@given(_contractions(), st.sampled_from([None, "float32"]))
+def test_the_factored_products_emit_what_jnp_einsum_emits(contraction, pet):
+    from lora_jax.transform import _einsum
+
+    subscripts, size = contraction
+    ins = subscripts.split("->")[0].split(",")
+    a, b = (jnp.asarray(np.random.default_rng(k).standard_normal([size[c] for c in s]), jnp.float32)
+            for k, s in enumerate(ins))
+    ours = jax.make_jaxpr(lambda a, b: _einsum(subscripts, a, b, preferred_element_type=pet))(a, b)
+    ref = jax.make_jaxpr(lambda a, b: jnp.einsum(subscripts, a, b, preferred_element_type=pet))(a, b)
+    assert str(ours) == str(ref), subscripts
+    np.testing.assert_array_equal(_einsum(subscripts, a, b), jnp.einsum(subscripts, a, b))
+
+
 # -- property test: any layout of a weight's axes, used through einsum ---------------------
 @st.composite
 def _layouts(draw):
