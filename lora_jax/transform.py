@@ -809,7 +809,8 @@ def _dot_general(interp, eqn, invals):
             v, pre = v.replace(g=None), True
     (base,) = _eval(eqn, [v.w, x] if v_lhs else [x, v.w])
 
-    xin, x_sub = _flat_input(interp.dropout(x, v), wl, n, zip((*wc, *wb), (*xc, *xb)))
+    pairs = list(zip((*wc, *wb), (*xc, *xb)))
+    x_sub = _flat_subscripts(x.ndim, wl, n, pairs)
     kinds = {v.roles[d][0] for d in wc}
     first = _I if _I in kinds or _O not in kinds else _O
     la, lb_ = v.letters(wl)
@@ -820,11 +821,13 @@ def _dot_general(interp, eqn, invals):
     needed = set(out) | set(l2)
     mid = "".join(dict.fromkeys(c for c in x_sub + l1 if c in needed))
     kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
-    t = interp.shared.pop(id(eqn), None)
-    if t is None and mid == n + _R and v.key is None and not pre:
-        t = _shared_input_product(interp, eqn, v, 1 if v_lhs else 0, wc, f1, xin, f"{x_sub},{l1}->{mid}", kw)
+    t = interp.shared.pop(id(eqn), None)  # (computed with a sibling's: no dropout)
     if t is None:
-        t = _einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
+        xin = _flat_input(interp.dropout(x, v), pairs)
+        if mid == n + _R and v.key is None and not pre:
+            t = _shared_input_product(interp, eqn, v, 1 if v_lhs else 0, wc, f1, xin, f"{x_sub},{l1}->{mid}", kw)
+        if t is None:
+            t = _einsum(f"{x_sub},{l1}->{mid}", xin, f1, **kw)
     y = _einsum(f"{mid},{l2}->{out}", _cast(t, f2.dtype), f2, **kw)
     # (added in y's flat layout: under vmap, adding in base's layout made XLA:CPU copy the base product)
     total = lax.add(lax.reshape(base, y.shape), _cast(y, base.dtype))
@@ -833,20 +836,24 @@ def _dot_general(interp, eqn, invals):
     return [lax.reshape(total, base.shape)]
 
 
-def _flat_input(x, wl, n, pairs):
-    """``x`` with its free dimensions moved first and flattened into one (XLA:CPU runs the
-    thin products faster over one token axis), and its einsum subscripts: letter ``n`` for
-    the tokens, ``wl[dw]`` for the dimension ``dx`` paired with weight dimension ``dw``."""
-    xl = [None] * x.ndim
-    for dw, dx in pairs:
-        xl[dx] = wl[dw]
-    free = [d for d in range(x.ndim) if xl[d] is None]
-    rest = [d for d in range(x.ndim) if xl[d] is not None]
+def _flat_subscripts(ndim: int, wl: str, n: str, pairs) -> str:
+    """The einsum subscripts of :func:`_flat_input`'s result: letter ``n`` for the tokens,
+    then ``wl[dw]`` for each dimension ``dx`` paired with weight dimension ``dw``, in order."""
+    xl = dict((dx, wl[dw]) for dw, dx in pairs)
+    return n + "".join(xl[d] for d in range(ndim) if d in xl)
+
+
+def _flat_input(x, pairs):
+    """``x`` with its free dimensions (those not in ``pairs``' ``(dw, dx)``) moved first and
+    flattened into one: XLA:CPU runs the thin products faster over one token axis."""
+    paired = {dx for _, dx in pairs}
+    free = [d for d in range(x.ndim) if d not in paired]
+    rest = [d for d in range(x.ndim) if d in paired]
     if free != list(range(len(free))):
         x = jnp.transpose(x, free + rest)
     if len(free) != 1:
         x = jnp.reshape(x, (math.prod(x.shape[:len(free)]), *x.shape[len(free):]))
-    return x, n + "".join(xl[d] for d in rest)
+    return x
 
 
 def _shared_input_product(interp, eqn, v: Adapted, x_pos: int, wc, f1, xin, subscripts, kw):
@@ -862,7 +869,7 @@ def _shared_input_product(interp, eqn, v: Adapted, x_pos: int, wc, f1, xin, subs
         and u.w.dtype == v.w.dtype))
     if not group:
         return None
-    factors = [f1] + [_cast_factors(u, _I)[0] for _, u in group]
+    factors = [f1] + [_cast(u.a, u.w.dtype) for _, u in group]
     t_all = _einsum(subscripts, xin, jnp.concatenate(factors, axis=0), **kw)
     bounds = np.cumsum([f.shape[0] for f in factors])
     t, *rest = jnp.split(t_all, bounds[:-1], axis=1)
