@@ -16,6 +16,7 @@ the tables give medians and the spread (min-max) over rounds.
 
     python benchmarks/compile_cost.py                      # everything, 3 rounds
     python benchmarks/compile_cost.py --only split         # the split table only
+    python benchmarks/compile_cost.py --only python        # interpretation and walk per layer, 8-64 layers
     python benchmarks/compile_cost.py --profile 32         # cProfile of split+factored, 32 layers
 """
 
@@ -179,6 +180,38 @@ def lm_table(rounds, depths):
                   + f"   slopes within 20%: {'yes' if flat <= 1.2 else 'no'} (max/min {flat:.2f})")
 
 
+def python_table(depths, reps=5):
+    """The Python side of the first call alone, per layer: interpreting the jaxpr (``lj.wrap``
+    under ``jax.make_jaxpr``, with the model's trace already kept) and axis inference's walk
+    (``trace_usage`` on a kept trace); no XLA compile in either. Python's cyclic garbage
+    collector is off while timing: its passes add a jitter of 0-6 ms/layer here that depends
+    on every live object of the process, not on this code."""
+    import gc
+
+    from lora_jax.usage import trace_usage
+
+    print(f"\nPython per layer (trace kept, no compile, gc off while timing), ms: median of {reps}")
+    for layers in depths:
+        f, params, ids = lm(layers, False)
+        base, lora = lj.split(jax.random.key(2), params, RULES, apply_fn=f, args=(ids,))
+        interp, walk = [], []
+        for _ in range(reps):
+            gc.collect()
+            gc.disable()
+            try:
+                t0 = time.perf_counter()
+                jax.make_jaxpr(lj.wrap(f))(base, lora, ids)
+                t1 = time.perf_counter()
+                trace_usage(f, params, (ids,))
+                t2 = time.perf_counter()
+            finally:
+                gc.enable()
+            interp.append(t1 - t0)
+            walk.append(t2 - t1)
+        print(f"{layers:3d} layers  interpretation {1e3 * statistics.median(interp) / layers:6.1f}"
+              f"  axis-inference walk {1e3 * statistics.median(walk) / layers:5.2f}")
+
+
 def profile(layers, scanned=False, top=25):
     f, params, ids = lm(layers, scanned)
     jax.clear_caches()
@@ -210,7 +243,7 @@ def profile(layers, scanned=False, top=25):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", choices=("split", "lm"), default=None)
+    ap.add_argument("--only", choices=("split", "lm", "python"), default=None)
     ap.add_argument("--depths", default="8,16,32,80s", help="layer counts; a trailing 's' means nn.scan")
     ap.add_argument("--profile", type=int, default=None, metavar="LAYERS")
     a = ap.parse_args(argv)
@@ -223,6 +256,8 @@ def main(argv=None):
     if a.only in (None, "lm"):
         depths = [(int(d.rstrip("s")), d.endswith("s")) for d in a.depths.split(",")]
         lm_table(a.rounds, depths)
+    if a.only in (None, "python"):
+        python_table([8, 16, 32, 64])
 
 
 if __name__ == "__main__":
