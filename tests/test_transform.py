@@ -277,6 +277,16 @@ def test_split_hands_its_trace_to_the_first_call_of_wrap():
     jax.clear_caches()  # drops the kept traces with JAX's own
     lj.wrap(f)(base, lora, x)
     assert len(calls) == 5
+    # a quantized weight is traced as the float weight it stands for: quantize, split and
+    # wrap of the quantized base read one trace
+    params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((64, 3)), jnp.float32)}
+    x = jnp.ones((2, 64))
+    del calls[:]
+    qbase = lj.quantize(params, "int8", pattern="w", apply_fn=f, args=(x,))
+    qbase, lora = lj.split(jax.random.key(0), qbase, cfg, apply_fn=f, args=(x,))
+    y = jax.jit(lj.wrap(f))(qbase, lora, x)
+    assert calls == [(2, 64)]
+    np.testing.assert_allclose(y, x @ lj.merge(qbase, lora)["w"], rtol=1e-5)
 
 
 def test_a_trace_closing_over_an_enclosing_trace_is_not_kept():
