@@ -143,8 +143,9 @@ def trace(f: Callable, params_def, params_leaves: list, arg_def, arg_leaves: lis
     NumPy, ``jax.ShapeDtypeStruct``) and quantized weights (as the float weight they stand
     for) are traced; every other leaf is a static value, part of the signature. The
     signature is the function, both tree structures, each array's abstract value, the static
-    values and JAX's trace configuration; the last 16 traces are kept (``jax.clear_caches()``
-    empties them). A trace whose jaxpr closes over values of an enclosing trace is not kept.
+    values and JAX's trace configuration (a function without a hash counts by identity); the
+    last 16 traces are kept (``jax.clear_caches()`` empties them). A trace whose jaxpr closes
+    over values of an enclosing trace is not kept.
 
     >>> import jax, jax.numpy as jnp
     >>> f = lambda p, x, flag: x @ p["w"] if flag else x
@@ -160,7 +161,13 @@ def trace(f: Callable, params_def, params_leaves: list, arg_def, arg_leaves: lis
     is_arr = [is_array(x) or is_quantized(x) or isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
     values = [_traced_value(x) for x, arr in zip(leaves, is_arr) if arr]
     try:
-        key = (f, params_def, arg_def, _trace_context(),
+        hash(f)
+    except TypeError:  # a callable without a hash (a dataclass instance): its identity, kept alive below
+        fn_key = ("id", id(f))
+    else:
+        fn_key = f
+    try:
+        key = (fn_key, params_def, arg_def, _trace_context(),
                tuple(jax.api_util.shaped_abstractify(v) if arr else ("static", type(x), x)
                      for v, x, arr in zip(_iter_values(values, is_arr), leaves, is_arr)))
         hash(key)
@@ -168,7 +175,7 @@ def trace(f: Callable, params_def, params_leaves: list, arg_def, arg_leaves: lis
         key = None  # an unhashable function or static value: trace every call
     found = _TRACES.get(key)
     if found is not None:
-        return found
+        return found[1]
     n_params = len(params_leaves)
 
     def flat(arrays):
@@ -180,7 +187,7 @@ def trace(f: Callable, params_def, params_leaves: list, arg_def, arg_leaves: lis
     closed_jaxpr, shape = jax.make_jaxpr(flat, return_shape=True)(values)
     out = Traced(closed_jaxpr, jax.tree.structure(shape), is_arr)
     if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed_jaxpr.consts):
-        _TRACES.put(key, out)  # (values f closes over from an enclosing trace are not reusable)
+        _TRACES.put(key, (f, out))  # (values f closes over from an enclosing trace are not reusable)
     return out
 
 

@@ -289,6 +289,30 @@ def test_split_hands_its_trace_to_the_first_call_of_wrap():
     np.testing.assert_allclose(y, x @ lj.merge(qbase, lora)["w"], rtol=1e-5)
 
 
+def test_a_callable_without_a_hash_is_traced_once_per_signature():
+    import dataclasses
+
+    @dataclasses.dataclass  # eq=True and not frozen: no __hash__
+    class Model:
+        sign: float
+        calls: list = dataclasses.field(default_factory=list)
+
+        def __call__(self, p, x):
+            self.calls.append(x.shape)
+            return self.sign * (x @ p["w"])
+
+    params, x = {"w": jnp.ones((4, 3))}, jnp.ones((2, 4))
+    base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
+    pos, neg = Model(1.0), Model(-1.0)
+    assert pos == Model(1.0) and pos != neg
+    g = lj.wrap(pos)
+    for _ in range(3):
+        y = g(base, lora, x)
+    assert pos.calls == [(2, 4)]
+    np.testing.assert_allclose(lj.wrap(neg)(base, lora, x), -y)  # another object: its own trace
+    assert neg.calls == [(2, 4)]
+
+
 def test_a_trace_closing_over_an_enclosing_trace_is_not_kept():
     params, x = {"w": jnp.ones((4, 3))}, jnp.ones((2, 4))
     base, lora = lj.split(jax.random.key(0), params, lj.LoraConfig(rules=(lj.Rule("w", rank=1),)))
