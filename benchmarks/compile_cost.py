@@ -17,6 +17,7 @@ the tables give medians and the spread (min-max) over rounds.
     python benchmarks/compile_cost.py                      # everything, 3 rounds
     python benchmarks/compile_cost.py --only split         # the split table only
     python benchmarks/compile_cost.py --only python        # interpretation and walk per layer, 8-64 layers
+    python benchmarks/compile_cost.py --only lm --step     # the LM table for a training step's gradient
     python benchmarks/compile_cost.py --profile 32         # cProfile of split+factored, 32 layers
 """
 
@@ -133,33 +134,45 @@ def lm(layers, scanned):
     return model.apply, jax.jit(model.init)(jax.random.key(1), ids), ids
 
 
-def first_calls(f, params, ids):
-    """name -> thunk of a cold first call."""
+def first_calls(f, params, ids, step=False):
+    """name -> thunk of a cold first call: the forward under ``jit``, or with ``step`` the
+    gradient of a loss (w.r.t. the adapters; the plain model's w.r.t. every weight, as full
+    fine-tuning), the first call of a training loop."""
     key = jax.random.key(2)  # made here: seeding compiles a program of its own, the user's anyway
     base, lora = lj.split(key, params, RULES, apply_fn=f, args=(ids,))
 
+    def first(g, *args):
+        if not step:
+            return jax.jit(g)(*args)
+        return jax.jit(jax.grad(lambda p, *rest: jnp.mean(jnp.square(g(p, *rest)))))(*args)
+
+    def adapted(strategy):
+        wrapped = lj.wrap(f, strategy)
+        return lambda l, b, x: wrapped(b, l, x)  # the adapters first: the gradient's argument
+
     def split_factored():
         b, l = lj.split(key, params, RULES, apply_fn=f, args=(ids,))
-        return jax.jit(lj.wrap(f))(b, l, ids)
+        return first(adapted("factored"), l, b, ids)
 
     return {
         "split+factored": split_factored,
-        "factored": lambda: jax.jit(lj.wrap(f))(base, lora, ids),
-        "merge": lambda: jax.jit(lj.wrap(f, strategy="merge"))(base, lora, ids),
-        "plain": lambda: jax.jit(f)(params, ids),
+        "factored": lambda: first(adapted("factored"), lora, base, ids),
+        "merge": lambda: first(adapted("merge"), lora, base, ids),
+        "plain": lambda: first(f, params, ids),
     }
 
 
-def lm_table(rounds, depths):
+def lm_table(rounds, depths, step=False):
     models = {(n, s): lm(n, s) for n, s in depths}
-    calls = {k: first_calls(*m) for k, m in models.items()}
+    calls = {k: first_calls(*m, step=step) for k, m in models.items()}
     names = list(next(iter(calls.values())))
     times = {k: {n: [] for n in names} for k in models}
     for _ in range(rounds):
         for k in models:
             for n in names:
                 times[k][n].append(cold(calls[k][n]))
-    print(f"\nfirst call (forward under jit), cold; s: median (min-max) of {rounds} interleaved rounds; "
+    what = "gradient of a loss under jit; plain: w.r.t. every weight" if step else "forward under jit"
+    print(f"\nfirst call ({what}), cold; s: median (min-max) of {rounds} interleaved rounds; "
           f"LM {LM_SHAPE}, r=8 on q,k,v,o,up,down")
     print(f"{'model':12s}" + "".join(f"{n:>24s}" for n in names) + f"{'split+fact/merge':>18s}{'fact/merge':>12s}")
     med = {k: {n: summarize(v)[0] for n, v in t.items()} for k, t in times.items()}
@@ -246,6 +259,7 @@ def main(argv=None):
     ap.add_argument("--only", choices=("split", "lm", "python"), default=None)
     ap.add_argument("--depths", default="8,16,32,80s", help="layer counts; a trailing 's' means nn.scan")
     ap.add_argument("--profile", type=int, default=None, metavar="LAYERS")
+    ap.add_argument("--step", action="store_true", help="the LM table for a training step's gradient, not the forward")
     a = ap.parse_args(argv)
     print(f"backend: {jax.default_backend()}, jax {jax.__version__}")
     if a.profile is not None:
@@ -255,7 +269,7 @@ def main(argv=None):
         split_table(a.rounds)
     if a.only in (None, "lm"):
         depths = [(int(d.rstrip("s")), d.endswith("s")) for d in a.depths.split(",")]
-        lm_table(a.rounds, depths)
+        lm_table(a.rounds, depths, a.step)
     if a.only in (None, "python"):
         python_table([8, 16, 32, 64])
 
