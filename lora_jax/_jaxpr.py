@@ -166,13 +166,14 @@ def trace(f: Callable, params_def, params_leaves: list, arg_def, arg_leaves: lis
         fn_key = ("id", id(f))
     else:
         fn_key = f
+    it = iter(values)
+    signature = tuple(jax.api_util.shaped_abstractify(next(it)) if arr else ("static", type(x), x)
+                      for x, arr in zip(leaves, is_arr))
+    key = (fn_key, params_def, arg_def, _trace_context(), signature)
     try:
-        key = (fn_key, params_def, arg_def, _trace_context(),
-               tuple(jax.api_util.shaped_abstractify(v) if arr else ("static", type(x), x)
-                     for v, x, arr in zip(_iter_values(values, is_arr), leaves, is_arr)))
         hash(key)
     except TypeError:
-        key = None  # an unhashable function or static value: trace every call
+        key = None  # an unhashable static value: trace every call
     found = _TRACES.get(key)
     if found is not None:
         return found[1]
@@ -189,12 +190,6 @@ def trace(f: Callable, params_def, params_leaves: list, arg_def, arg_leaves: lis
     if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed_jaxpr.consts):
         _TRACES.put(key, (f, out))  # (values f closes over from an enclosing trace are not reusable)
     return out
-
-
-def _iter_values(values, is_arr):
-    """``values`` aligned with ``is_arr`` (None at static leaves)."""
-    it = iter(values)
-    return [next(it) if arr else None for arr in is_arr]
 
 
 def closed(j) -> jcore.ClosedJaxpr:
