@@ -126,12 +126,11 @@ def _traced_value(x):
     return x.abstract() if is_quantized(x) else x
 
 
-def _trace_context():
-    try:  # the configuration a trace depends on (x64, matmul precision, ...), as jit keys it
-        from jax._src.config import trace_context
+try:  # the configuration a trace depends on (x64, matmul precision, ...), as jit keys it
+    from jax._src.config import trace_context as _trace_context
+except ImportError:  # pragma: no cover - JAX moved it: the public settings that change a trace
 
-        return trace_context()
-    except ImportError:  # pragma: no cover
+    def _trace_context():
         return (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
 
 
