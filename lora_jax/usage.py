@@ -378,9 +378,8 @@ def trace_usage(
     a_leaves, a_def = jax.tree.flatten((tuple(args), kwargs or {}))
     traced = trace(apply_fn, p_def, p_leaves, a_def, a_leaves)  # wrap's first call reuses it
     jaxpr = traced.closed.jaxpr
-    invar = {}  # leaf index -> its input variable (static leaves have none)
-    for i, var in zip((i for i, arr in enumerate(traced.is_arr) if arr), jaxpr.invars):
-        invar[i] = var
+    # leaf index -> its input variable (static leaves have none)
+    invar = dict(zip((i for i, arr in enumerate(traced.is_arr) if arr), jaxpr.invars))
     n = len(p_leaves)
     walker = _Walker(n)
     views: dict = {}
