@@ -380,11 +380,14 @@ def _init_all(key, folds, weights, plan: tuple, init: str) -> list:
     draws from ``fold_in(key, folds[j])`` what the eager init draws; ``weights[j]`` is the
     float weight (PiSSA) or None."""
     specs = [LoraWeight(a=None, b=None, **dict(t.fields)) for t in plan]
+    key = _one_key(key)
     if init == "pissa":
         return _pissa_all(weights, plan)
     pad = bool(jax.config.jax_threefry_partitionable) and str(jax.random.key_impl(key)) == "threefry2x32"
     groups = _draw_groups(specs, plan, init, pad)
-    drawn = _draw(key, folds, groups)
+    rows = np.asarray([j for *_, items in groups for j, _, _ in items])
+    sides = np.asarray([g[1] for g in groups for _ in g[5]], np.uint32)
+    drawn = _draw(_row_keys(key, folds[rows], sides), groups)
     divided = [i for i, g in enumerate(groups) if g[4] != 1]
     if divided:  # gaussian A = N(0, 1) / rank, in a program of its own (see _divide)
         for i, x in zip(divided, _divide([drawn[i] for i in divided], tuple(groups[i][4] for i in divided))):
@@ -457,22 +460,77 @@ def _pooled(draws: dict, waste: int = 4) -> dict:
     return out
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _draw(key, folds, groups: tuple) -> list:
-    """One ``(len(items), size)`` array per group of :func:`_draw_groups`, in one program;
-    row ``r`` is drawn as the target of ``items[r]`` draws it eagerly."""
-    out = []
-    for dist, side, dtype, size, _, items in groups:
+def _row_keys(key, folds: np.ndarray, sides: np.ndarray):
+    """The key each row of the draws samples from: ``split(fold_in(key, folds[i]))[sides[i]]``,
+    the key pair of the target's path and the side it draws.
 
-        def draw(fold, bound):
-            # the target's key pair is split(fold_in(key, fold)): A draws from the first
-            k = jax.random.split(jax.random.fold_in(key, fold))[side]
+    For a concrete threefry key the two hashes run on the host, in exact integer arithmetic,
+    so the draw program holds one hash (its sampler's) instead of three; XLA:CPU compiles each
+    in about 0.25 s. Other keys (another implementation, a traced key) derive in a program."""
+    if isinstance(key, jax.core.Tracer) or str(jax.random.key_impl(key)) != "threefry2x32":
+        return _derive(key, folds, sides)
+    data = np.asarray(jax.random.key_data(key))
+    k0, k1 = _threefry(data[0], data[1], 0, folds)  # fold_in: the hash of (0, fold)
+    if jax.config.jax_threefry_partitionable:  # split: key i is the hash of (0, i)
+        pair = np.stack(_threefry(k0, k1, 0, sides), -1)
+    else:  # split: iota(4) hashed as the pairs (0, 2) and (1, 3); key i is the i-th output
+        y = _threefry(k0[:, None], k1[:, None], np.uint32([0, 1]), np.uint32([2, 3]))
+        pair = np.where(sides[:, None] == 0, y[0], y[1])
+    return jax.random.wrap_key_data(pair, impl="threefry2x32")
+
+
+def _one_key(key):
+    """``key`` as a typed PRNG key (a raw one, as ``jax.random.PRNGKey`` makes, is data of the
+    default implementation); an error unless it is one key."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        try:
+            key = jax.random.wrap_key_data(key)
+        except TypeError:
+            got = repr(key) if dtype is None else f"shape {key.shape} and dtype {dtype}"
+            raise TypeError(f"key: expected a PRNG key such as jax.random.key(0), got {got}") from None
+    if key.shape != ():
+        raise ValueError(f"key: lj.split takes one PRNG key, got a key array of shape {key.shape}; pass one of them")
+    return key
+
+
+def _threefry(k0, k1, x0, x1) -> tuple:
+    """The Threefry-2x32 hash (20 rounds) of the counters ``(x0, x1)`` under the key ``(k0,
+    k1)``, as ``jax.random``'s threefry2x32 computes it, in NumPy ``uint32`` arrays (which
+    wrap on overflow)."""
+    k0, k1, x0, x1 = np.broadcast_arrays(*(np.asarray(v, np.uint32) for v in (k0, k1, x0, x1)))
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in ((13, 15, 26, 6), (17, 29, 16, 24))[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r)))
+        x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+@jax.jit
+def _derive(key, folds, sides):
+    """:func:`_row_keys` in a program, for any key."""
+    return jax.vmap(lambda fold, side: jax.random.split(jax.random.fold_in(key, fold))[side])(folds, sides)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draw(keys, groups: tuple) -> list:
+    """One ``(len(items), size)`` array per group of :func:`_draw_groups`, in one program;
+    row ``r`` is drawn as the target of ``items[r]`` draws it eagerly, from ``keys`` taken
+    in order (see :func:`_row_keys`)."""
+    out, start = [], 0
+    for dist, _, dtype, size, _, items in groups:
+
+        def draw(k, bound):
             if dist == "normal":
                 return jax.random.normal(k, (size,), dtype)
             return jax.random.uniform(k, (size,), dtype, -bound, bound)
 
-        rows = np.asarray([j for j, _, _ in items])
-        out.append(jax.vmap(draw)(folds[rows], jnp.asarray([bd for *_, bd in items], dtype)))
+        bounds = jnp.asarray([bd for *_, bd in items], dtype)
+        out.append(jax.vmap(draw)(keys[start : start + len(items)], bounds))
+        start += len(items)
     return out
 
 

@@ -170,3 +170,14 @@ def test_merge_of_trees_stacked_over_seeds_suggests_vmap():
     merged = jax.vmap(lj.merge)(base, lora)
     chex.assert_trees_all_close(merged["w"][1], lj.merge(jax.tree.map(lambda x: x[1], base),
                                                          jax.tree.map(lambda x: x[1], lora))["w"])
+
+
+def test_split_names_a_key_that_is_not_one_prng_key():
+    params = {"w": jnp.ones((8, 8))}
+    cfg = lj.LoraConfig(rules=(lj.Rule("w", rank=2),))
+    with pytest.raises(ValueError, match=r"key: lj.split takes one PRNG key, got a key array of shape \(3,\)"):
+        lj.split(jax.random.split(jax.random.key(0), 3), params, cfg)
+    with pytest.raises(TypeError, match=r"key: expected a PRNG key such as jax.random.key\(0\), got shape \(3,\) and dtype float32"):
+        lj.split(jnp.zeros(3), params, cfg)
+    with pytest.raises(TypeError, match=r"key: expected a PRNG key .*, got 0"):
+        lj.split(0, params, cfg)

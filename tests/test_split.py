@@ -2,6 +2,7 @@
 
 import re
 import time
+import types
 import zlib
 
 import chex
@@ -149,15 +150,55 @@ def test_init_values_equal_the_eager_per_target_init_bit_for_bit(init, dtype):
             assert base[name] is params[name] or base[name]["kernel" if name != "embed" else "embedding"] is W
 
 
+@jax.jit
+def _reference_row_keys(key, folds, sides):
+    return jax.vmap(lambda f, s: jax.random.key_data(jax.random.split(jax.random.fold_in(key, f))[s]))(folds, sides)
+
+
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 2**32 - 1), folds=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=6),
+       data=st.data())
+def test_host_derived_row_keys_equal_jax_fold_in_then_split(seed, folds, data):
+    # lj.split derives each target's key pair on the host for a concrete threefry key; the
+    # hashes must be jax.random's, bit for bit, in either threefry mode
+    from lora_jax.split import _row_keys
+
+    folds = np.asarray(folds, np.uint32)
+    sides = np.asarray(data.draw(st.lists(st.sampled_from([0, 1]), min_size=len(folds), max_size=len(folds))), np.uint32)
+    got = {}
+    for partitionable in (True, False):
+        with jax.threefry_partitionable(partitionable):
+            key = jax.random.wrap_key_data(np.asarray([seed >> 16, seed & 0xFFFF], np.uint32))
+            got[partitionable] = np.asarray(jax.random.key_data(_row_keys(key, folds, sides)))
+            np.testing.assert_array_equal(got[partitionable], np.asarray(_reference_row_keys(key, folds, sides)))
+    assert (got[True] != got[False]).any()  # the two modes are different hashes: both were checked
+
+
+@pytest.mark.parametrize("kind", ["raw PRNGKey", "rbg", "threefry, not partitionable"])
+def test_init_values_equal_the_eager_init_for_every_key_kind(kind):
+    # the host path (threefry keys, raw or typed, in either mode) and the in-program one
+    # (other implementations) draw what the eager per-target init draws
+    params = {"q": {"kernel": jnp.linspace(-1, 1, 24 * 20).reshape(24, 20)},
+              "conv": {"kernel": jnp.ones((3, 3, 4, 6))}, "embed": {"embedding": jnp.ones((50, 12))}}
+    cfg = lj.LoraConfig(rules=(lj.Rule(r"(q|conv)/kernel", rank=3), lj.Rule(r"embed/embedding", rank=5)))
+    key = {"raw PRNGKey": jax.random.PRNGKey(5), "rbg": jax.random.key(5, impl="rbg")}.get(kind, jax.random.key(5))
+    with jax.threefry_partitionable(kind != "threefry, not partitionable"):
+        _, lora = lj.split(key, params, cfg)
+        for path, w in lj.targets(lora):
+            a, b = _eager_init(key, path, w, None, "default")
+            np.testing.assert_array_equal(np.asarray(w.a), np.asarray(a), err_msg=path)
+            np.testing.assert_array_equal(np.asarray(w.b), np.asarray(b), err_msg=path)
+
+
 def test_split_compiles_one_program_whatever_the_number_of_shapes(caplog):
     # the one program that draws for every target; the factors are cut apart and the zeros
     # made on the host, so no eager operation compiles a program per shape
     compiled = re.compile(r"Compiling (?:jit\()?(\w+)")
 
-    def programs(n, init="default"):
+    def programs(n, init="default", impl="threefry2x32"):
         params = {f"l{i}": {"kernel": jnp.zeros((8 + i, 16 + 2 * i))} for i in range(n)}
         cfg = lj.LoraConfig(rules=(lj.Rule(r".*/kernel", rank=2),), init=init)
-        key = jax.random.key(n)
+        key = jax.random.key(n, impl=impl)
         jax.block_until_ready(key)
         caplog.clear()
         with jax.log_compiles(True), caplog.at_level("DEBUG"):
@@ -166,6 +207,15 @@ def test_split_compiles_one_program_whatever_the_number_of_shapes(caplog):
 
     assert programs(3) == programs(9) == ["_draw"]  # new shapes in each call
     assert programs(4, "gaussian") == ["_draw", "_divide"]  # (the division apart, see split._divide)
+    assert programs(5, impl="rbg") == ["_derive", "_draw"]  # keys other than threefry derive in a program
+    # a threefry key's targets are derived on the host: the program holds the sampler's hash only
+    from lora_jax.split import _draw, _draw_groups, _row_keys
+
+    (_, spec), = lj.targets(lj.split(jax.random.key(0), {"w": jnp.zeros((8, 16))}, lj.LoraConfig(rules=(lj.Rule("w", rank=2),)))[1])
+    groups = _draw_groups([spec], [types.SimpleNamespace(dtype="float32")], "default", True)
+    keys = _row_keys(jax.random.key(0), np.uint32([3]), np.uint32([0]))
+    jaxpr = str(jax.make_jaxpr(_draw, static_argnums=1)(keys, groups))
+    assert jaxpr.count("random_bits") == 1 and "random_fold_in" not in jaxpr and "random_split" not in jaxpr
 
 
 def test_merge_matches_numpy_and_unmerge_inverts():
