@@ -11,14 +11,18 @@ rounds, as ratios to the frozen-model bound:
   applies LoRA, gradients w.r.t. ``nnx.LoRAParam`` only (as tunix's PEFT trainer);
 * ``full``: full fine-tune (gradients of every weight, Adam over all of them).
 
-Models: google-tunix's own Llama3, Gemma3 and Qwen3 NNX models with tiny random configs
-(4 layers, d 256, GQA 4 query / 2 key-value heads, float32), adapters on the attention and MLP
-projections. Without google-tunix the script runs the bound, factored and full steps on the
-benchmark LM of train_step.py instead; a peer that does not import is named and skipped. Install
-the peers with ``pip install -e '.[bench]'``. PEFT on torch is not part of this comparison.
+Models: the benchmark LM of train_step.py (bound, factored and full only: qwix applies to
+NNX modules), and google-tunix's own Llama3, Gemma3 and Qwen3 NNX models with tiny random
+configs (4 layers, d 256, GQA 4 query / 2 key-value heads, float32), adapters on the attention
+and MLP projections. ``llama3-scan`` is tunix's Llama3 with its decoder layers stacked and run
+under ``jax.lax.scan`` (each layer ``nnx.split``, stacked leaf by leaf, ``nnx.merge``-d in the
+scan body; qwix is not run there, as its adapters apply only through the model's own call).
+Without google-tunix only the LM runs; a
+peer that does not import is named and skipped. Install the peers with
+``pip install -e '.[bench]'``. PEFT on torch is not part of this comparison.
 
     python benchmarks/peers.py                         # every model, 5 rounds x 3 steps
-    python benchmarks/peers.py --models llama3 --rounds 7
+    python benchmarks/peers.py --models llama3,llama3-scan --rounds 7
 """
 
 from __future__ import annotations
@@ -102,35 +106,80 @@ class embedded:
         self.cls.encode = self.orig
 
 
-def tunix_steps(family, s, qwix):
-    """name -> (jitted step, thunk of its arguments), as train_step.build gives them."""
+def unrolled(model, *filters):
+    """``(states, logits)`` of ``model`` as it is: ``nnx.split(model, *filters)``'s states, and
+    ``logits(states, x, pos, mask, h=None)`` (``h``: the embedding output to start from)."""
     from flax import nnx
 
+    graphdef, *states = nnx.split(model, *filters)
+
+    def logits(states, x, pos, mask, h=None):
+        m = nnx.merge(graphdef, *states)
+        if h is None:
+            return logits_of(m, x, pos, mask)
+        with embedded(m, h):
+            return logits_of(m, x, pos, mask)
+
+    embed = lambda states, x: nnx.merge(graphdef, *states).embedder.encode(x)  # noqa: E731
+    return states, logits, embed
+
+
+def scanned(model, *filters):
+    """:func:`unrolled` with the decoder layers stacked (each layer's ``nnx.split(layer,
+    *filters)`` states, stacked leaf by leaf) and run under ``jax.lax.scan``, which merges one
+    layer's states per step. The states are ``(rest, layers)``: ``rest`` maps the embedder,
+    final norm and head to their states, ``layers`` is one stacked tree per filter."""
+    from flax import nnx
+
+    defs, rest = {}, {}
+    for name in ("embedder", "final_norm", "lm_head"):
+        if hasattr(model, name):
+            defs[name], rest[name] = nnx.split(getattr(model, name))
+    per_layer = [nnx.split(layer, *filters) for layer in model.layers]
+    layer_def = per_layer[0][0]
+    layers = tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *group) for group in zip(*(st for _, *st in per_layer)))
+    part = lambda rest, name: nnx.merge(defs[name], rest[name])  # noqa: E731
+
+    def logits(states, x, pos, mask, h=None):
+        rest, layers = states
+        h = part(rest, "embedder").encode(x) if h is None else h
+
+        def body(h, layer):
+            return nnx.merge(layer_def, *layer)(h, pos, None, mask)[1], None
+
+        h, _ = jax.lax.scan(body, h, layers)
+        h = part(rest, "final_norm")(h)
+        return part(rest, "lm_head")(h) if "lm_head" in defs else part(rest, "embedder").decode(h)
+
+    embed = lambda states, x: part(states[0], "embedder").encode(x)  # noqa: E731
+    return (rest, layers), logits, embed
+
+
+def tunix_steps(family, s, qwix, scan=False):
+    """name -> (jitted step, thunk of its arguments), as train_step.build gives them; with
+    ``scan``, the model's layers stacked and run under ``jax.lax.scan`` (:func:`scanned`)."""
+    from flax import nnx
+
+    form = scanned if scan else unrolled
     model = tunix_model(family, s)
     x, pos, mask, y = batch(s)
     tx = optax.adam(1e-3)
-    graphdef, params = nnx.split(model)
+    params, logits, embed = form(model)
 
     def full(params, opt, x, pos, mask, y):
-        loss, g = jax.value_and_grad(lambda p: xent(logits_of(nnx.merge(graphdef, p), x, pos, mask), y))(params)
+        loss, g = jax.value_and_grad(lambda p: xent(logits(p, x, pos, mask), y))(params)
         upd, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, upd), opt, loss
 
     def bound(params, h, x, pos, mask, y):
-        def loss(h):
-            m = nnx.merge(graphdef, params)
-            with embedded(m, h):
-                return xent(logits_of(m, x, pos, mask), y)
+        return jax.value_and_grad(lambda h: xent(logits(params, x, pos, mask, h), y))(h)
 
-        return jax.value_and_grad(loss)(h)
-
-    h0 = jax.jit(lambda p, x: nnx.merge(graphdef, p).embedder.encode(x))(params, x)
+    h0 = jax.jit(embed)(params, x)
     names = "|".join(TARGETS[family])
     cfg = lj.LoraConfig(rules=(lj.Rule(rf".*/({names})/(w|kernel)", rank=RANK, alpha=ALPHA),))
-    f = lambda state, x, pos, mask: logits_of(nnx.merge(graphdef, state), x, pos, mask)  # noqa: E731
-    base, lora = lj.split(jax.random.key(2), params, cfg, apply_fn=f, args=(x, pos, mask))
+    base, lora = lj.split(jax.random.key(2), params, cfg, apply_fn=logits, args=(x, pos, mask))
     lora = nonzero_b(lora)
-    fwd = lj.wrap(f)
+    fwd = lj.wrap(logits)
 
     def factored(base, lora, opt, x, pos, mask, y):
         loss, g = jax.value_and_grad(lambda l: xent(fwd(base, l, x, pos, mask), y))(lora)
@@ -142,23 +191,25 @@ def tunix_steps(family, s, qwix):
         "factored": (jax.jit(factored, donate_argnums=(1, 2)), lambda: (base, lora, tx.init(lora), x, pos, mask, y)),
         "full": (jax.jit(full, donate_argnums=(0, 1)), lambda: (params, tx.init(params), x, pos, mask, y)),
     }
-    if qwix is not None:
+    if qwix is not None and scan:
+        # qwix applies its adapters by intercepting the model's own call: layers merged one by
+        # one in a scan body run without them (that step's flops were 0.49x the bound's)
+        print(f"not run: qwix on {family} under scan (its adapters apply only through the model's own call)")
+    elif qwix is not None:
         provider = qwix.LoraProvider(module_path="|".join(f".*{n}" for n in TARGETS[family]), rank=RANK, alpha=ALPHA)
         plain = tunix_model(family, s)
         qmodel = qwix.apply_lora_to_model(plain, provider, rngs=nnx.Rngs(3), **plain.get_model_input())
-        qdef, qlora, qrest = nnx.split(qmodel, nnx.LoRAParam, ...)
+        (qlora, frozen), qlogits, _ = unrolled(qmodel, nnx.LoRAParam, ...)
         print(f"{family}: qwix {len(jax.tree.leaves(qlora)) // 2} targets, "
               f"{sum(v.size for v in jax.tree.leaves(qlora)):,} adapter parameters")
 
-        def qwix_step(qlora, opt, qrest, x, pos, mask, y):
-            def loss(l):
-                return xent(logits_of(nnx.merge(qdef, l, qrest), x, pos, mask), y)
-
-            loss, g = jax.value_and_grad(loss)(qlora)
+        def qwix_step(qlora, opt, frozen, x, pos, mask, y):
+            loss, g = jax.value_and_grad(lambda l: xent(qlogits((l, frozen), x, pos, mask), y))(qlora)
             upd, opt = tx.update(g, opt, qlora)
             return optax.apply_updates(qlora, upd), opt, loss
 
-        steps["qwix"] = (jax.jit(qwix_step, donate_argnums=(0, 1)), lambda: (qlora, tx.init(qlora), qrest, x, pos, mask, y))
+        steps["qwix"] = (jax.jit(qwix_step, donate_argnums=(0, 1)),
+                         lambda: (qlora, tx.init(qlora), frozen, x, pos, mask, y))
     n_lora = sum(w.num_params for _, w in lj.targets(lora))
     print(f"{family}: {len(lj.targets(lora))} targets, {n_lora:,} adapter parameters")
     return steps
@@ -186,22 +237,25 @@ def report(name, steps, rounds, iters):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="llama3,gemma3,qwen3")
+    ap.add_argument("--models", default="lm,llama3,gemma3,qwen3,llama3-scan",
+                    help="lm: the benchmark LM of train_step.py; a tunix family, with -scan for its layers under scan")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=3)
     a = ap.parse_args(argv)
     print(f"backend: {jax.default_backend()}, jax {jax.__version__}, rank {RANK}, float32, shape {SHAPE}")
     tunix = optional("tunix")
     qwix = optional("qwix")
-    if tunix is None:
-        s = SHAPE
-        steps, _, _, _ = build_lm(s["layers"], s["d"], s["heads"], s["ffn"], s["vocab"], s["batch"], s["seq"],
-                                  rank=RANK, alpha=ALPHA)
-        report("train_step.py LM (tunix missing)", {n: steps[n] for n in ("bound", "factored", "full")},
-               a.rounds, a.iters)
-        return
-    for family in a.models.split(","):
-        report(f"tunix {family}", tunix_steps(family, SHAPE, qwix), a.rounds, a.iters)
+    for name in a.models.split(","):
+        if name == "lm":
+            s = SHAPE
+            steps, _, _, _ = build_lm(s["layers"], s["d"], s["heads"], s["ffn"], s["vocab"], s["batch"], s["seq"],
+                                      rank=RANK, alpha=ALPHA)
+            report("train_step.py LM", {n: steps[n] for n in ("bound", "factored", "full")}, a.rounds, a.iters)
+        elif tunix is None:
+            print(f"not run: tunix {name} (google-tunix does not import)")
+        else:
+            family, _, scan = name.partition("-")
+            report(f"tunix {name}", tunix_steps(family, SHAPE, qwix, scan=bool(scan)), a.rounds, a.iters)
 
 
 if __name__ == "__main__":
