@@ -70,8 +70,8 @@ def split(
 
     Raises:
       ValueError: a rule or exclude pattern that matches nothing, a rank larger than
-        min(in, out) of a target, a traced target that no matmul consumes.
-      TypeError: a target that is not a floating-point array.
+        min(in, out) of a target, a traced target that no matmul consumes, a batch of keys.
+      TypeError: a target that is not a floating-point array, a key that is not a PRNG key.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
