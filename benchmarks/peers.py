@@ -17,9 +17,9 @@ configs (4 layers, d 256, GQA 4 query / 2 key-value heads, float32), adapters on
 and MLP projections. ``llama3-scan`` is tunix's Llama3 with its decoder layers stacked and run
 under ``jax.lax.scan`` (each layer ``nnx.split``, stacked leaf by leaf, ``nnx.merge``-d in the
 scan body; qwix is not run there, as its adapters apply only through the model's own call).
-Without google-tunix only the LM runs; a
-peer that does not import is named and skipped. Install the peers with
-``pip install -e '.[bench]'``. PEFT on torch is not part of this comparison.
+Without google-tunix only the LM runs; a peer that does not import is named and skipped.
+Install the peers with ``pip install -e '.[bench]'``. PEFT on torch is not part of this
+comparison.
 
     python benchmarks/peers.py                         # every model, 5 rounds x 3 steps
     python benchmarks/peers.py --models llama3,llama3-scan --rounds 7
@@ -107,8 +107,9 @@ class embedded:
 
 
 def unrolled(model, *filters):
-    """``(states, logits)`` of ``model`` as it is: ``nnx.split(model, *filters)``'s states, and
-    ``logits(states, x, pos, mask, h=None)`` (``h``: the embedding output to start from)."""
+    """``(states, logits, embed)`` of ``model`` as it is: ``nnx.split(model, *filters)``'s
+    states, ``logits(states, x, pos, mask, h=None)`` (``h``: the embedding output to start
+    from) and ``embed(states, x)``, the embedding output of the tokens."""
     from flax import nnx
 
     graphdef, *states = nnx.split(model, *filters)
