@@ -125,20 +125,20 @@ def unrolled(model, *filters):
     return states, logits, embed
 
 
-def scanned(model, *filters):
-    """:func:`unrolled` with the decoder layers stacked (each layer's ``nnx.split(layer,
-    *filters)`` states, stacked leaf by leaf) and run under ``jax.lax.scan``, which merges one
-    layer's states per step. The states are ``(rest, layers)``: ``rest`` maps the embedder,
-    final norm and head to their states, ``layers`` is one stacked tree per filter."""
+def scanned(model):
+    """:func:`unrolled` with the decoder layers stacked (each layer's ``nnx.split`` state,
+    stacked leaf by leaf) and run under ``jax.lax.scan``, which merges one layer's state per
+    step. The states are ``(rest, layers)``: ``rest`` maps the embedder, final norm and head to
+    their states, ``layers`` is the stacked layer state."""
     from flax import nnx
 
     defs, rest = {}, {}
     for name in ("embedder", "final_norm", "lm_head"):
         if hasattr(model, name):
             defs[name], rest[name] = nnx.split(getattr(model, name))
-    per_layer = [nnx.split(layer, *filters) for layer in model.layers]
+    per_layer = [nnx.split(layer) for layer in model.layers]
     layer_def = per_layer[0][0]
-    layers = tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *group) for group in zip(*(st for _, *st in per_layer)))
+    layers = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in per_layer))
     part = lambda rest, name: nnx.merge(defs[name], rest[name])  # noqa: E731
 
     def logits(states, x, pos, mask, h=None):
@@ -146,7 +146,7 @@ def scanned(model, *filters):
         h = part(rest, "embedder").encode(x) if h is None else h
 
         def body(h, layer):
-            return nnx.merge(layer_def, *layer)(h, pos, None, mask)[1], None
+            return nnx.merge(layer_def, layer)(h, pos, None, mask)[1], None
 
         h, _ = jax.lax.scan(body, h, layers)
         h = part(rest, "final_norm")(h)
