@@ -1,4 +1,5 @@
-"""``lora-jax finetune --set lora.dora=true`` and the sweep's DoRA series.
+"""``lora-jax finetune --set lora.dora=true`` and the sweep's DoRA settings (the DoRA series of
+a real sweep is checked in tests/test_finetune.py's sweep test).
 
 Runs use tests/test_finetune.py's tiny model (``tiny``) for a few steps; the pretrained
 base is cached once for this module.
@@ -113,27 +114,6 @@ def test_dora_inspect_and_export_peft(dora_run, tmp_path, capsys):
     tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     w = checkpoint.restore(out / "adapter")["params"]["block_1"]["up"]["kernel"]
     np.testing.assert_array_equal(tensors["base_model.model.block_1.up.lora_magnitude_vector"], np.asarray(w.m))
-
-
-def test_sweep_has_a_dora_series_with_one_entry_per_rank(tmp_path, cache):
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"sweep": {"ranks": [1, 2], "alpha_ratios": [1], "steps": 1, "norm_every": 1}}))
-    with contextlib.redirect_stdout(io.StringIO()):
-        # one block: half the targets, so each of the six trials compiles in half the time
-        assert cli.main(["sweep", str(path), *tiny(tmp_path / "run", cache, "model.n_layers=1")]) == 0
-    result = json.loads((tmp_path / "run" / "sweep" / "sweep.json").read_text())
-    dora = [r for r in result["rows"] if r["stage"] == "dora"]
-    assert [(r["rank"], r["alpha"], r["dora"]) for r in dora] == [(1, 1.0, True), (2, 2.0, True)]
-    assert not any(r["dora"] for r in result["rows"] if r["stage"] != "dora")
-    assert [e["rank"] for e in result["series"]["DoRA"]] == [1, 2]
-    assert [e["target_loss"] for e in result["series"]["DoRA"]] == [r["target_loss"] for r in dora]
-    plain = {r["rank"]: r for r in result["rows"] if r["stage"] == "rank" and r["scaling"] == "lora"}
-    for r in dora:  # a magnitude per output on top of the same factors, trained differently
-        assert r["trainable_params"] > plain[r["rank"]]["trainable_params"]
-        assert r["target_loss"] != plain[r["rank"]]["target_loss"]
-    md = (tmp_path / "run" / "sweep" / "results.md").read_text()
-    assert sum(line.startswith("| dora | lora | True |") for line in md.splitlines()) == 2
-    assert "- r=2: LoRA" in md and "DoRA" in md.split("- r=2:")[1].splitlines()[0]
 
 
 class _Cfg:

@@ -331,11 +331,10 @@ def test_export_peft_round_trips(finished, tmp_path, capsys):
 @pytest.mark.slow
 def test_sweep_writes_tables_and_plots(tmp_path, cache, capsys):
     cfg_path = tmp_path / "sweep.yaml"
-    # runaway: a threshold between the trials' norms, so that some are flagged and some not
-    # (the DoRA series is off here: tests/test_cli_dora.py runs a sweep with it)
+    # runaway: a threshold between the trials' norms, so that some are flagged and some not;
+    # sweep.dora (the default) adds a DoRA trial at each rank
     cfg_path.write_text(yaml.safe_dump({"sweep": {"ranks": [1, 4], "alpha_ratios": [0.5, 1], "steps": 4,
-                                                  "norm_every": 2, "rslora_alpha": 2.0, "runaway": 0.015,
-                                                  "dora": False}}))
+                                                  "norm_every": 2, "rslora_alpha": 2.0, "runaway": 0.015}}))
     assert cli.main(["sweep", str(cfg_path), *tiny(tmp_path / "run", cache)]) == 0
     out = tmp_path / "run" / "sweep"
     assert sorted(os.listdir(out)) == ["delta_norms.png", "loss_vs_rank.png", "results.csv", "results.md", "sweep.json"]
@@ -359,8 +358,21 @@ def test_sweep_writes_tables_and_plots(tmp_path, cache, capsys):
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [float(t["target_loss"]) for t in table] == pytest.approx([r["target_loss"] for r in rows])
+    # the DoRA series: each rank's alpha = r trial again, with a magnitude per output
+    dora = [r for r in rows if r["stage"] == "dora"]
+    assert [(r["scaling"], r["rank"], r["alpha"], r["dora"]) for r in dora] == [("lora", 1, 1.0, True),
+                                                                                 ("lora", 4, 4.0, True)]
+    assert not any(r["dora"] for r in rows if r["stage"] != "dora")
+    assert [e["rank"] for e in result["series"]["DoRA"]] == [1, 4]
+    assert [e["target_loss"] for e in result["series"]["DoRA"]] == [r["target_loss"] for r in dora]
+    plain = {r["rank"]: r for r in lora_rows}
+    for r in dora:  # the same factors plus magnitudes, trained differently
+        assert r["trainable_params"] > plain[r["rank"]]["trainable_params"]
+        assert r["target_loss"] != plain[r["rank"]]["target_loss"]
     md = (out / "results.md").read_text()
     assert sum(line.startswith("| ") for line in md.splitlines()) == len(rows) + 1  # header + one per trial
+    assert sum(line.startswith("| dora | lora | True |") for line in md.splitlines()) == 2
+    assert "- r=4: LoRA" in md and "DoRA" in md.split("- r=4:")[1].splitlines()[0]
     assert cli.main(["sweep", str(cfg_path), *tiny(tmp_path / "run", cache)]) == 1  # results exist
     assert "--overwrite" in capsys.readouterr().err
 
