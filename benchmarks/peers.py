@@ -1,4 +1,4 @@
-"""One LoRA training step (rank 8, float32) of lora_jax against its peers, in one process.
+"""One LoRA training step (rank 8) of lora_jax against its peers, in one process.
 
 Every variant is the same step (forward, gradients, Adam) on the same model and batch, timed
 side by side over interleaved rounds; times are medians and the spread (min-max) of the
@@ -14,7 +14,10 @@ rounds, as ratios to the frozen-model bound:
 Models: the benchmark LM of train_step.py (bound, factored and full only: qwix applies to
 NNX modules), and google-tunix's own Llama3, Gemma3 and Qwen3 NNX models with tiny random
 configs (4 layers, d 256, GQA 4 query / 2 key-value heads, float32), adapters on the attention
-and MLP projections. ``llama3-scan`` is tunix's Llama3 with its decoder layers stacked and run
+and MLP projections (``--size 1b``: 16 layers, d 2048, 16 query / 8 key-value heads, ffn 8192,
+vocab 32768, batch 1 x 1024, bfloat16 weights: 0.94 B parameters for the LM, 1.07-1.14 B for
+tunix's models; for an accelerator).
+``llama3-scan`` is tunix's Llama3 with its decoder layers stacked and run
 under ``jax.lax.scan`` (each layer ``nnx.split``, stacked leaf by leaf, ``nnx.merge``-d in the
 scan body; qwix is not run there, as its adapters apply only through the model's own call).
 Without google-tunix only the LM runs; a peer that does not import is named and skipped.
@@ -23,6 +26,7 @@ comparison.
 
     python benchmarks/peers.py                         # every model, 5 rounds x 3 steps
     python benchmarks/peers.py --models llama3,llama3-scan --rounds 7
+    python benchmarks/peers.py --size 1b                # bfloat16, about 1 B parameters: for an accelerator
 """
 
 from __future__ import annotations
@@ -43,7 +47,12 @@ from train_step import build as build_lm  # noqa: E402  (the benchmark LM and it
 from train_step import memory, timing_samples, xent  # noqa: E402
 
 RANK, ALPHA = 8, 16.0
-SHAPE = dict(layers=4, d=256, heads=4, kv_heads=2, head_dim=64, ffn=1024, vocab=2048, batch=4, seq=128)
+SIZES = {  # tiny: random configs a CPU runs in seconds; 1b: about 1 B parameters, for an accelerator
+    "tiny": dict(layers=4, d=256, heads=4, kv_heads=2, head_dim=64, ffn=1024, vocab=2048, batch=4, seq=128,
+                 window=64, dtype="float32"),
+    "1b": dict(layers=16, d=2048, heads=16, kv_heads=8, head_dim=128, ffn=8192, vocab=32768, batch=1, seq=1024,
+               window=512, dtype="bfloat16"),
+}
 TARGETS = {  # module names of the attention and MLP projections
     "llama3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -62,7 +71,8 @@ def optional(name):
 
 
 def tunix_model(family, s):
-    """A tiny random tunix model of ``family``."""
+    """A random tunix model of ``family`` of shape ``s`` (one of :data:`SIZES`), its weights
+    in float32 (:func:`cast` makes them ``s["dtype"]``)."""
     common = dict(num_layers=s["layers"], embed_dim=s["d"], hidden_dim=s["ffn"], num_heads=s["heads"],
                   head_dim=s["head_dim"], num_kv_heads=s["kv_heads"])
     from flax import nnx
@@ -76,8 +86,14 @@ def tunix_model(family, s):
         cfg = m.ModelConfig(vocab_size=s["vocab"], rope_theta=1_000_000, norm_eps=1e-6, **common)
         return m.Qwen3(cfg, rngs=nnx.Rngs(0))
     from tunix.models.gemma3 import model as m
-    cfg = m.ModelConfig(num_embed=s["vocab"], sliding_window_size=64, param_dtype=jnp.float32, **common)
+    cfg = m.ModelConfig(num_embed=s["vocab"], sliding_window_size=s["window"], param_dtype=jnp.float32, **common)
     return m.Gemma3(cfg, rngs=nnx.Rngs(0))
+
+
+def cast(tree, dtype):
+    """``tree`` with its floating-point arrays as ``dtype`` (the weights' type sets the
+    compute's: activations, adapters and gradients follow it)."""
+    return jax.tree.map(lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
 
 
 def batch(s):
@@ -166,6 +182,7 @@ def tunix_steps(family, s, qwix, scan=False):
     x, pos, mask, y = batch(s)
     tx = optax.adam(1e-3)
     params, logits, embed = form(model)
+    params = cast(params, s["dtype"])
 
     def full(params, opt, x, pos, mask, y):
         loss, g = jax.value_and_grad(lambda p: xent(logits(p, x, pos, mask), y))(params)
@@ -201,6 +218,7 @@ def tunix_steps(family, s, qwix, scan=False):
         plain = tunix_model(family, s)
         qmodel = qwix.apply_lora_to_model(plain, provider, rngs=nnx.Rngs(3), **plain.get_model_input())
         (qlora, frozen), qlogits, _ = unrolled(qmodel, nnx.LoRAParam, ...)
+        qlora, frozen = cast(qlora, s["dtype"]), cast(frozen, s["dtype"])
         print(f"{family}: qwix {len(jax.tree.leaves(qlora)) // 2} targets, "
               f"{sum(v.size for v in jax.tree.leaves(qlora)):,} adapter parameters")
 
@@ -219,7 +237,7 @@ def tunix_steps(family, s, qwix, scan=False):
 def nonzero_b(lora):
     """Small random B, so the adapter path is not trivially zero."""
     return jax.tree.map(
-        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape)) if lj.is_lora(w) else w,
+        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape, w.b.dtype)) if lj.is_lora(w) else w,
         lora, is_leaf=lj.is_lora)
 
 
@@ -242,21 +260,24 @@ def main(argv=None):
                     help="lm: the benchmark LM of train_step.py; a tunix family, with -scan for its layers under scan")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--size", choices=tuple(SIZES), default="tiny",
+                    help="tiny: float32, 4 layers, d 256 (CPU); 1b: bfloat16, 16 layers, d 2048, seq 1024 (accelerator)")
     a = ap.parse_args(argv)
-    print(f"backend: {jax.default_backend()}, jax {jax.__version__}, rank {RANK}, float32, shape {SHAPE}")
+    s = SIZES[a.size]
+    print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, rank {RANK}, "
+          f"size {a.size}: {s}")
     tunix = optional("tunix")
     qwix = optional("qwix")
     for name in a.models.split(","):
         if name == "lm":
-            s = SHAPE
             steps, _, _, _ = build_lm(s["layers"], s["d"], s["heads"], s["ffn"], s["vocab"], s["batch"], s["seq"],
-                                      rank=RANK, alpha=ALPHA)
+                                      rank=RANK, alpha=ALPHA, dtype=s["dtype"])
             report("train_step.py LM", {n: steps[n] for n in ("bound", "factored", "full")}, a.rounds, a.iters)
         elif tunix is None:
             print(f"not run: tunix {name} (google-tunix does not import)")
         else:
             family, _, scan = name.partition("-")
-            report(f"tunix {name}", tunix_steps(family, SHAPE, qwix, scan=bool(scan)), a.rounds, a.iters)
+            report(f"tunix {name}", tunix_steps(family, s, qwix, scan=bool(scan)), a.rounds, a.iters)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ bound's. Also: retraces after the first step, and merged vs base inference.
 
     python benchmarks/train_step.py                 # 6 layers, d=512, vocab 8192, batch 8x128
     python benchmarks/train_step.py --large         # memory only: 8 layers, d=1024, vocab 32k, 4x128
+    python benchmarks/train_step.py --size 1b       # for an accelerator: 16 layers, d=2048, seq 1024, bfloat16
 """
 
 from __future__ import annotations
@@ -67,19 +68,21 @@ class LM(nn.Module):
 
 
 def xent(logits, targets):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-def build(layers, d, heads, ffn, vocab, batch, seq, rank=8, alpha=16.0):
+def build(layers, d, heads, ffn, vocab, batch, seq, rank=8, alpha=16.0, dtype=jnp.float32):
+    """The steps of the benchmark LM; ``dtype``: its weights' (and so its compute's and the
+    adapters') floating-point type."""
     model = LM(vocab, d, heads, ffn, layers)
     ids = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab)
     x, y = ids[:, :-1], ids[:, 1:]
-    params = jax.jit(model.init)(jax.random.key(1), x)
+    params = jax.jit(lambda k, x: jax.tree.map(lambda p: p.astype(dtype), model.init(k, x)))(jax.random.key(1), x)
     cfg = lj.LoraConfig(rules=(lj.Rule(r".*/(q|k|v|o|up|down)/kernel", rank=rank, alpha=alpha),))
     base, lora = lj.split(jax.random.key(2), params, cfg)
     # non-zero B so the adapter path is not trivially zero
     lora = jax.tree.map(
-        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape)) if lj.is_lora(w) else w,
+        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape, w.b.dtype)) if lj.is_lora(w) else w,
         lora, is_leaf=lj.is_lora)
     h0 = params["params"]["embed"]["embedding"][x]  # the embedding output
     tx = optax.adam(1e-3)
@@ -194,8 +197,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--only", default=None, help="comma-separated subset of variants")
+    ap.add_argument("--size", choices=("default", "1b"), default="default",
+                    help="1b: 16 layers, d=2048, ffn 8192, vocab 32k, 1x1024, bfloat16 (0.94 B parameters)")
     a = ap.parse_args(argv)
-    if a.large:
+    if a.size == "1b":
+        shape = dict(layers=16, d=2048, heads=16, ffn=8192, vocab=32768, batch=1, seq=1024, dtype=jnp.bfloat16)
+    elif a.large:
         shape = dict(layers=8, d=1024, heads=16, ffn=4096, vocab=32768, batch=4, seq=128)
     else:
         shape = dict(layers=6, d=512, heads=8, ffn=2048, vocab=8192, batch=8, seq=128)
