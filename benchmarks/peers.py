@@ -237,7 +237,8 @@ def tunix_steps(family, s, qwix, scan=False):
 def nonzero_b(lora):
     """Small random B, so the adapter path is not trivially zero."""
     return jax.tree.map(
-        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape, w.b.dtype)) if lj.is_lora(w) else w,
+        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape, w.b.dtype))
+        if lj.is_lora(w) else w,
         lora, is_leaf=lj.is_lora)
 
 
@@ -261,7 +262,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--size", choices=tuple(SIZES), default="tiny",
-                    help="tiny: float32, 4 layers, d 256 (CPU); 1b: bfloat16, 16 layers, d 2048, seq 1024 (accelerator)")
+                    help="tiny: float32, 4 layers, d 256 (CPU); "
+                         "1b: bfloat16, 16 layers, d 2048, seq 1024 (accelerator)")
     a = ap.parse_args(argv)
     s = SIZES[a.size]
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, rank {RANK}, "

@@ -82,7 +82,8 @@ def build(layers, d, heads, ffn, vocab, batch, seq, rank=8, alpha=16.0, dtype=jn
     base, lora = lj.split(jax.random.key(2), params, cfg)
     # non-zero B so the adapter path is not trivially zero
     lora = jax.tree.map(
-        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape, w.b.dtype)) if lj.is_lora(w) else w,
+        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape, w.b.dtype))
+        if lj.is_lora(w) else w,
         lora, is_leaf=lj.is_lora)
     h0 = params["params"]["embed"]["embedding"][x]  # the embedding output
     tx = optax.adam(1e-3)
