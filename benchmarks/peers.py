@@ -44,14 +44,13 @@ import lora_jax as lj
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from train_step import build as build_lm  # noqa: E402  (the benchmark LM and its steps)
-from train_step import memory, timing_samples, xent  # noqa: E402
+from train_step import SIZE_1B, cast, memory, nonzero_b, timing_samples, xent  # noqa: E402
 
 RANK, ALPHA = 8, 16.0
 SIZES = {  # tiny: random configs a CPU runs in seconds; 1b: about 1 B parameters, for an accelerator
     "tiny": dict(layers=4, d=256, heads=4, kv_heads=2, head_dim=64, ffn=1024, vocab=2048, batch=4, seq=128,
                  window=64, dtype="float32"),
-    "1b": dict(layers=16, d=2048, heads=16, kv_heads=8, head_dim=128, ffn=8192, vocab=32768, batch=1, seq=1024,
-               window=512, dtype="bfloat16"),
+    "1b": dict(SIZE_1B, kv_heads=8, head_dim=128, window=512),
 }
 TARGETS = {  # module names of the attention and MLP projections
     "llama3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -72,7 +71,7 @@ def optional(name):
 
 def tunix_model(family, s):
     """A random tunix model of ``family`` of shape ``s`` (one of :data:`SIZES`), its weights
-    in float32 (:func:`cast` makes them ``s["dtype"]``)."""
+    in float32 (``train_step.cast`` makes them ``s["dtype"]``)."""
     common = dict(num_layers=s["layers"], embed_dim=s["d"], hidden_dim=s["ffn"], num_heads=s["heads"],
                   head_dim=s["head_dim"], num_kv_heads=s["kv_heads"])
     from flax import nnx
@@ -88,12 +87,6 @@ def tunix_model(family, s):
     from tunix.models.gemma3 import model as m
     cfg = m.ModelConfig(num_embed=s["vocab"], sliding_window_size=s["window"], param_dtype=jnp.float32, **common)
     return m.Gemma3(cfg, rngs=nnx.Rngs(0))
-
-
-def cast(tree, dtype):
-    """``tree`` with its floating-point arrays as ``dtype`` (the weights' type sets the
-    compute's: activations, adapters and gradients follow it)."""
-    return jax.tree.map(lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
 
 
 def batch(s):
@@ -232,14 +225,6 @@ def tunix_steps(family, s, qwix, scan=False):
     n_lora = sum(w.num_params for _, w in lj.targets(lora))
     print(f"{family}: {len(lj.targets(lora))} targets, {n_lora:,} adapter parameters")
     return steps
-
-
-def nonzero_b(lora):
-    """Small random B, so the adapter path is not trivially zero."""
-    return jax.tree.map(
-        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape, w.b.dtype))
-        if lj.is_lora(w) else w,
-        lora, is_leaf=lj.is_lora)
 
 
 def report(name, steps, rounds, iters):

@@ -71,20 +71,34 @@ def xent(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
+# about 1 B parameters in bfloat16 (0.94 B for this LM), for an accelerator; peers.py's "1b"
+SIZE_1B = dict(layers=16, d=2048, heads=16, ffn=8192, vocab=32768, batch=1, seq=1024, dtype="bfloat16")
+
+
+def cast(tree, dtype):
+    """``tree`` with its floating-point arrays as ``dtype`` (the weights' type sets the
+    compute's: activations, adapters and gradients follow it)."""
+    return jax.tree.map(lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
+
+
+def nonzero_b(lora):
+    """Small random B, so the adapter path is not trivially zero."""
+    return jax.tree.map(
+        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape, w.b.dtype))
+        if lj.is_lora(w) else w,
+        lora, is_leaf=lj.is_lora)
+
+
 def build(layers, d, heads, ffn, vocab, batch, seq, rank=8, alpha=16.0, dtype=jnp.float32):
     """The steps of the benchmark LM; ``dtype``: its weights' (and so its compute's and the
     adapters') floating-point type."""
     model = LM(vocab, d, heads, ffn, layers)
     ids = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab)
     x, y = ids[:, :-1], ids[:, 1:]
-    params = jax.jit(lambda k, x: jax.tree.map(lambda p: p.astype(dtype), model.init(k, x)))(jax.random.key(1), x)
+    params = jax.jit(lambda k, x: cast(model.init(k, x), dtype))(jax.random.key(1), x)
     cfg = lj.LoraConfig(rules=(lj.Rule(r".*/(q|k|v|o|up|down)/kernel", rank=rank, alpha=alpha),))
     base, lora = lj.split(jax.random.key(2), params, cfg)
-    # non-zero B so the adapter path is not trivially zero
-    lora = jax.tree.map(
-        lambda w: w.replace(b=0.01 * jax.random.normal(jax.random.key(3), w.b.shape, w.b.dtype))
-        if lj.is_lora(w) else w,
-        lora, is_leaf=lj.is_lora)
+    lora = nonzero_b(lora)
     h0 = params["params"]["embed"]["embedding"][x]  # the embedding output
     tx = optax.adam(1e-3)
     traces: dict[str, int] = {}
@@ -202,7 +216,7 @@ def main(argv=None):
                     help="1b: 16 layers, d=2048, ffn 8192, vocab 32k, 1x1024, bfloat16 (0.94 B parameters)")
     a = ap.parse_args(argv)
     if a.size == "1b":
-        shape = dict(layers=16, d=2048, heads=16, ffn=8192, vocab=32768, batch=1, seq=1024, dtype=jnp.bfloat16)
+        shape = SIZE_1B
     elif a.large:
         shape = dict(layers=8, d=1024, heads=16, ffn=4096, vocab=32768, batch=4, seq=128)
     else:
