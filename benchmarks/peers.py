@@ -187,7 +187,8 @@ def tunix_steps(family, s, qwix, scan=False):
 
     h0 = jax.jit(embed)(params, x)
     names = "|".join(TARGETS[family])
-    cfg = lj.LoraConfig(rules=(lj.Rule(rf".*/({names})/(w|kernel)", rank=RANK, alpha=ALPHA),))
+    # adapters in the weights' dtype, as qwix's are cast (lj.split's default keeps them at least float32)
+    cfg = lj.LoraConfig(rules=(lj.Rule(rf".*/({names})/(w|kernel)", rank=RANK, alpha=ALPHA),), dtype=s["dtype"])
     base, lora = lj.split(jax.random.key(2), params, cfg, apply_fn=logits, args=(x, pos, mask))
     lora = nonzero_b(lora)
     fwd = lj.wrap(logits)

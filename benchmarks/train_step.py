@@ -96,7 +96,7 @@ def build(layers, d, heads, ffn, vocab, batch, seq, rank=8, alpha=16.0, dtype=jn
     ids = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab)
     x, y = ids[:, :-1], ids[:, 1:]
     params = jax.jit(lambda k, x: cast(model.init(k, x), dtype))(jax.random.key(1), x)
-    cfg = lj.LoraConfig(rules=(lj.Rule(r".*/(q|k|v|o|up|down)/kernel", rank=rank, alpha=alpha),))
+    cfg = lj.LoraConfig(rules=(lj.Rule(r".*/(q|k|v|o|up|down)/kernel", rank=rank, alpha=alpha),), dtype=dtype)
     base, lora = lj.split(jax.random.key(2), params, cfg)
     lora = nonzero_b(lora)
     h0 = params["params"]["embed"]["embedding"][x]  # the embedding output
